@@ -1,0 +1,110 @@
+"""Per-architecture adapters: the only place that knows how a model family lays out its modules.
+
+An :class:`ArchAdapter` says which class loads the checkpoint, how a question becomes a prompt, how a
+batch of samples becomes model inputs (with answer-only labels), where the vision module and the
+projector are, and how to get per-image visual representations. Everything else in the package is
+architecture-agnostic and goes through an adapter picked from a small registry by ``model_type``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..data.sample import Sample
+
+_REGISTRY: dict[str, "ArchAdapter"] = {}
+
+
+def register_arch(adapter: "ArchAdapter") -> "ArchAdapter":
+    for model_type in adapter.model_types:
+        _REGISTRY[model_type] = adapter
+    return adapter
+
+
+def supported_archs() -> list[str]:
+    return sorted({a.name for a in _REGISTRY.values()})
+
+
+def get_arch(name_or_model_type: str) -> "ArchAdapter":
+    """The adapter for an architecture name (``llava``) or a config ``model_type``."""
+    for adapter in _REGISTRY.values():
+        if name_or_model_type == adapter.name:
+            return adapter
+    if name_or_model_type in _REGISTRY:
+        return _REGISTRY[name_or_model_type]
+    raise ValueError(f"unknown architecture {name_or_model_type!r}; supported: {', '.join(supported_archs())}")
+
+
+@dataclass
+class Batch:
+    """Model inputs for a list of samples. ``labels`` is -100 except on answer tokens."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor | None
+    samples: Sequence[Sample]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        labels = None if self.labels is None else self.labels.to(device)
+        return Batch(inputs, labels, self.samples)
+
+
+class ArchAdapter:
+    """Base class. Subclasses set the class attributes and implement the abstract methods."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    #: anchored full-path regexes (as PEFT ``target_modules`` strings are re.fullmatch'ed)
+    vision_pattern: str = ""
+    projector_pattern: str = ""
+    llm_pattern: str = ""
+
+    def model_class(self) -> type:
+        raise NotImplementedError
+
+    def processor_class(self) -> type:
+        raise NotImplementedError
+
+    # -- prompts -------------------------------------------------------------------------------
+    def prompt(self, body: str, has_image: bool) -> str:
+        """The full prompt text up to where the answer starts."""
+        raise NotImplementedError
+
+    # -- batches -------------------------------------------------------------------------------
+    def encode(self, processor: Any, samples: Sequence[Sample], bodies: Sequence[str],
+               answers: Sequence[str] | None = None, *, padding_side: str = "right") -> Batch:
+        """Tokenise prompts (and answers, with answer-only labels ending in EOS) into a batch."""
+        raise NotImplementedError
+
+    # -- module layout -------------------------------------------------------------------------
+    def scope_pattern(self, scope: str) -> str:
+        """Anchored regex over module paths for an update scope: llm, visual, projector, all."""
+        patterns = {
+            "llm": self.llm_pattern,
+            "visual": f"(?:{self.vision_pattern})|(?:{self.projector_pattern})",
+            "projector": self.projector_pattern,
+            "all": f"(?:{self.vision_pattern})|(?:{self.projector_pattern})|(?:{self.llm_pattern})",
+        }
+        if scope not in patterns:
+            raise ValueError(f"unknown scope {scope!r}; expected one of {sorted(patterns)}")
+        return patterns[scope]
+
+    def answer_logits(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits at the answer positions only, their target ids, and each position's row in the batch.
+
+        Projecting to the vocabulary only where a label exists is much cheaper than the full
+        ``logits`` of a causal-LM forward (most positions are prompt and image tokens).
+        """
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.model(**batch.inputs).last_hidden_state[:, :-1]
+        targets = batch.labels[:, 1:]
+        mask = targets != -100
+        rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[mask]
+        return base.lm_head(hidden[mask]), targets[mask], rows
+
+    def image_features(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-image projector outputs (the LLM's visual input tokens), shape (images, tokens, d)."""
+        raise NotImplementedError

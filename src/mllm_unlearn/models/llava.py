@@ -1,0 +1,69 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``, e.g. ``llava-hf/llava-1.5-7b-hf``)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..data.sample import Sample
+from .base import ArchAdapter, Batch, register_arch
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int, side: str) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [list(s) + [value] * (width - len(s)) if side == "right" else [value] * (width - len(s)) + list(s)
+            for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class LlavaAdapter(ArchAdapter):
+    name = "llava"
+    model_types = ("llava",)
+    # transformers >= 5.6 drops CLIP's ``vision_model.`` level; match both namings.
+    vision_pattern = (r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.\d+\."
+                      r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc1|mlp\.fc2)")
+    projector_pattern = r"model\.multi_modal_projector\.linear_[12]"
+    llm_pattern = (r"model\.language_model\.layers\.\d+\."
+                   r"(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj))")
+
+    def model_class(self) -> type:
+        from transformers import LlavaForConditionalGeneration
+        return LlavaForConditionalGeneration
+
+    def processor_class(self) -> type:
+        from transformers import LlavaProcessor
+        return LlavaProcessor
+
+    def prompt(self, body: str, has_image: bool) -> str:
+        # MLLMU-Bench's evaluation and fine-tuning template for LLaVA-1.5.
+        return f"USER: <image>\n{body}\nASSISTANT:" if has_image else f"USER: {body}\nASSISTANT:"
+
+    def encode(self, processor: Any, samples: Sequence[Sample], bodies: Sequence[str],
+               answers: Sequence[str] | None = None, *, padding_side: str = "right") -> Batch:
+        tok = processor.tokenizer
+        prompts = [self.prompt(b, s.image is not None) for s, b in zip(samples, bodies)]
+        images = [s.image.load() for s in samples if s.image is not None]
+        enc = processor(text=prompts, images=images or None, padding=False)
+        ids = [list(x) for x in enc["input_ids"]]
+        labels = None
+        if answers is not None:
+            ans = tok([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
+            labels = [[-100] * len(p) + a + [tok.eos_token_id] for p, a in zip(ids, ans)]
+            ids = [p + a + [tok.eos_token_id] for p, a in zip(ids, ans)]
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        inputs = {
+            "input_ids": _pad(ids, pad_id, padding_side),
+            "attention_mask": _pad([[1] * len(x) for x in ids], 0, padding_side),
+        }
+        if images:
+            inputs["pixel_values"] = torch.as_tensor(np.stack(enc["pixel_values"]))
+        return Batch(inputs, None if labels is None else _pad(labels, -100, padding_side), samples)
+
+    def image_features(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model.get_image_features(pixel_values=inputs["pixel_values"])
+        return torch.stack(list(out.pooler_output))
+
+
+LLAVA = register_arch(LlavaAdapter())

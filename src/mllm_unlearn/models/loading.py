@@ -1,0 +1,36 @@
+"""Load any supported checkpoint the way Hugging Face users expect: a local path or a hub id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import ArchAdapter, get_arch
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    arch: ArchAdapter
+
+
+def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load model and processor with ``from_pretrained``, picking the adapter by ``model_type``.
+
+    Weights are read from safetensors only; remote code is never run unless asked for.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+    arch = get_arch(config.model_type)
+    model = arch.model_class().from_pretrained(
+        str(path_or_id), dtype=dtype or torch.float32, use_safetensors=True,
+        trust_remote_code=trust_remote_code)
+    processor = arch.processor_class().from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+    processor.tokenizer.padding_side = "right"
+    return LoadedModel(model.to(device), processor, arch)
