@@ -1,0 +1,130 @@
+"""Unlearning methods: each is a small class that only defines its loss, picked by name from a registry.
+
+A method sees an :class:`UnlearnContext`: the model (with adapters attached), the forget and retain
+training pairs, endless batch streams over them, and helpers for the quantities losses are made of
+(answer NLL, visual tokens of the adapted or the reference model). Everything else — adapters,
+calibration, the optimiser loop, saving — is the driver's (:mod:`mllm_unlearn.train.unlearn`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+
+from ..data.sample import Sample
+from ..models.loading import LoadedModel
+from ..nullspace import reference_model
+from ..train.loop import batches
+
+_METHODS: dict[str, type["UnlearningMethod"]] = {}
+
+
+def register(cls: type["UnlearningMethod"]) -> type["UnlearningMethod"]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type["UnlearningMethod"]:
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return _METHODS[name]
+
+
+def parse_options(config_class: type, options: Sequence[str]) -> Any:
+    """Build a method config from ``KEY=VALUE`` strings, converting each value to its field's type."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    values: dict[str, Any] = {}
+    for opt in options:
+        key, sep, raw = opt.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ValueError(f"bad option {opt!r} for {config_class.__name__}; options: {', '.join(fields)}")
+        default = fields[key].default
+        kind = type(default) if default is not None and default is not dataclasses.MISSING else str
+        if kind is bool:
+            values[key] = raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            values[key] = kind(raw)
+    return config_class(**values)
+
+
+@dataclass
+class UnlearnContext:
+    """What a method's loss may use. ``lm.model`` is the adapter-wrapped model."""
+
+    lm: LoadedModel
+    forget: list[Sample]
+    retain: list[Sample]
+    batch_size: int
+    seed: int
+    ivr_level: str = "projector"
+    _streams: dict[str, Iterator[list[Sample]]] = field(default_factory=dict, repr=False)
+
+    def stream(self, name: str, items: Callable[[], Sequence[Sample]], batch_size: int | None = None) -> list[Sample]:
+        """The next batch of a named endless stream (created on first use, seeded by name)."""
+        if name not in self._streams:
+            pool = list(items())
+            if not pool:
+                raise ValueError(f"stream {name!r} has no samples")
+            self._streams[name] = batches(pool, min(batch_size or self.batch_size, len(pool)),
+                                          hash(name) % 10_000 + self.seed)
+        return next(self._streams[name])
+
+    # -- common quantities ---------------------------------------------------------------------
+    def nll(self, samples: Sequence[Sample], *, reduction: str = "mean") -> torch.Tensor:
+        """Answer-token NLL (mean over tokens; ``reduction="sequence"`` gives per-sample sums)."""
+        lm = self.lm
+        batch = lm.arch.encode(lm.processor, samples, [s.question for s in samples],
+                               [s.answer for s in samples]).to(lm.model.device)
+        logits, targets, rows = lm.arch.answer_logits(lm.model, batch)
+        tok = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        if reduction == "mean":
+            return tok.mean()
+        return torch.zeros(len(samples), device=tok.device).index_add(0, rows, tok)
+
+    def visual_tokens(self, samples: Sequence[Sample], *, reference: bool = False) -> torch.Tensor:
+        """Token-level IVRs H (images, tokens, d) at ``ivr_level`` (Eq. 1 / Eq. 8); ``reference=True``
+        gives the reference model's (adapters disabled, no gradient)."""
+        lm = self.lm
+        batch = lm.arch.encode(lm.processor, samples, [""] * len(samples)).to(lm.model.device)
+        if reference:
+            with torch.no_grad(), reference_model(lm.model):
+                return lm.arch.visual_tokens(lm.model, batch.inputs, self.ivr_level)
+        return lm.arch.visual_tokens(lm.model, batch.inputs, self.ivr_level)
+
+
+def distinct_images(samples: Sequence[Sample]) -> list[Sample]:
+    """One sample per distinct image (training pairs repeat each photo once per question)."""
+    seen: dict[bytes, Sample] = {}
+    for s in samples:
+        if s.image is not None and s.image.data not in seen:
+            seen[s.image.data] = s
+    return list(seen.values())
+
+
+class UnlearningMethod:
+    """Base class: set ``name`` and ``config_class``, implement :meth:`loss`."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    #: update scope and LoRA subspace the method uses unless told otherwise
+    default_scope: ClassVar[str] = "llm"
+    default_subspace: ClassVar[str] = "none"
+    #: learning rate the method's public configs use
+    default_lr: ClassVar[float] = 1e-4
+
+    def __init__(self, cfg: Any = None) -> None:
+        self.cfg = cfg if cfg is not None else self.config_class()
+
+    def setup(self, ctx: UnlearnContext) -> None:
+        """Called once per forget request before training (e.g. to fill a queue)."""
+
+    def loss(self, ctx: UnlearnContext, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
