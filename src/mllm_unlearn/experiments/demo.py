@@ -1,7 +1,11 @@
 """The built-in default: the whole pipeline on a synthetic world and a tiny LLaVA, on a CPU.
 
-make-world -> make-tiny-model -> finetune (the vanilla model) -> evaluate, written to
-``DIR/results.json`` (``{method: {metric: value}}``) and ``DIR/results.md``.
+make-world -> make-tiny-model -> finetune (the vanilla model) -> evaluate, then one unlearning run
+per method from the same vanilla model, each evaluated the same way. Written to ``DIR/results.json``
+(``{method: {metric: value}}``), ``DIR/results.md``, per-item predictions and each run's adapter.
+
+MCQs are scored by option likelihood: the tiny model does not learn to answer by letter on a CPU
+budget (see :class:`mllm_unlearn.data.world.WorldConfig`); the letter protocol is for real models.
 """
 
 from __future__ import annotations
@@ -16,13 +20,12 @@ from pathlib import Path
 from ..data.mllmu import read_mllmu
 from ..data.world import WorldConfig, make_world
 from ..evaluate.harness import EvalConfig, evaluate, markdown_table
+from ..methods import available_methods, get_method
 from ..models.loading import load_model
 from ..models.tiny import corpus_for, make_tiny_model
 from ..train.finetune import finetune
 from ..train.loop import TrainConfig
-
-#: the methods the demo can run, in table order
-DEMO_METHODS = ("vanilla",)
+from ..train.unlearn import UnlearnConfig, run_record, save_run, unlearn
 
 
 @dataclass
@@ -32,8 +35,9 @@ class DemoConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-3, batch_size=32,
                                                                       warmup=50))
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(mcq_mode="both", max_new_tokens=24))
-    methods: tuple[str, ...] = ("vanilla",)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(mcq_mode="likelihood", max_new_tokens=24))
+    methods: tuple[str, ...] = ("vanilla", "cvf_ncu")
 
 
 def write_results(out: Path, results: dict[str, dict[str, float]]) -> str:
@@ -48,9 +52,10 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, d
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"output folder {out} already exists; choose a new --out")
-    unknown = set(cfg.methods) - set(DEMO_METHODS)
+    choices = ["vanilla", *available_methods()]
+    unknown = set(cfg.methods) - set(choices)
     if unknown:
-        raise ValueError(f"unknown demo method(s) {sorted(unknown)}; available: {', '.join(DEMO_METHODS)}")
+        raise ValueError(f"unknown demo method(s) {sorted(unknown)}; available: {', '.join(choices)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     timings: dict[str, float] = {}
@@ -67,13 +72,22 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, d
         timings["finetune_s"] = time.perf_counter() - t0
 
         results: dict[str, dict[str, float]] = {}
-        t0 = time.perf_counter()
-        results["vanilla"] = evaluate(load_model(work / "vanilla"), data, cfg.eval,
-                                      predictions_file=work / "predictions_vanilla.jsonl")
-        timings["evaluate_vanilla_s"] = time.perf_counter() - t0
+        for method in cfg.methods:
+            t0 = time.perf_counter()
+            lm = load_model(work / "vanilla")
+            if method != "vanilla":
+                run_cfg = UnlearnConfig(**{**cfg.unlearn.__dict__, "method": method, "seed": cfg.seed,
+                                           "cache_dir": str(work / "ncu_cache")})
+                lm, history = unlearn(lm, data, run_cfg)
+                timings[f"unlearn_{method}_s"] = time.perf_counter() - t0
+                save_run(lm, work / "runs" / method, run_record(run_cfg, get_method(method)(), history))
+            t0 = time.perf_counter()
+            results[method] = evaluate(lm, data, cfg.eval, predictions_file=work / f"predictions_{method}.jsonl")
+            timings[f"evaluate_{method}_s"] = time.perf_counter() - t0
         (work / "timings.json").write_text(json.dumps(timings, indent=2))
         table = write_results(work, results)
         shutil.rmtree(work / "base")
+        shutil.rmtree(work / "ncu_cache", ignore_errors=True)
         work.rename(out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -108,3 +108,13 @@ class ArchAdapter:
     def image_features(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-image projector outputs (the LLM's visual input tokens), shape (images, tokens, d)."""
         raise NotImplementedError
+
+    #: IVR levels :meth:`visual_tokens` offers
+    ivr_levels: tuple[str, ...] = ("projector",)
+
+    def visual_tokens(self, model: Any, inputs: dict[str, torch.Tensor], level: str = "projector") -> torch.Tensor:
+        """Token-level intermediate visual representations (IVRs) at ``level``: ``projector`` = the
+        visual module's output, i.e. the LLM's input (the paper's choice); other levels per family."""
+        if level not in self.ivr_levels:
+            raise ValueError(f"IVR level {level!r} not available for {self.name}; choose from {self.ivr_levels}")
+        return self.image_features(model, inputs)

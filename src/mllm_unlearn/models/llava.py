@@ -61,9 +61,19 @@ class LlavaAdapter(ArchAdapter):
             inputs["pixel_values"] = torch.as_tensor(np.stack(enc["pixel_values"]))
         return Batch(inputs, None if labels is None else _pad(labels, -100, padding_side), samples)
 
+    ivr_levels = ("projector", "vision")
+
     def image_features(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model.get_image_features(pixel_values=inputs["pixel_values"])
         return torch.stack(list(out.pooler_output))
+
+    def visual_tokens(self, model: Any, inputs: dict[str, torch.Tensor], level: str = "projector") -> torch.Tensor:
+        if level != "vision":
+            return super().visual_tokens(model, inputs, level)
+        # the CLIP layer LLaVA feeds to the projector, CLS dropped as the projector sees it
+        out = model.get_image_features(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+        layer = model.config.vision_feature_layer
+        return out.hidden_states[layer if isinstance(layer, int) else layer[-1]][:, 1:]
 
 
 LLAVA = register_arch(LlavaAdapter())

@@ -1,0 +1,165 @@
+"""The unlearning driver: adapters on the update scope, NCU calibration, the loop, the saved adapter.
+
+One forget request (static unlearning) is :func:`unlearn`. Continual unlearning (Sec. 4.4) calls
+:func:`attach_adapters` once — A is calibrated on the retain set and frozen for good — and then
+:func:`unlearn_stage` once per request, B carrying over from one request to the next.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..data.sample import BenchmarkData, DataError, Sample
+from ..methods.base import UnlearnContext, UnlearningMethod, distinct_images, get_method
+from ..models.loading import LoadedModel
+from ..nullspace import (CovarianceCache, NCUConfig, attach_lora, cached_covariances, collect_covariances,
+                         fingerprint_samples, full_forward, target_linears, trainable_parameters, unused_layers)
+from .loop import TrainConfig, run, seed_everything
+
+
+@dataclass
+class UnlearnConfig:
+    method: str = "cvf_ncu"
+    scope: str | None = None  # None: the method's default (visual for cvf_ncu, llm for baselines)
+    subspace: str | None = None  # None: the method's default (null for cvf_ncu, none otherwise)
+    rank: int = 8
+    lora_alpha: float | None = None
+    steps: int = 300
+    lr: float | None = None  # None: the method's default
+    batch_size: int = 8
+    warmup: int = 10
+    grad_clip: float = 1.0
+    ivr_level: str = "projector"
+    seed: int = 0
+    cache_dir: str | None = None  # covariance cache (default: <model>/.ncu_cache when writable)
+
+
+def split_people(data: BenchmarkData, forget_people: Iterable[str] | None = None) -> tuple[list[Sample], list[Sample]]:
+    """Training pairs of the forget people and of the retain people (checked: non-empty, disjoint)."""
+    forget_ids = frozenset(forget_people) if forget_people is not None else data.forget_people
+    retain_ids = data.retain_people - forget_ids
+    overlap = forget_ids & data.retain_people if forget_people is None else frozenset()
+    if overlap:
+        raise DataError(f"{data.name}: forget and retain sets overlap on IDs {sorted(overlap)[:10]}")
+    forget = [s for s in data.train if s.person in forget_ids]
+    retain = [s for s in data.train if s.person in retain_ids]
+    if not forget:
+        raise DataError(f"{data.name}: no training pairs for the forget people {sorted(forget_ids)[:10]}")
+    if not retain:
+        raise DataError(f"{data.name}: no training pairs for the retain people")
+    return forget, retain
+
+
+def _image_inputs(lm: LoadedModel, images: Sequence[Sample], batch_size: int = 32) -> list[dict[str, Any]]:
+    return [lm.arch.encode(lm.processor, images[i:i + batch_size], [""] * len(images[i:i + batch_size])).inputs
+            for i in range(0, len(images), batch_size)]
+
+
+def attach_adapters(lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfig,
+                    method: type[UnlearningMethod]) -> LoadedModel:
+    """Wrap the model with LoRA on the update scope; for NCU, A = null-space basis of the retain set.
+
+    Calibration (Eq. 12-13) runs once over the retain set: its images for a visual scope (only the
+    vision tower and projector run), its training pairs for the LLM. Covariances are cached on disk,
+    keyed by model + data + layer, so the next run with the same model and retain set reuses them.
+    """
+    scope = cfg.scope or method.default_scope
+    subspace = cfg.subspace or method.default_subspace
+    pattern = lm.arch.scope_pattern(scope)
+    names = list(target_linears(lm.model, pattern))
+    visual = scope in ("visual", "projector")
+    images = distinct_images(retain)
+    exclude = []
+    if visual:
+        if not images:
+            raise DataError("the retain set has no images to calibrate the visual module on")
+        exclude = unused_layers(lm.model, names, _image_inputs(lm, images[:8])[0])
+        names = [n for n in names if n not in exclude]
+    covariances = None
+    if subspace == "null":
+        if visual:
+            inputs, forward = _image_inputs(lm, images), lambda m, x: lm.arch.image_features(m, x)
+            fingerprint_items = images
+        else:
+            inputs = [lm.arch.encode(lm.processor, retain[i:i + 16], [s.question for s in retain[i:i + 16]],
+                                     [s.answer for s in retain[i:i + 16]]).inputs
+                      for i in range(0, len(retain), 16)]
+            forward, fingerprint_items = full_forward, retain
+        model_id = str(getattr(lm.model, "name_or_path", "") or lm.model.config._name_or_path)
+        cache_root = cfg.cache_dir or (Path(model_id) / ".ncu_cache" if Path(model_id).is_dir() else None)
+        if cache_root is not None:
+            covariances = cached_covariances(lm.model, names, inputs, cache=CovarianceCache(cache_root),
+                                             model_id=model_id, data_fingerprint=fingerprint_samples(fingerprint_items),
+                                             forward=forward)
+        else:
+            covariances = collect_covariances(lm.model, names, inputs, forward=forward)
+    ncu = NCUConfig(rank=cfg.rank, alpha=cfg.lora_alpha, subspace=subspace, seed=cfg.seed)
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    model = attach_lora(lm.model, pattern, ncu, covariances, exclude=exclude)
+    return LoadedModel(model, lm.processor, lm.arch)
+
+
+def unlearn_stage(lm: LoadedModel, method: UnlearningMethod, forget: Sequence[Sample], retain: Sequence[Sample],
+                  cfg: UnlearnConfig, *, log_file: Path | None = None, desc: str | None = None) -> list[dict]:
+    """Train the adapters of ``lm`` (already attached) to forget ``forget``; returns the log rows."""
+    seed_everything(cfg.seed)
+    ctx = UnlearnContext(lm, list(forget), list(retain), cfg.batch_size, cfg.seed, cfg.ivr_level)
+    lm.model.train()
+    method.setup(ctx)
+    train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr or method.default_lr, batch_size=cfg.batch_size,
+                            warmup=cfg.warmup, grad_clip=cfg.grad_clip, seed=cfg.seed, log_every=10)
+    history = run(trainable_parameters(lm.model), lambda step: method.loss(ctx, step), train_cfg,
+                  desc=desc or f"unlearn[{method.name}]", log_file=log_file)
+    lm.model.eval()
+    return history
+
+
+def save_run(lm: LoadedModel, out_dir: str | Path, record: dict, *, merge: bool = False,
+             extra_files: dict[str, str] | None = None) -> Path:
+    """Write the PEFT adapter (``adapter/``), ``run.json`` and optionally a merged model, atomically."""
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"output folder {out} already exists; choose a new --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        lm.model.save_pretrained(tmp / "adapter")
+        (tmp / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if merge:
+            merged = lm.model.merge_and_unload()
+            merged.save_pretrained(tmp / "merged")
+            lm.processor.save_pretrained(tmp / "merged")
+            lm.model = merged
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def unlearn(lm: LoadedModel, data: BenchmarkData, cfg: UnlearnConfig, method_cfg: Any = None, *,
+            forget_people: Iterable[str] | None = None) -> tuple[LoadedModel, list[dict]]:
+    """Static unlearning of one forget request; returns the adapted model and the training log."""
+    method_cls = get_method(cfg.method)
+    forget, retain = split_people(data, forget_people)
+    method = method_cls(method_cfg)
+    lm = attach_adapters(lm, retain, cfg, method_cls)
+    history = unlearn_stage(lm, method, forget, retain, cfg)
+    return lm, history
+
+
+def run_record(cfg: UnlearnConfig, method: UnlearningMethod, history: list[dict], **extra: Any) -> dict:
+    """What ``run.json`` holds: the driver and method configs, resolved defaults, the log."""
+    method_cfg = asdict(method.cfg) if hasattr(method.cfg, "__dataclass_fields__") else {}
+    return {"unlearn": asdict(cfg), "method_config": method_cfg, "resolved": {
+        "scope": cfg.scope or method.default_scope, "subspace": cfg.subspace or method.default_subspace,
+        "lr": cfg.lr or method.default_lr}, "log": history, **extra}
+

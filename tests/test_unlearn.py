@@ -1,0 +1,128 @@
+"""CVF-NCU end to end on a small world and a tiny random LLaVA: the guarantees the method promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from mllm_unlearn.cli.main import main
+from mllm_unlearn.data.mllmu import read_mllmu
+from mllm_unlearn.data.sample import DataError
+from mllm_unlearn.data.world import WorldConfig, make_world
+from mllm_unlearn.experiments.continual import run_continual
+from mllm_unlearn.methods import get_method, parse_options
+from mllm_unlearn.methods.base import UnlearnContext, distinct_images
+from mllm_unlearn.models.loading import load_model
+from mllm_unlearn.models.tiny import TinySizes, corpus_for, make_tiny_model
+from mllm_unlearn.nullspace import lora_A_weights
+from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people, unlearn_stage
+
+SMALL = TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=400)
+FAST = dict(steps=6, batch_size=4, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unlearn")
+    world = make_world(root / "world", WorldConfig(n_people=10, n_real=4, train_photos=2, seed=3))
+    data = read_mllmu(world, forget="forget_10")
+    model = make_tiny_model("llava", root / "tiny", corpus_for(data), sizes=SMALL)
+    return root, world, data, model
+
+
+def logits(lm, samples):
+    batch = lm.arch.encode(lm.processor, samples, [s.question for s in samples])
+    with torch.no_grad():
+        return lm.model(**batch.inputs).logits
+
+
+def test_cvf_ncu_changes_images_keeps_text_bit_identical_and_freezes_A(setup):
+    _, _, data, model = setup
+    lm = load_model(model)
+    text = [s for s in data.splits["forget"] + data.splits["retain"] if s.image is None][:8]
+    vqa = [s for s in data.splits["forget"] if s.image is not None][:4]
+    before_text, before_img = logits(lm, text), logits(lm, vqa)
+
+    forget, retain = split_people(data)
+    adapted = attach_adapters(lm, retain, UnlearnConfig(**FAST), get_method("cvf_ncu"))
+    a_before = lora_A_weights(adapted.model)
+    history = unlearn_stage(adapted, get_method("cvf_ncu")(), forget, retain, UnlearnConfig(**FAST))
+
+    assert torch.equal(logits(adapted, text), before_text)  # LLM frozen: text QA cannot move
+    assert not torch.allclose(logits(adapted, vqa), before_img)  # the visual module did move
+    after = lora_A_weights(adapted.model)
+    assert a_before.keys() == after.keys() and all(torch.equal(a_before[k], after[k]) for k in after)
+    assert all(p.requires_grad is False for n, p in adapted.model.named_parameters() if "lora_A" in n)
+    with adapted.model.disable_adapter():  # the reference model is the original model
+        assert torch.equal(logits(adapted, vqa), before_img)
+    assert {"push", "pull", "ret", "gum"} <= history[0].keys()
+
+
+def test_unlearn_cli_writes_a_peft_adapter_that_reloads(setup, capsys):
+    root, world, data, model = setup
+    out = root / "run"
+    code = main(["unlearn", "--model", str(model), "--data", str(world), "--out", str(out), "--steps", "4",
+                 "--batch-size", "4", "--no-eval", "--opt", "push=nmse", "--cache-dir", str(root / "cache")])
+    assert code == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["method_config"]["push"] == "nmse" and record["resolved"]["subspace"] == "null"
+    assert len(list((root / "cache").glob("*.safetensors"))) > 0  # covariances cached for the next run
+    reloaded = PeftModel.from_pretrained(load_model(model).model, out / "adapter")
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in reloaded.named_parameters())
+    # an existing output folder is refused before any work, with its name
+    assert main(["unlearn", "--model", str(model), "--data", str(world), "--out", str(out), "--no-eval"]) == 2
+    assert str(out) in capsys.readouterr().err
+
+
+def test_bad_requests_fail_clearly(setup, tmp_path):
+    root, world, data, model = setup
+    with pytest.raises(DataError, match="no training pairs for the forget people"):
+        split_people(data, forget_people=["no-such-id"])
+    with pytest.raises(ValueError, match="rank r=999 larger than the input width d=32 of layer model.vision_tower"):
+        attach_adapters(load_model(model), split_people(data)[1], UnlearnConfig(rank=999), get_method("cvf_ncu"))
+    with pytest.raises(ValueError, match="unknown method 'nope'; available: .*cvf_ncu"):
+        get_method("nope")
+    with pytest.raises(ValueError, match="bad option 'gamma=1' for CVFConfig; options: alpha"):
+        parse_options(get_method("cvf_ncu").config_class, ["gamma=1"])
+    with pytest.raises(ValueError, match="push must be one of"):
+        parse_options(get_method("cvf_ncu").config_class, ["push=shove"])
+
+
+def test_nan_loss_stops_with_a_clear_error_and_writes_nothing(setup, tmp_path):
+    root, world, data, model = setup
+    out = tmp_path / "nan_run"
+    code = main(["unlearn", "--model", str(model), "--data", str(world), "--out", str(out), "--steps", "3",
+                 "--batch-size", "2", "--no-eval", "--lr", "nan", "--cache-dir", str(root / "cache")])
+    assert code == 2
+    assert not out.exists() and not list(tmp_path.glob(".nan_run*"))
+
+
+def test_ablation_switches_turn_terms_off(setup):
+    _, _, data, model = setup
+    lm = attach_adapters(load_model(model), split_people(data)[1], UnlearnConfig(subspace="random"),
+                         get_method("cvf_ncu"))
+    forget, retain = split_people(data)
+    ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0)
+    cls = get_method("cvf_ncu")
+    method = cls(cls.config_class(pull=False, ret=False, gum=False, push="nmse", queue_size=8))
+    method.setup(ctx)
+    loss, logs = method.loss(ctx, 0)
+    assert logs["pull"] == logs["ret"] == logs["gum"] == 0.0
+    assert loss.item() == pytest.approx(10.0 * logs["push"], rel=1e-5)  # alpha * lambda * L_nMSE
+    assert len(distinct_images(forget)) < len([s for s in forget if s.image is not None])
+
+
+def test_continual_run_writes_matrix_plots_and_resumes(setup, tmp_path):
+    _, _, data, model = setup
+    cfg = UnlearnConfig(steps=3, batch_size=2, warmup=1, cache_dir=str(tmp_path / "cache"))
+    n = min(3, len(data.forget_people))
+    state = run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n)
+    assert len(state["stages"]) == n and all(len(s["forget_vqa_per_task"]) == n for s in state["stages"])
+    for f in ("matrix.json", "heatmap.png", "curves.png", f"stage-{n}/adapter_model.safetensors"):
+        assert (tmp_path / "cont" / f).exists(), f
+    # a finished run given the same folder resumes past every stage: nothing is retrained
+    again = run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n)
+    assert again["stages"] == state["stages"]
