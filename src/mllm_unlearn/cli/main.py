@@ -69,21 +69,34 @@ def cmd_evaluate(args):
         Path(args.out).write_text(json.dumps({name: metrics}, indent=2, sort_keys=True))
 
 
+def _unlearn_config(args: argparse.Namespace):
+    from ..train.unlearn import UnlearnConfig
+
+    return UnlearnConfig(method=args.method, scope=args.scope, subspace=args.subspace, rank=args.rank,
+                         lora_alpha=args.lora_alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                         ivr_level=args.ivr_level, seed=args.seed, cache_dir=args.cache_dir)
+
+
 def cmd_unlearn(args):
     from ..evaluate.harness import EvalConfig, evaluate, markdown_table
+    from ..experiments.continual import run_continual
     from ..methods import get_method, parse_options
     from ..models.loading import load_model
-    from ..train.unlearn import UnlearnConfig, run_record, save_run, unlearn
+    from ..train.unlearn import run_record, save_run, unlearn
 
     data = _read(args)
     method_cls = get_method(args.method)
     method_cfg = parse_options(method_cls.config_class, args.opt)
-    cfg = UnlearnConfig(method=args.method, scope=args.scope, subspace=args.subspace, rank=args.rank,
-                        lora_alpha=args.lora_alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                        ivr_level=args.ivr_level, seed=args.seed, cache_dir=args.cache_dir)
+    cfg = _unlearn_config(args)
+    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if args.tasks > 1:  # continual: the forget split becomes a sequence of requests; --out is resumable
+        run_continual(lm, data, args.out, cfg, method_cfg, n_tasks=args.tasks,
+                      eval_cfg=EvalConfig(mcq_mode=args.mcq_mode))
+        print(f"wrote {args.out}/matrix.json, heatmap.png, curves.png")
+        return
     if Path(args.out).exists():
         raise FileExistsError(f"output folder {args.out} already exists; choose a new --out")
-    lm, history = unlearn(load_model(args.model, trust_remote_code=args.trust_remote_code), data, cfg, method_cfg)
+    lm, history = unlearn(lm, data, cfg, method_cfg)
     metrics = {}
     if not args.no_eval:
         metrics = evaluate(lm, data, EvalConfig(mcq_mode=args.mcq_mode))
@@ -91,6 +104,14 @@ def cmd_unlearn(args):
     record = run_record(cfg, method_cls(method_cfg), history, model=args.model, data=args.data,
                         forget=args.forget, metrics=metrics)
     print(f"wrote {save_run(lm, args.out, record, merge=args.merge)}")
+
+
+def cmd_ablations(args):
+    from ..evaluate.harness import EvalConfig
+    from ..experiments.ablations import run_ablations
+
+    args.method = "cvf_ncu"
+    run_ablations(args.model, _read(args), args.out, _unlearn_config(args), EvalConfig(mcq_mode=args.mcq_mode))
 
 
 def cmd_demo(args):
@@ -150,28 +171,39 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="write {name: metrics} JSON here")
     sp.set_defaults(fn=cmd_evaluate)
 
+    def unlearn_args(sp):
+        sp.add_argument("--scope", default=None, choices=["llm", "visual", "projector", "all"],
+                    help="update scope (default: the method's: visual for cvf_ncu, llm for baselines)")
+        sp.add_argument("--subspace", default=None, choices=["null", "random", "none"],
+                        help="LoRA A: null-space basis (NCU), random orthonormal, or trained (plain LoRA)")
+        sp.add_argument("--rank", type=int, default=8)
+        sp.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
+        sp.add_argument("--steps", type=int, default=300)
+        sp.add_argument("--lr", type=float, default=None, help="default: the method's")
+        sp.add_argument("--batch-size", type=int, default=8)
+        sp.add_argument("--ivr-level", default="projector")
+        sp.add_argument("--cache-dir", default=None, help="NCU covariance cache (default: <model>/.ncu_cache)")
+        sp.add_argument("--mcq-mode", default="likelihood", choices=["generate", "likelihood", "both"])
+        sp.add_argument("--seed", type=int, default=0)
+
     sp = sub.add_parser("unlearn", help="forget the --forget people's visual identity")
     data_args(sp)
     sp.add_argument("--method", default="cvf_ncu")
     sp.add_argument("--out", required=True, help="run folder: adapter/ (PEFT), run.json, merged/ with --merge")
-    sp.add_argument("--scope", default=None, choices=["llm", "visual", "projector", "all"],
-                    help="update scope (default: the method's: visual for cvf_ncu, llm for baselines)")
-    sp.add_argument("--subspace", default=None, choices=["null", "random", "none"],
-                    help="LoRA A: null-space basis (NCU), random orthonormal, or trained (plain LoRA)")
-    sp.add_argument("--rank", type=int, default=8)
-    sp.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
-    sp.add_argument("--steps", type=int, default=300)
-    sp.add_argument("--lr", type=float, default=None, help="default: the method's")
-    sp.add_argument("--batch-size", type=int, default=8)
-    sp.add_argument("--ivr-level", default="projector")
+    unlearn_args(sp)
     sp.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                     help="method option, e.g. --opt alpha=1 --opt push=nmse (repeatable)")
-    sp.add_argument("--cache-dir", default=None, help="NCU covariance cache (default: <model>/.ncu_cache)")
-    sp.add_argument("--mcq-mode", default="likelihood", choices=["generate", "likelihood", "both"])
+    sp.add_argument("--tasks", type=int, default=1,
+                    help="continual unlearning: split the forget set into this many sequential requests")
     sp.add_argument("--no-eval", action="store_true")
     sp.add_argument("--merge", action="store_true", help="also write the merged model")
-    sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_unlearn)
+
+    sp = sub.add_parser("ablations", help="paper Table 2: every CVF / NCU component switched off, one row each")
+    data_args(sp)
+    sp.add_argument("--out", required=True)
+    unlearn_args(sp)
+    sp.set_defaults(fn=cmd_ablations)
 
     sp = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic world")
     sp.add_argument("--out", required=True)

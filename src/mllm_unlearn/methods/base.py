@@ -9,6 +9,7 @@ calibration, the optimiser loop, saving — is the driver's (:mod:`mllm_unlearn.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
@@ -68,13 +69,14 @@ class UnlearnContext:
     _streams: dict[str, Iterator[list[Sample]]] = field(default_factory=dict, repr=False)
 
     def stream(self, name: str, items: Callable[[], Sequence[Sample]], batch_size: int | None = None) -> list[Sample]:
-        """The next batch of a named endless stream (created on first use, seeded by name)."""
+        """The next batch of a named endless stream (created on first use, seeded by name and seed;
+        ``zlib.crc32``, not the per-process salted ``hash``, so the same seed gives the same batches)."""
         if name not in self._streams:
             pool = list(items())
             if not pool:
                 raise ValueError(f"stream {name!r} has no samples")
             self._streams[name] = batches(pool, min(batch_size or self.batch_size, len(pool)),
-                                          hash(name) % 10_000 + self.seed)
+                                          zlib.crc32(name.encode()) % 10_000 + self.seed)
         return next(self._streams[name])
 
     # -- common quantities ---------------------------------------------------------------------

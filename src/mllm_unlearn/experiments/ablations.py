@@ -1,0 +1,61 @@
+"""Table 2 of the paper: each CVF / NCU component switched off or replaced, from one vanilla model.
+
+Every row is a full unlearning run with the same data, seed, steps and learning rate as ``cvf_ncu``;
+only the named switch differs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..data.sample import BenchmarkData
+from ..evaluate.harness import EvalConfig, evaluate, markdown_table
+from ..methods import get_method
+from ..models.loading import load_model
+from ..train.unlearn import UnlearnConfig, unlearn
+
+#: row name -> (driver overrides, CVF option overrides)
+ABLATIONS: dict[str, tuple[dict, dict]] = {
+    "CVF + NCU (ours)": ({}, {}),
+    "push: L_nMSE (Eq. 5)": ({}, {"push": "nmse"}),
+    "w/o L_CVF-pull (Eq. 6)": ({}, {"pull": False}),
+    "w/o L_RET (Eq. 9)": ({}, {"ret": False}),
+    "w/o L_GUM (Eq. 10)": ({}, {"gum": False}),
+    "Full CVF-only (no subspace)": ({"subspace": "none"}, {}),
+    "CVF + Rand (random subspace)": ({"subspace": "random"}, {}),
+    "pooled IVRs (paper's text)": ({}, {"level": "pooled"}),
+}
+
+
+def run_ablations(model: str | Path, data: BenchmarkData, out_dir: str | Path, cfg: UnlearnConfig,
+                  eval_cfg: EvalConfig = EvalConfig(mcq_mode="likelihood"),
+                  rows: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Evaluate the vanilla model and every ablation row; write results.json / results.md to ``out_dir``."""
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"output folder {out} already exists; choose a new --out")
+    unknown = set(rows or []) - set(ABLATIONS)
+    if unknown:
+        raise ValueError(f"unknown ablation row(s) {sorted(unknown)}; rows: {list(ABLATIONS)}")
+    method_cls = get_method("cvf_ncu")
+    results = {"vanilla": evaluate(load_model(model), data, eval_cfg)}
+    for name in rows or ABLATIONS:
+        driver, options = ABLATIONS[name]
+        run_cfg = UnlearnConfig(**{**cfg.__dict__, **driver, "method": "cvf_ncu"})
+        lm, _ = unlearn(load_model(model), data, run_cfg, method_cls.config_class(**options))
+        results[name] = evaluate(lm, data, eval_cfg)
+        print(markdown_table({name: results[name]}).splitlines()[-1], flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        (tmp / "results.md").write_text(markdown_table(results) + "\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(markdown_table(results))
+    return results
