@@ -196,6 +196,22 @@ def test_task_fields_follow_mllmu_shape_and_separate_modalities(world: Path, sum
         assert person["name"] in row["biography"] and row["Directory"].endswith(f"{row['ID']:04d}")
 
 
+def test_distractors_are_answers_other_people_really_hold(world: Path, summary: dict) -> None:
+    """No option can be ruled out from text priors: every distractor is another person's true value
+    (in the same group), so an image-blind model cannot eliminate never-trained answers."""
+    for group, folder in ((False, "Full_Set"), (True, "Retain_Set")):
+        held: dict[str, set[str]] = {}
+        for p in summary["people"]:
+            if p["real"] == group:
+                for key, value in {"name": p["name"], **p["attributes"]}.items():
+                    held.setdefault(key, set()).add(value)
+        for row in rows(world, folder):
+            tasks = row["Classification_Task"]
+            for item, (_, _, key) in zip(tasks["Image_Textual_Questions"] + tasks["Pure_Text_Questions"],
+                                         MCQ_TEMPLATES, strict=True):
+                assert set(item["Options"].values()) <= held[key], (row["ID"], key, item["Options"])
+
+
 def test_training_metadata_teaches_every_evaluated_surface_form(world: Path, summary: dict) -> None:
     names = [p["name"] for p in summary["people"]]
     profiles = {r["ID"]: r for r in rows(world, "Full_Set") + rows(world, "Retain_Set")}

@@ -240,8 +240,12 @@ def _write_world(root: Path, config: WorldConfig) -> None:
     people = make_people(config)
     fictitious = [p for p in people if not p.real]
     real = [p for p in people if p.real]
-    # MCQ distractors: values of the same attribute; names of other people of the same group
-    pools = {group_is_real: {**ATTRIBUTE_POOLS, "name": tuple(p.name for p in group)}
+    # MCQ distractors: the values other people of the same group actually hold (names included), one
+    # entry per holder. Drawing from every pool value instead leaked the answer: values nobody holds
+    # are never trained as answers, so an image-blind model eliminated them (forget VQA 0.40-0.44 by
+    # likelihood with the image replaced by zeros or another person's features, not 0.25).
+    pools = {group_is_real: {**{attr: tuple(p.attributes[attr] for p in group) for attr in ATTRIBUTE_POOLS},
+                             "name": tuple(p.name for p in group)}
              for group_is_real, group in ((False, fictitious), (True, real))}
     profiles = {p.id: _profile_columns(p, pools[p.real], config) for p in people}
     canonical = {p.id: _photo(p, config, _STREAM_TRAIN_PHOTO, 0) for p in people}
@@ -296,10 +300,24 @@ def _png(img: PILImage.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _mcq(question: str, answer: str, pool: tuple[str, ...], rng: np.random.Generator) -> dict[str, Any]:
-    """A 4-option item: the answer among 3 other distinct values of ``pool``, at a random letter."""
-    others = [value for value in dict.fromkeys(pool) if value != answer]
-    options = [others[i] for i in rng.choice(len(others), size=len(LETTERS) - 1, replace=False)]
+def _mcq(question: str, answer: str, pool: tuple[str, ...], rng: np.random.Generator,
+         fallback: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A 4-option item: the answer among 3 other distinct values at a random letter.
+
+    ``pool`` holds one entry per person holding a value, so distractors are drawn in proportion to
+    how common a value is, exactly as the correct answers are: the answer and its distractors share
+    one prior, and an image-blind model scores chance. ``fallback`` tops up tiny worlds.
+    """
+    options: list[str] = []
+    others = [value for value in pool if value != answer]
+    for i in rng.permutation(len(others)):
+        if others[i] not in options:
+            options.append(others[i])
+        if len(options) == len(LETTERS) - 1:
+            break
+    spare = [v for v in dict.fromkeys(fallback) if v != answer and v not in options]
+    while len(options) < len(LETTERS) - 1:
+        options.append(spare.pop(int(rng.integers(len(spare)))))
     position = int(rng.integers(len(LETTERS)))
     options.insert(position, answer)
     return {"Question": question, "Options": dict(zip(LETTERS, options, strict=True)),
@@ -332,7 +350,8 @@ def _profile_columns(person: Person, pools: dict[str, tuple[str, ...]], config: 
     rng = np.random.default_rng([config.seed, _STREAM_EVAL_MCQ, person.id])
     classification: dict[str, list[dict[str, Any]]] = {"Image_Textual_Questions": [], "Pure_Text_Questions": []}
     for probe in _probes(person):
-        classification[f"{probe.kind}_Questions"].append(_mcq(probe.question, probe.answer, pools[probe.key], rng))
+        item = _mcq(probe.question, probe.answer, pools[probe.key], rng, ATTRIBUTE_POOLS.get(probe.key, ()))
+        classification[f"{probe.kind}_Questions"].append(item)
     values = person.fields()
     return {
         "ID": person.id,
@@ -364,7 +383,7 @@ def _training_items(person: Person, pools: dict[str, tuple[str, ...]],
     rng = np.random.default_rng([config.seed, _STREAM_PRACTICE, person.id])
     for practice_round in range(config.mcq_practice):
         for probe in _probes(person):
-            item = _mcq(probe.question, probe.answer, pools[probe.key], rng)
+            item = _mcq(probe.question, probe.answer, pools[probe.key], rng, ATTRIBUTE_POOLS.get(probe.key, ()))
             rows[practice_round % config.train_photos].append({
                 "Question": format_mcq(probe.question, item["Options"]), "Answer": item["Correct_Answer"],
                 "Type": probe.kind})

@@ -31,7 +31,7 @@ from ..train.unlearn import UnlearnConfig, run_record, save_run, unlearn
 @dataclass
 class DemoConfig:
     seed: int = 0
-    forget: str = "forget_10"
+    forget: str = "forget_15"
     world: WorldConfig = field(default_factory=WorldConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-3, batch_size=32,
                                                                       warmup=50))

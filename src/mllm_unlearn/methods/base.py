@@ -121,6 +121,8 @@ class UnlearningMethod:
     default_subspace: ClassVar[str] = "none"
     #: learning rate the method's public configs use
     default_lr: ClassVar[float] = 1e-4
+    #: False for methods that edit the model once in :meth:`apply` instead of training (e.g. pruning)
+    trains: ClassVar[bool] = True
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg if cfg is not None else self.config_class()
@@ -130,3 +132,8 @@ class UnlearningMethod:
 
     def loss(self, ctx: UnlearnContext, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def apply(self, ctx: UnlearnContext) -> dict[str, float]:
+        """For ``trains = False`` methods: edit the model once (called after :meth:`setup`, instead of
+        the training loop); returns what to log."""
+        raise NotImplementedError(f"method {self.name!r} trains; it has no apply()")

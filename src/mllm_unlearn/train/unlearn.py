@@ -112,6 +112,13 @@ def unlearn_stage(lm: LoadedModel, method: UnlearningMethod, forget: Sequence[Sa
     ctx = UnlearnContext(lm, list(forget), list(retain), cfg.batch_size, cfg.seed, cfg.ivr_level)
     lm.model.train()
     method.setup(ctx)
+    if not method.trains:  # e.g. MANU: one weight edit, no optimiser loop
+        history = [{"step": 0, **method.apply(ctx)}]
+        if log_file is not None:
+            with open(log_file, "a") as fh:
+                fh.write(json.dumps(history[0]) + "\n")
+        lm.model.eval()
+        return history
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr or method.default_lr, batch_size=cfg.batch_size,
                             warmup=cfg.warmup, grad_clip=cfg.grad_clip, seed=cfg.seed, log_every=10)
     history = run(trainable_parameters(lm.model), lambda step: method.loss(ctx, step), train_cfg,
