@@ -9,10 +9,39 @@ import torch
 from PIL import Image
 from transformers.utils import logging as hf_logging
 
+from mllm_unlearn.data.mllmu import read_mllmu
 from mllm_unlearn.data.sample import ImageRef, Sample
+from mllm_unlearn.data.world import WorldConfig, make_world
+from mllm_unlearn.models.tiny import TinySizes, corpus_for, make_tiny_model
 
 hf_logging.set_verbosity_error()
 torch.set_num_threads(1)
+
+
+#: a tiny LLaVA small enough for many tests (the demo's is larger)
+SMALL = TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=400)
+#: the world the data tests read
+WORLD_CONFIG = WorldConfig(n_people=20, n_real=6, seed=0)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world") / "mllmu", WORLD_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def summary(world) -> dict:
+    import json
+    return json.loads((world / "world.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """(root, world dir, BenchmarkData, tiny model dir): a 10-person world and an untrained tiny LLaVA."""
+    root = tmp_path_factory.mktemp("small")
+    world = make_world(root / "world", WorldConfig(n_people=10, n_real=4, train_photos=2, seed=3))
+    data = read_mllmu(world, forget="forget_10")
+    return root, world, data, make_tiny_model("llava", root / "tiny", corpus_for(data), sizes=SMALL)
 
 
 def png(color: tuple[int, int, int], size: int = 32) -> ImageRef:

@@ -9,30 +9,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllm_unlearn.data.mllmu import read_mllmu
-from mllm_unlearn.data.world import WorldConfig, make_world
 from mllm_unlearn.methods import available_methods, get_method
 from mllm_unlearn.methods.base import UnlearnContext
-from mllm_unlearn.methods.baselines import (fisher_mask, ga_loss, kl_divergence, manu_scores, npo_loss,
-                                            person_names, select, sequence_logprob, simnpo_loss, top_k_rows)
+from mllm_unlearn.methods.baselines import (
+    fisher_mask,
+    ga_loss,
+    kl_divergence,
+    manu_scores,
+    npo_loss,
+    person_names,
+    select,
+    sequence_logprob,
+    simnpo_loss,
+    top_k_rows,
+)
 from mllm_unlearn.models.loading import load_model
-from mllm_unlearn.models.tiny import TinySizes, corpus_for, make_tiny_model
 from mllm_unlearn.nullspace import lora_layers
 from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people, unlearn, unlearn_stage
 
 torch.set_num_threads(1)
-SMALL = TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=400)
 FAST = dict(steps=2, batch_size=4, warmup=1)
 BASELINES = ("ga", "ga_diff", "kl_min", "npo", "simnpo", "mmunlearner", "manu", "siu")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("baselines")
-    world = make_world(root / "world", WorldConfig(n_people=8, n_real=4, train_photos=1, seed=5))
-    data = read_mllmu(world, forget="forget_10")
-    model = make_tiny_model("llava", root / "tiny", corpus_for(data), sizes=SMALL)
-    return data, model
+def setup(setup):
+    """(BenchmarkData, tiny model dir) of the shared small world."""
+    return setup[2], setup[3]
 
 
 def context(lm, data, seed=0):

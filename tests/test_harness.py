@@ -6,16 +6,13 @@ import json
 
 import pytest
 
-from mllm_unlearn.evaluate.harness import (EvalConfig, ItemResult, markdown_table, score_items,
-                                           summarize)
+from mllm_unlearn.evaluate.harness import EvalConfig, ItemResult, markdown_table, score_items, summarize
 from mllm_unlearn.models.loading import load_model
-from mllm_unlearn.models.tiny import TinySizes, make_tiny_model
+from mllm_unlearn.models.tiny import make_tiny_model
 from mllm_unlearn.train.finetune import finetune
 from mllm_unlearn.train.loop import TrainConfig
 
-from .conftest import job_items
-
-SMALL = TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=300)
+from .conftest import SMALL, job_items
 
 
 @pytest.fixture(scope="module")

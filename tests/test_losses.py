@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from mllm_unlearn.methods.losses import (cvf_loss, cvf_pull, cvf_push, nmse_push, pool, retention_mse,
-                                         total_loss)
+from mllm_unlearn.methods.losses import cvf_loss, cvf_pull, cvf_push, nmse_push, pool, retention_mse, total_loss
 
 
 def test_pool_is_mean_over_tokens():  # Eq. 2

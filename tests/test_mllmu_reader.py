@@ -14,21 +14,15 @@ import pytest
 
 from mllm_unlearn.data.mllmu import check_images, read_mllmu
 from mllm_unlearn.data.sample import BenchmarkData, DataError
-from mllm_unlearn.data.world import MCQ_TEMPLATES, PARQUET_NAME, WorldConfig, make_world
+from mllm_unlearn.data.world import MCQ_TEMPLATES, PARQUET_NAME
 
-CONFIG = WorldConfig(n_people=20, n_real=6, seed=0)
+from .conftest import WORLD_CONFIG
+
+CONFIG = WORLD_CONFIG
 ITEMS_PER_PROFILE = {("mcq", "vqa"): 5, ("mcq", "qa"): 5, ("gen", "vqa"): 2, ("gen", "qa"): 2,
                      ("cloze", "vqa"): 2, ("cloze", "qa"): 2}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_world(tmp_path_factory.mktemp("world") / "mllmu", CONFIG)
-
-
-@pytest.fixture(scope="module")
-def summary(world: Path) -> dict:
-    return json.loads((world / "world.json").read_text())
 
 
 @pytest.fixture(scope="module")

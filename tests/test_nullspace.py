@@ -9,17 +9,32 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL import Image
 from safetensors import safe_open
 
 from mllm_unlearn.data.sample import ImageRef, Sample
 from mllm_unlearn.models import LLAVA
 from mllm_unlearn.models.tiny import build_tiny_llava
-from mllm_unlearn.nullspace import (CovarianceCache, NCUConfig, attach_lora, cache_key, cached_covariances,
-                                    collect_covariances, fingerprint_samples, lora_A_weights, lora_layers,
-                                    null_space_basis, random_basis, reference_model, refreeze, retain_energy,
-                                    target_linears, trainable_parameters, unused_layers)
+from mllm_unlearn.nullspace import (
+    CovarianceCache,
+    NCUConfig,
+    attach_lora,
+    cache_key,
+    cached_covariances,
+    collect_covariances,
+    fingerprint_samples,
+    lora_A_weights,
+    lora_layers,
+    null_space_basis,
+    random_basis,
+    reference_model,
+    refreeze,
+    retain_energy,
+    target_linears,
+    trainable_parameters,
+    unused_layers,
+)
 from mllm_unlearn.nullspace.lora import FROZEN_ATTR
 
 VISUAL = LLAVA.scope_pattern("visual")

@@ -9,28 +9,15 @@ import torch
 from peft import PeftModel
 
 from mllm_unlearn.cli.main import main
-from mllm_unlearn.data.mllmu import read_mllmu
 from mllm_unlearn.data.sample import DataError
-from mllm_unlearn.data.world import WorldConfig, make_world
 from mllm_unlearn.experiments.continual import run_continual
 from mllm_unlearn.methods import get_method, parse_options
 from mllm_unlearn.methods.base import UnlearnContext, distinct_images
 from mllm_unlearn.models.loading import load_model
-from mllm_unlearn.models.tiny import TinySizes, corpus_for, make_tiny_model
 from mllm_unlearn.nullspace import lora_A_weights
 from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people, unlearn_stage
 
-SMALL = TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=400)
 FAST = dict(steps=6, batch_size=4, warmup=1)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("unlearn")
-    world = make_world(root / "world", WorldConfig(n_people=10, n_real=4, train_photos=2, seed=3))
-    data = read_mllmu(world, forget="forget_10")
-    model = make_tiny_model("llava", root / "tiny", corpus_for(data), sizes=SMALL)
-    return root, world, data, model
 
 
 def logits(lm, samples):

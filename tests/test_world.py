@@ -18,19 +18,13 @@ from mllm_unlearn.data.portraits import TRAIT_POOLS, Traits, draw_portrait, samp
 from mllm_unlearn.data.prompts import format_cloze, format_mcq
 from mllm_unlearn.data.world import MCQ_TEMPLATES, PARQUET_NAME, WorldConfig, forget_size, make_world
 
-CONFIG = WorldConfig(n_people=20, n_real=6, seed=0)
+from .conftest import WORLD_CONFIG
+
+CONFIG = WORLD_CONFIG
 FOLDERS = {"Full_Set", "ft_Data", "Test_Set", "Retain_Set", "Pretrain_Data", "forget_5", "forget_10", "forget_15",
            "retain_95", "retain_90", "retain_85"}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_world(tmp_path_factory.mktemp("world") / "mllmu", CONFIG)
-
-
-@pytest.fixture(scope="module")
-def summary(world: Path) -> dict:
-    return json.loads((world / "world.json").read_text())
 
 
 def rows(world: Path, folder: str) -> list[dict]:

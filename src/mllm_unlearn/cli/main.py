@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LoRA A: null-space basis (NCU), random orthonormal, or trained (plain LoRA)")
         sp.add_argument("--rank", type=int, default=8)
         sp.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
-        sp.add_argument("--steps", type=int, default=300)
+        sp.add_argument("--steps", type=int, default=200)
         sp.add_argument("--lr", type=float, default=None, help="default: the method's")
         sp.add_argument("--batch-size", type=int, default=8)
         sp.add_argument("--ivr-level", default="projector")

@@ -69,8 +69,14 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
 
 def build_tiny_llava(corpus: Iterable[str], sizes: TinySizes = TinySizes(), seed: int = 0):
     """(model, processor) for a tiny random ``LlavaForConditionalGeneration``."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tokenizer = train_tokenizer(corpus, sizes.vocab_size)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=sizes.text_hidden,

@@ -17,8 +17,18 @@ from typing import Any, Iterable, Sequence
 from ..data.sample import BenchmarkData, DataError, Sample
 from ..methods.base import UnlearnContext, UnlearningMethod, distinct_images, get_method
 from ..models.loading import LoadedModel
-from ..nullspace import (CovarianceCache, NCUConfig, attach_lora, cached_covariances, collect_covariances,
-                         fingerprint_samples, full_forward, target_linears, trainable_parameters, unused_layers)
+from ..nullspace import (
+    CovarianceCache,
+    NCUConfig,
+    attach_lora,
+    cached_covariances,
+    collect_covariances,
+    fingerprint_samples,
+    full_forward,
+    target_linears,
+    trainable_parameters,
+    unused_layers,
+)
 from .loop import TrainConfig, run, seed_everything
 
 
@@ -29,7 +39,7 @@ class UnlearnConfig:
     subspace: str | None = None  # None: the method's default (null for cvf_ncu, none otherwise)
     rank: int = 8
     lora_alpha: float | None = None
-    steps: int = 300
+    steps: int = 200
     lr: float | None = None  # None: the method's default
     batch_size: int = 8
     warmup: int = 10

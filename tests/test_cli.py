@@ -1,0 +1,51 @@
+"""The command line: clear errors on bad input, stable output keys, merged models that reload."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from peft import PeftModel
+
+from mllm_unlearn.cli.main import main
+from mllm_unlearn.models.loading import load_model
+
+STABLE_KEYS = {"forget_vqa", "forget_qa", "retain_vqa", "retain_qa", "real_vqa", "real_qa", "test_vqa"}
+
+
+def test_unknown_arch_names_the_supported_ones(setup, tmp_path, capsys):
+    _, world, _, _ = setup
+    assert main(["make-tiny-model", "--arch", "gpt5v", "--world", str(world), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown architecture 'gpt5v'; supported: llava" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_make_world_refuses_an_existing_folder(setup, capsys):
+    _, world, _, _ = setup
+    assert main(["make-world", "--out", str(world)]) == 2
+    assert f"{world}: already exists" in capsys.readouterr().err
+
+
+def test_evaluate_writes_every_stable_key(setup, tmp_path):
+    _, world, _, model = setup
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model", str(model), "--data", str(world), "--mcq-mode", "both",
+                 "--max-new-tokens", "4", "--name", "tiny", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())["tiny"]
+    assert STABLE_KEYS <= metrics.keys()
+    assert {"forget_vqa_lik", "forget_vqa_letter", "retain_vqa_cloze", "retain_qa_rougeL_recall"} <= metrics.keys()
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_merge_writes_a_plain_model_equal_to_the_adapted_one(setup, tmp_path):
+    root, world, data, model = setup
+    out = tmp_path / "run"
+    assert main(["unlearn", "--model", str(model), "--data", str(world), "--out", str(out), "--steps", "3",
+                 "--batch-size", "2", "--no-eval", "--merge", "--cache-dir", str(root / "cache")]) == 0
+    merged = load_model(out / "merged")
+    adapted = PeftModel.from_pretrained(load_model(model).model, out / "adapter")
+    samples = [s for s in data.splits["forget"] if s.image is not None][:2]
+    batch = merged.arch.encode(merged.processor, samples, [s.question for s in samples])
+    with torch.no_grad():
+        assert torch.allclose(merged.model(**batch.inputs).logits, adapted(**batch.inputs).logits, atol=1e-4)
