@@ -74,3 +74,32 @@ def test_summarize_keys_and_both_mode():
 def test_eval_config_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mcq_mode"):
         EvalConfig(mcq_mode="vibes")
+
+
+def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, monkeypatch, tiny_corpus):
+    import mllm_unlearn.train.finetune as ft
+    import torch
+    from safetensors.torch import load_file
+
+    base = make_tiny_model("llava", tmp_path / "base", tiny_corpus, sizes=SMALL)
+    train, _ = job_items()
+    cfg = TrainConfig(steps=8, lr=3e-3, batch_size=2, warmup=2)
+    straight = finetune(load_model(base), train, cfg, tmp_path / "straight")
+
+    real_loss, calls = ft.nll_loss, {"n": 0}
+
+    def dies_at_step_6(lm, samples):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_loss(lm, samples)
+
+    monkeypatch.setattr(ft, "nll_loss", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(load_model(base), train, cfg, tmp_path / "resumed", checkpoint_every=4)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "checkpoint-4").is_dir()
+    calls["n"] = -100  # the second run must not die, and must only run the 4 steps after checkpoint-4
+    resumed = finetune(load_model(base), train, cfg, tmp_path / "resumed", checkpoint_every=4)
+    assert calls["n"] == -100 + 4
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

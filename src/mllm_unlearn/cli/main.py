@@ -91,7 +91,7 @@ def cmd_unlearn(args):
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
     if args.tasks > 1:  # continual: the forget split becomes a sequence of requests; --out is resumable
         run_continual(lm, data, args.out, cfg, method_cfg, n_tasks=args.tasks,
-                      eval_cfg=EvalConfig(mcq_mode=args.mcq_mode))
+                      eval_cfg=EvalConfig(mcq_mode=args.mcq_mode), replay=not args.no_replay)
         print(f"wrote {args.out}/matrix.json, heatmap.png, curves.png")
         return
     if Path(args.out).exists():
@@ -103,7 +103,8 @@ def cmd_unlearn(args):
         print(markdown_table({args.method: metrics}))
     record = run_record(cfg, method_cls(method_cfg), history, model=args.model, data=args.data,
                         forget=args.forget, metrics=metrics)
-    print(f"wrote {save_run(lm, args.out, record, merge=args.merge)}")
+    # a method that edits base weights (MANU) is carried only by the merged model
+    print(f"wrote {save_run(lm, args.out, record, merge=args.merge or not method_cls.trains)}")
 
 
 def cmd_ablations(args):
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="method option, e.g. --opt alpha=1 --opt push=nmse (repeatable)")
     sp.add_argument("--tasks", type=int, default=1,
                     help="continual unlearning: split the forget set into this many sequential requests")
+    sp.add_argument("--no-replay", action="store_true",
+                    help="continual: stage t trains on task t only (the paper's protocol) instead of tasks 1..t")
     sp.add_argument("--no-eval", action="store_true")
     sp.add_argument("--merge", action="store_true", help="also write the merged model")
     sp.set_defaults(fn=cmd_unlearn)

@@ -80,7 +80,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, d
                                            "cache_dir": str(work / "ncu_cache")})
                 lm, history = unlearn(lm, data, run_cfg)
                 timings[f"unlearn_{method}_s"] = time.perf_counter() - t0
-                save_run(lm, work / "runs" / method, run_record(run_cfg, get_method(method)(), history))
+                method_cls = get_method(method)
+                save_run(lm, work / "runs" / method, run_record(run_cfg, method_cls(), history),
+                         merge=not method_cls.trains)
             t0 = time.perf_counter()
             results[method] = evaluate(lm, data, cfg.eval, predictions_file=work / f"predictions_{method}.jsonl")
             timings[f"evaluate_{method}_s"] = time.perf_counter() - t0

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..data.sample import Sample
 from ..models.loading import LoadedModel
 from .loop import TrainConfig, batches, run, seed_everything
 
-STATE_FILE = "trainer_state.pt"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"  # optimizer state, step, RNG: tensors and numbers only
 
 
 def nll_loss(lm: LoadedModel, samples: Sequence[Sample]) -> torch.Tensor:
@@ -68,8 +70,8 @@ def finetune(lm: LoadedModel, train: Sequence[Sample], cfg: TrainConfig, out_dir
     ckpt = _latest_checkpoint(work)
     params = [p for p in model.parameters() if p.requires_grad]
     if ckpt is not None:  # resume: weights, optimizer state and step; batches are a function of step
-        state = torch.load(ckpt / STATE_FILE, weights_only=False)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(load_file(ckpt / WEIGHTS_FILE), strict=False)
+        state = torch.load(ckpt / STATE_FILE, weights_only=True)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"] + 1
@@ -87,8 +89,9 @@ def finetune(lm: LoadedModel, train: Sequence[Sample], cfg: TrainConfig, out_dir
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
             path = work / f"checkpoint-{step + 1}"
             path.mkdir(exist_ok=True)
-            torch.save({"model": {k: v for k, v in model.state_dict().items()},
-                        "optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
+            trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trained, path / WEIGHTS_FILE)
+            torch.save({"optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
                        path / STATE_FILE)
             for old in work.glob("checkpoint-*"):
                 if old != path:

@@ -137,9 +137,11 @@ def unlearn_stage(lm: LoadedModel, method: UnlearningMethod, forget: Sequence[Sa
     return history
 
 
-def save_run(lm: LoadedModel, out_dir: str | Path, record: dict, *, merge: bool = False,
-             extra_files: dict[str, str] | None = None) -> Path:
-    """Write the PEFT adapter (``adapter/``), ``run.json`` and optionally a merged model, atomically."""
+def save_run(lm: LoadedModel, out_dir: str | Path, record: dict, *, merge: bool = False) -> Path:
+    """Write the PEFT adapter (``adapter/``), ``run.json`` and optionally a merged model, atomically.
+
+    Methods that edit base weights instead of training adapters (MANU's pruning) are only carried
+    by the merged model: callers pass ``merge=True`` for them."""
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"output folder {out} already exists; choose a new --out")
@@ -148,8 +150,6 @@ def save_run(lm: LoadedModel, out_dir: str | Path, record: dict, *, merge: bool 
     try:
         lm.model.save_pretrained(tmp / "adapter")
         (tmp / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
         if merge:
             merged = lm.model.merge_and_unload()
             merged.save_pretrained(tmp / "merged")
