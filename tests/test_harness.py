@@ -77,9 +77,10 @@ def test_eval_config_rejects_unknown_mode():
 
 
 def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, monkeypatch, tiny_corpus):
-    import mllm_unlearn.train.finetune as ft
     import torch
     from safetensors.torch import load_file
+
+    import mllm_unlearn.train.finetune as ft
 
     base = make_tiny_model("llava", tmp_path / "base", tiny_corpus, sizes=SMALL)
     train, _ = job_items()

@@ -106,7 +106,126 @@ def build_tiny_llava(corpus: Iterable[str], sizes: TinySizes = TinySizes(), seed
     return model, processor
 
 
-_BUILDERS = {"llava": build_tiny_llava}
+def train_qwen_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer with Qwen's special tokens (ChatML and vision markers): ``<|im_end|>``
+    is the EOS (the end of an assistant turn), ``<|endoftext|>`` the pad, no BOS — as in Qwen2-VL-Instruct.
+    The special tokens are cut out of the training text so that no merges are spent on them."""
+    import re
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .qwen2_vl import ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD
+    from .qwen2_vl import SPECIAL_TOKENS as QWEN_SPECIAL
+
+    specials = re.compile("|".join(map(re.escape, QWEN_SPECIAL)))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(QWEN_SPECIAL),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((specials.sub("", text) for text in corpus), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
+                                        extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD},
+                                        padding_side="right")
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+# Renders exactly what QwenVLAdapter.prompt() builds (Qwen's ChatML, items in the order given, no
+# default system turn), so chat-template users get the same prompt.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """M-RoPE's split of the rotary half-dimension into (temporal, height, width), Qwen's 1/4, 3/8, 3/8
+    ([16, 24, 24] for head_dim 128)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _build_tiny_qwen(arch: str, corpus: Iterable[str], sizes: TinySizes, seed: int):
+    from .qwen2_vl import (
+        IM_END,
+        IMAGE_PAD,
+        VIDEO_PAD,
+        VISION_END,
+        VISION_START,
+        QwenVLProcessor,
+        image_processor_class,
+    )
+
+    merge = 2
+    if sizes.image_size % (sizes.patch_size * merge):
+        raise ValueError(f"image_size={sizes.image_size} must be a multiple of patch_size * merge size = "
+                         f"{sizes.patch_size * merge} for a tiny {arch}")
+    if sizes.text_hidden % sizes.text_heads or (sizes.text_hidden // sizes.text_heads) % 2:
+        raise ValueError(f"text_hidden / text_heads must be an even whole number for M-RoPE, got "
+                         f"{sizes.text_hidden} / {sizes.text_heads}")
+    tokenizer = train_qwen_tokenizer(corpus, sizes.vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)}
+    text = dict(vocab_size=len(tokenizer), hidden_size=sizes.text_hidden, intermediate_size=sizes.text_intermediate,
+                num_hidden_layers=sizes.text_layers, num_attention_heads=sizes.text_heads,
+                num_key_value_heads=sizes.text_heads, max_position_embeddings=sizes.max_positions,
+                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                                 "mrope_section": _mrope_section(sizes.text_hidden // sizes.text_heads)},
+                tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
+                eos_token_id=ids[IM_END])
+    common = dict(depth=sizes.vision_layers, num_heads=sizes.vision_heads, patch_size=sizes.patch_size,
+                  spatial_merge_size=merge, temporal_patch_size=2, in_channels=3)
+    token_ids = dict(image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
+                     vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
+                     tie_word_embeddings=False)
+    if arch == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+        from transformers import Qwen2VLForConditionalGeneration as model_class
+
+        vision = dict(embed_dim=sizes.vision_hidden, hidden_size=sizes.text_hidden, mlp_ratio=4, **common)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
+    else:
+        from transformers import Qwen2_5_VLConfig
+        from transformers import Qwen2_5_VLForConditionalGeneration as model_class
+
+        # windows of 2x2 merged tokens (Qwen2.5-VL: 112 px = 4x4 at patch 14), full attention in the last block
+        vision = dict(hidden_size=sizes.vision_hidden, intermediate_size=4 * sizes.vision_hidden,
+                      out_hidden_size=sizes.text_hidden, window_size=2 * merge * sizes.patch_size,
+                      fullatt_block_indexes=[sizes.vision_layers - 1], **common)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = ids[IM_END]
+    pixels = sizes.image_size ** 2  # min = max pixels: a square image becomes image_size x image_size
+    image_processor = image_processor_class()(size={"shortest_edge": pixels, "longest_edge": pixels},
+                                              patch_size=sizes.patch_size, merge_size=merge, temporal_patch_size=2)
+    return model, QwenVLProcessor(image_processor, tokenizer)
+
+
+def build_tiny_qwen2_vl(corpus: Iterable[str], sizes: TinySizes = TinySizes(), seed: int = 0):
+    """(model, processor) for a tiny random ``Qwen2VLForConditionalGeneration``: ``sizes.image_size``
+    px square images in ``sizes.patch_size`` patches, merged 2x2 ((image_size / patch_size / 2)² LLM tokens)."""
+    return _build_tiny_qwen("qwen2_vl", corpus, sizes, seed)
+
+
+def build_tiny_qwen2_5_vl(corpus: Iterable[str], sizes: TinySizes = TinySizes(), seed: int = 0):
+    """(model, processor) for a tiny random ``Qwen2_5_VLForConditionalGeneration`` (as
+    :func:`build_tiny_qwen2_vl`; window attention over 2x2 merged tokens except in the last block)."""
+    return _build_tiny_qwen("qwen2_5_vl", corpus, sizes, seed)
+
+
+_BUILDERS = {"llava": build_tiny_llava, "qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl}
 
 
 def make_tiny_model(arch: str, out_dir: str | Path, corpus: Iterable[str], *, sizes: TinySizes = TinySizes(),
