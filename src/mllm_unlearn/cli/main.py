@@ -21,9 +21,9 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _read(args: argparse.Namespace):
-    from ..data.mllmu import read_mllmu
+    from ..data.readers import read_benchmark
 
-    return read_mllmu(args.data, forget=args.forget)
+    return read_benchmark(args.benchmark, args.data, forget=args.forget)
 
 
 def cmd_make_world(args):
@@ -133,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def data_args(sp, model=True):
-        sp.add_argument("--data", required=True, help="benchmark folder (MLLMU-Bench layout)")
-        sp.add_argument("--forget", default="forget_10", help="forget split folder (default forget_10)")
+        sp.add_argument("--data", required=True, help="benchmark folder (its parquet split folders)")
+        sp.add_argument("--benchmark", default="mllmu", choices=["mllmu", "clear", "umu"],
+                        help="layout of --data: MLLMU-Bench (and the synthetic world), CLEAR or UMU-Bench")
+        sp.add_argument("--forget", default=None,
+                        help="forget split folder (default: forget_10; CLEAR: forget05)")
         if model:
             sp.add_argument("--model", required=True, help="local path or hub id")
             sp.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own code")

@@ -84,7 +84,8 @@ def answer_logprobs(lm: LoadedModel, samples: Sequence[Sample], bodies: Sequence
 
 def _score_mcq_letter(lm, split, items, cfg) -> list[ItemResult]:
     replies = generate(lm, items, [format_mcq(s.question, s.options) for s in items], cfg.max_new_tokens)
-    return [ItemResult(s.id, s.person, split, s.task, s.modality, "letter", float(parse_choice(r) == s.correct), r)
+    return [ItemResult(s.id, s.person, split, s.task, s.modality, "letter",
+                       float(parse_choice(r, "".join(sorted(s.options))) == s.correct), r)
             for s, r in zip(items, replies)]
 
 

@@ -738,8 +738,10 @@ class SIU(Baseline):
                 answer = _rename(match.answer, names.get(d, []), cfg.unseen_name)
             new = dataclasses.replace(s, id=f"{s.id}/siu", answer=answer)
             self.relabelled.append(new)
-            self.original_tokens[new.id] = set(tok(" " + s.answer.strip(), add_special_tokens=False)["input_ids"])
-            self.original_tokens[new.id].add(tok.eos_token_id)
+            arch = ctx.lm.arch
+            self.original_tokens[new.id] = set(tok(arch.answer_prefix + s.answer.strip(),
+                                                   add_special_tokens=False)["input_ids"])
+            self.original_tokens[new.id].add(arch.eos_token_id(tok))
         name_ids = {name_token(tok, w) for p in {s.person for s in ctx.forget} for w in names.get(p, [])}
         vocab = ctx.lm.model.get_base_model().lm_head.out_features
         self.vocab_keep = torch.ones(vocab, dtype=torch.bool, device=ctx.lm.model.device)

@@ -68,10 +68,17 @@ class ArchAdapter:
     def processor_class(self) -> type:
         raise NotImplementedError
 
+    #: what separates the prompt from the answer text (LLaVA: a space after "ASSISTANT:")
+    answer_prefix: str = " "
+
     # -- prompts -------------------------------------------------------------------------------
     def prompt(self, body: str, has_image: bool) -> str:
         """The full prompt text up to where the answer starts."""
         raise NotImplementedError
+
+    def eos_token_id(self, tokenizer: Any) -> int:
+        """The token that closes an answer (training labels end with it)."""
+        return tokenizer.eos_token_id
 
     # -- batches -------------------------------------------------------------------------------
     def encode(self, processor: Any, samples: Sequence[Sample], bodies: Sequence[str],

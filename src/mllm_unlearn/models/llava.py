@@ -49,9 +49,10 @@ class LlavaAdapter(ArchAdapter):
         ids = [list(x) for x in enc["input_ids"]]
         labels = None
         if answers is not None:
-            ans = tok([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
-            labels = [[-100] * len(p) + a + [tok.eos_token_id] for p, a in zip(ids, ans)]
-            ids = [p + a + [tok.eos_token_id] for p, a in zip(ids, ans)]
+            ans = tok([self.answer_prefix + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
+            eos = self.eos_token_id(tok)
+            labels = [[-100] * len(p) + a + [eos] for p, a in zip(ids, ans)]
+            ids = [p + a + [eos] for p, a in zip(ids, ans)]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         inputs = {
             "input_ids": _pad(ids, pad_id, padding_side),

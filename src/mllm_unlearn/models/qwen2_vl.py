@@ -115,6 +115,8 @@ class QwenVLAdapter(ArchAdapter):
         vision = f"{VISION_START}{IMAGE_PAD}{VISION_END}" if has_image else ""
         return f"{IM_START}user\n{vision}{body}{IM_END}\n{IM_START}assistant\n"
 
+    answer_prefix = ""  # the answer follows "assistant\n" directly
+
     def eos_token_id(self, tokenizer: Any) -> int:
         """The token closing an answer (labels end with it): ``<|im_end|>``, the end of an assistant turn."""
         return _token_id(tokenizer, IM_END)
@@ -147,7 +149,7 @@ class QwenVLAdapter(ArchAdapter):
             ids = [[t for i in row for t in ([image_id] * next(counts) if i == image_id else [i])] for row in ids]
         labels = None
         if answers is not None:
-            ans = tok([a.strip() for a in answers], add_special_tokens=False)["input_ids"]
+            ans = tok([self.answer_prefix + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
             labels = [[-100] * len(p) + list(a) + [eos_id] for p, a in zip(ids, ans)]
             ids = [p + list(a) + [eos_id] for p, a in zip(ids, ans)]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id

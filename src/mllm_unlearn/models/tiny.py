@@ -260,5 +260,5 @@ def corpus_for(data, arch: str = "llava") -> list[str]:
     for s in list(data.train) + [s for items in data.splits.values() for s in items]:
         body = {"mcq": lambda: format_mcq(s.question, s.options), "cloze": lambda: format_cloze(s.question)}.get(
             s.task, lambda: s.question)()
-        texts.append(adapter.prompt(body, s.image is not None) + " " + s.answer)
+        texts.append(adapter.prompt(body, s.image is not None) + adapter.answer_prefix + s.answer)
     return texts
