@@ -4,6 +4,7 @@ UMU-Bench's protocol functions, the reader registry, and an end-to-end pass thro
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 from collections import Counter
@@ -449,3 +450,17 @@ def test_harness_scores_every_item_of_both_readers(clear: BenchmarkData, umu: Be
             assert by_id == expected, (data.name, split)
             assert all(0.0 <= r.score <= 1.0 and r.split == split for r in results)
             assert {r.metric for r in results if r.task == "mcq"} == {"letter", "lik"}
+
+
+def test_evaluate_cli_on_umu_uses_its_protocol_and_cross_modal_metrics(umu_root: Path, tmp_path: Path) -> None:
+    from mllm_unlearn.cli.main import main
+    from mllm_unlearn.data.readers import read_benchmark
+
+    model = make_tiny_model("llava", tmp_path / "tiny", corpus_for(read_benchmark("umu", umu_root)), sizes=SMALL)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--benchmark", "umu", "--model", str(model), "--data", str(umu_root),
+                 "--mcq-mode", "both", "--max-new-tokens", "4", "--name", "t", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())["t"]
+    for split in ("forget", "retain"):
+        assert 0.0 <= metrics[f"{split}_both_right"] + metrics[f"{split}_both_wrong"] <= 1.0
+    assert {"forget_vqa", "forget_qa", "retain_vqa", "real_vqa", "forget_vqa_lik"} <= metrics.keys()

@@ -49,3 +49,14 @@ def test_merge_writes_a_plain_model_equal_to_the_adapted_one(setup, tmp_path):
     batch = merged.arch.encode(merged.processor, samples, [s.question for s in samples])
     with torch.no_grad():
         assert torch.allclose(merged.model(**batch.inputs).logits, adapted(**batch.inputs).logits, atol=1e-4)
+
+
+def test_unlearn_runs_on_a_bf16_base_with_float32_adapters(setup, tmp_path):
+    root, world, _, model = setup
+    out = tmp_path / "bf16"
+    assert main(["unlearn", "--model", str(model), "--data", str(world), "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--dtype", "bf16", "--no-eval", "--cache-dir", str(tmp_path / "c")]) == 0
+    from safetensors.torch import load_file
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)

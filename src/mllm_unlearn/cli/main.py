@@ -26,6 +26,19 @@ def _read(args: argparse.Namespace):
     return read_benchmark(args.benchmark, args.data, forget=args.forget)
 
 
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _load(args: argparse.Namespace):
+    """The --model checkpoint on --device in --dtype (LoRA adapters stay float32 on a bf16 base)."""
+    import torch
+
+    from ..models.loading import load_model
+
+    return load_model(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]),
+                      trust_remote_code=args.trust_remote_code)
+
+
 def cmd_make_world(args):
     from ..data.world import WorldConfig, make_world
 
@@ -42,14 +55,13 @@ def cmd_make_tiny_model(args):
 
 
 def cmd_finetune(args):
-    from ..models.loading import load_model
     from ..train.finetune import finetune
     from ..train.loop import TrainConfig
 
     data = _read(args)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                       seed=args.seed)
-    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    lm = _load(args)
     out = finetune(lm, data.train, cfg, args.out, lora_rank=args.lora_rank, scope=args.scope,
                    checkpoint_every=args.checkpoint_every)
     print(f"wrote fine-tuned model to {out}")
@@ -57,11 +69,11 @@ def cmd_finetune(args):
 
 def cmd_evaluate(args):
     from ..evaluate.harness import EvalConfig, evaluate, markdown_table
-    from ..models.loading import load_model
 
     data = _read(args)
-    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    cfg = EvalConfig(mcq_mode=args.mcq_mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    lm = _load(args)
+    cfg = EvalConfig(mcq_mode=args.mcq_mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                     protocol="umu" if args.benchmark == "umu" else "mllmu")
     metrics = evaluate(lm, data, cfg)
     name = args.name or Path(args.model).name
     print(markdown_table({name: metrics}))
@@ -81,14 +93,13 @@ def cmd_unlearn(args):
     from ..evaluate.harness import EvalConfig, evaluate, markdown_table
     from ..experiments.continual import run_continual
     from ..methods import get_method, parse_options
-    from ..models.loading import load_model
     from ..train.unlearn import run_record, save_run, unlearn
 
     data = _read(args)
     method_cls = get_method(args.method)
     method_cfg = parse_options(method_cls.config_class, args.opt)
     cfg = _unlearn_config(args)
-    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    lm = _load(args)
     if args.tasks > 1:  # continual: the forget split becomes a sequence of requests; --out is resumable
         run_continual(lm, data, args.out, cfg, method_cfg, n_tasks=args.tasks,
                       eval_cfg=EvalConfig(mcq_mode=args.mcq_mode), replay=not args.no_replay)
@@ -112,7 +123,8 @@ def cmd_ablations(args):
     from ..experiments.ablations import run_ablations
 
     args.method = "cvf_ncu"
-    run_ablations(args.model, _read(args), args.out, _unlearn_config(args), EvalConfig(mcq_mode=args.mcq_mode))
+    run_ablations(lambda: _load(args), _read(args), args.out, _unlearn_config(args),
+                  EvalConfig(mcq_mode=args.mcq_mode))
 
 
 def cmd_demo(args):
@@ -141,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         if model:
             sp.add_argument("--model", required=True, help="local path or hub id")
             sp.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own code")
+            sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+            sp.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES),
+                            help="weights' dtype (bf16 for 7B models on a GPU)")
 
     sp = sub.add_parser("make-world", help="write the synthetic world in MLLMU-Bench's layout")
     sp.add_argument("--out", required=True)

@@ -7,7 +7,14 @@ Every item is scored on its own (:class:`ItemResult`), then aggregated into stab
   ``likelihood`` = the option whose text has the highest log-likelihood as the answer (fast, no parsing).
   With ``mcq_mode="both"`` the key holds the protocol's number and both variants are also written
   as ``{split}_{mod}_letter`` and ``{split}_{mod}_lik``.
-- ``{split}_{mod}_cloze``: cloze accuracy; ``{split}_{mod}_rougeL`` / ``_rougeL_recall``: generation.
+- ``{split}_{mod}_cloze``: cloze accuracy; ``{split}_{mod}_rougeL`` / ``_rougeL_recall``: generation
+  (CLEAR reports ROUGE-L recall on captions: ``{split}_vqa_rougeL_recall``).
+
+``protocol`` picks the benchmark's generation protocol for MCQs: ``mllmu`` (its prompt, the reply's
+letter; also used for CLEAR's name MCQ) or ``umu`` (UMU-Bench's ``Select answer in [...]`` prompt,
+the reply matched to an option's *text*, by closest string similarity on the real-world split), which
+also adds UMU's cross-modal agreement ``{split}_both_right`` / ``{split}_both_wrong`` over paired
+text-only / with-image versions of the same question.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from ..data.prompts import format_cloze, format_mcq
 from ..data.sample import SPLITS, BenchmarkData, Sample
 from ..models.loading import LoadedModel
 from .metrics import cloze_correct, parse_choice, rouge_l
+from .protocols import cross_modal, match_option_text, pair_modalities, umu_mcq_body
 
 MCQ_MODES = ("generate", "likelihood", "both")
+PROTOCOLS = ("mllmu", "umu")
 
 
 @dataclass
@@ -36,10 +45,13 @@ class EvalConfig:
     max_new_tokens: int = 50  # MLLMU-Bench generates 50 new tokens
     length_norm: bool = False  # likelihood mode: mean instead of summed log-prob per option
     splits: tuple[str, ...] = SPLITS
+    protocol: str = "mllmu"
 
     def __post_init__(self) -> None:
         if self.mcq_mode not in MCQ_MODES:
             raise ValueError(f"mcq_mode must be one of {MCQ_MODES}, not {self.mcq_mode!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {self.protocol!r}")
 
 
 @dataclass
@@ -83,10 +95,15 @@ def answer_logprobs(lm: LoadedModel, samples: Sequence[Sample], bodies: Sequence
 
 
 def _score_mcq_letter(lm, split, items, cfg) -> list[ItemResult]:
-    replies = generate(lm, items, [format_mcq(s.question, s.options) for s in items], cfg.max_new_tokens)
-    return [ItemResult(s.id, s.person, split, s.task, s.modality, "letter",
-                       float(parse_choice(r, "".join(sorted(s.options))) == s.correct), r)
-            for s, r in zip(items, replies)]
+    """The benchmark's generation protocol: MLLMU's letter, or UMU's option text."""
+    if cfg.protocol == "umu":
+        replies = generate(lm, items, [umu_mcq_body(s.question, s.options) for s in items], cfg.max_new_tokens)
+        picks = [match_option_text(r, s.options, fuzzy=split == "real") for s, r in zip(items, replies)]
+    else:
+        replies = generate(lm, items, [format_mcq(s.question, s.options) for s in items], cfg.max_new_tokens)
+        picks = [parse_choice(r, "".join(sorted(s.options))) for s, r in zip(items, replies)]
+    return [ItemResult(s.id, s.person, split, s.task, s.modality, "letter", float(p == s.correct), r)
+            for s, r, p in zip(items, replies, picks)]
 
 
 def _score_mcq_likelihood(lm, split, items, cfg) -> list[ItemResult]:
@@ -170,7 +187,24 @@ def evaluate(lm: LoadedModel, data: BenchmarkData, cfg: EvalConfig = EvalConfig(
         with open(predictions_file, "w") as fh:
             for r in results:
                 fh.write(json.dumps(asdict(r)) + "\n")
-    return summarize(results, cfg.mcq_mode)
+    metrics = summarize(results, cfg.mcq_mode)
+    if cfg.protocol == "umu":
+        metrics.update(cross_modal_metrics(results, "lik" if cfg.mcq_mode == "likelihood" else "letter"))
+    return dict(sorted(metrics.items()))
+
+
+def cross_modal_metrics(results: Iterable[ItemResult], metric: str) -> dict[str, float]:
+    """UMU-Bench's ``{split}_both_right`` / ``{split}_both_wrong`` over paired MCQ results."""
+    by_split: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in results:
+        if r.task == "mcq" and r.metric == metric:
+            by_split[r.split][r.id] = r.score
+    out = {}
+    for split, correct in by_split.items():
+        pairs = pair_modalities(correct)
+        if pairs:
+            out.update({f"{split}_{k}": v for k, v in cross_modal(pairs).items()})
+    return out
 
 
 #: columns of the readable table, in order: (metric key, header)

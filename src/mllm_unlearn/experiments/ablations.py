@@ -10,11 +10,12 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from ..data.sample import BenchmarkData
 from ..evaluate.harness import EvalConfig, evaluate, markdown_table
 from ..methods import get_method
-from ..models.loading import load_model
+from ..models.loading import LoadedModel
 from ..train.unlearn import UnlearnConfig, unlearn
 
 #: row name -> (driver overrides, CVF option overrides)
@@ -30,10 +31,11 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def run_ablations(model: str | Path, data: BenchmarkData, out_dir: str | Path, cfg: UnlearnConfig,
+def run_ablations(load: Callable[[], LoadedModel], data: BenchmarkData, out_dir: str | Path, cfg: UnlearnConfig,
                   eval_cfg: EvalConfig = EvalConfig(mcq_mode="likelihood"),
                   rows: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """Evaluate the vanilla model and every ablation row; write results.json / results.md to ``out_dir``."""
+    """Evaluate the vanilla model and every ablation row; write results.json / results.md to ``out_dir``.
+    ``load()`` returns a fresh copy of the vanilla model for each row."""
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"output folder {out} already exists; choose a new --out")
@@ -41,11 +43,11 @@ def run_ablations(model: str | Path, data: BenchmarkData, out_dir: str | Path, c
     if unknown:
         raise ValueError(f"unknown ablation row(s) {sorted(unknown)}; rows: {list(ABLATIONS)}")
     method_cls = get_method("cvf_ncu")
-    results = {"vanilla": evaluate(load_model(model), data, eval_cfg)}
+    results = {"vanilla": evaluate(load(), data, eval_cfg)}
     for name in rows or ABLATIONS:
         driver, options = ABLATIONS[name]
         run_cfg = UnlearnConfig(**{**cfg.__dict__, **driver, "method": "cvf_ncu"})
-        lm, _ = unlearn(load_model(model), data, run_cfg, method_cls.config_class(**options))
+        lm, _ = unlearn(load(), data, run_cfg, method_cls.config_class(**options))
         results[name] = evaluate(lm, data, eval_cfg)
         print(markdown_table({name: results[name]}).splitlines()[-1], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
