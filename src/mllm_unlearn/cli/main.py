@@ -61,6 +61,8 @@ def cmd_finetune(args):
     data = _read(args)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                       seed=args.seed)
+    print(f"{len(data.train)} training pairs; {cfg.steps} steps of {cfg.batch_size} = "
+          f"{cfg.steps * cfg.batch_size / len(data.train):.1f} epochs")
     lm = _load(args)
     out = finetune(lm, data.train, cfg, args.out, lora_rank=args.lora_rank, scope=args.scope,
                    checkpoint_every=args.checkpoint_every)
