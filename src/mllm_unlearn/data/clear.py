@@ -47,16 +47,12 @@ naming the file, the row (and its ``name``) and the column.
 from __future__ import annotations
 
 import random
-import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from .mllmu import _Row
+from .parquet import Row, complement, read_rows
 from .sample import BenchmarkData, DataError, ImageRef, Sample
 
 #: MMUnlearner's CLEAR question
@@ -72,7 +68,7 @@ _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclass(frozen=True)
-class _ClearRow(_Row):
+class _ClearRow(Row):
     """A CLEAR row: the person is the ``name`` column (CLEAR has no IDs)."""
 
     @property
@@ -107,10 +103,8 @@ def read_clear(root: str | Path, forget: str = "forget05", retain: str | None = 
     if not root.is_dir():
         raise DataError(f"{root}: benchmark folder not found")
     forget = forget.removesuffix("+tofu")
-    match = re.fullmatch(r"forget(\d+)", forget)
-    if match is None:
-        raise DataError(f"{root / forget}: forget config must be forgetNN (forget01, forget05, forget10)")
-    retain = (retain or f"retain{100 - int(match.group(1)):02d}").removesuffix("+tofu")
+    retain = (retain or complement(root, forget, r"forget(\d+)", "retain{:02d}",
+                                  "forgetNN: forget01, forget05, forget10")).removesuffix("+tofu")
     if n_options is not None and n_options < 2:
         raise ValueError(f"n_options must be at least 2, not {n_options}")
     for name in real:
@@ -156,27 +150,8 @@ def read_clear(root: str | Path, forget: str = "forget05", retain: str | None = 
 # ---------------------------------------------------------------- reading
 
 def _read_rows(folder: Path, required: tuple[str, ...], wanted: tuple[str, ...] = ()) -> list[_ClearRow]:
-    """The rows of every ``*.parquet`` under ``folder`` (sorted), reading only the ``required`` and
-    ``wanted`` columns; every file must have the ``required`` ones."""
-    if not folder.is_dir():
-        raise DataError(f"{folder}: config folder is missing")
-    files = sorted(p for p in folder.rglob("*.parquet") if p.is_file())
-    if not files:
-        raise DataError(f"{folder}: no parquet file in the config folder")
-    rows: list[_ClearRow] = []
-    for file in files:
-        try:
-            names = pq.read_schema(file).names
-            for column in required:
-                if column not in names:
-                    raise DataError(f"{file}: column '{column}' is missing (has {names})")
-            table = pq.read_table(file, columns=[c for c in dict.fromkeys(required + wanted) if c in names])
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{file}: not a readable parquet file ({exc})") from exc
-        rows += [_ClearRow(file, i, values) for i, values in enumerate(table.to_pylist())]
-    if not rows:
-        raise DataError(f"{folder}: config is empty (its parquet files hold no rows)")
-    return rows
+    """The rows of a CLEAR config folder, reading only the ``required`` and ``wanted`` columns."""
+    return read_rows(folder, required, wanted, row_class=_ClearRow, what="config")
 
 
 def _config_rows(root: Path, config: str) -> tuple[list[_ClearRow], list[_ClearRow]]:

@@ -21,15 +21,11 @@ Images are kept as encoded bytes (:class:`ImageRef`) and decoded only when used.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from .parquet import Row, complement, read_rows, unique_profiles
 from .sample import BenchmarkData, DataError, ImageRef, Sample
 
 #: split folders that are always part of the benchmark
@@ -52,11 +48,7 @@ def read_mllmu(root: str | Path, forget: str = "forget_10", retain: str | None =
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: benchmark folder not found")
-    if retain is None:
-        match = re.fullmatch(r"forget_(\d+)", forget)
-        if match is None:
-            raise DataError(f"{root / forget}: cannot infer the retain folder from {forget!r}; pass retain=")
-        retain = f"retain_{100 - int(match.group(1))}"
+    retain = retain or complement(root, forget)
     if train_splits is None:
         train_splits = [TRAIN_FOLDER] + ([PRETRAIN_FOLDER] if (root / PRETRAIN_FOLDER).is_dir() else [])
 
@@ -95,91 +87,16 @@ def check_images(data: BenchmarkData) -> int:
     return len(seen)
 
 
-@dataclass(frozen=True)
-class _Row:
-    """One parquet row plus where it came from, for error messages."""
-
-    file: Path
-    index: int
-    values: dict[str, Any]
-
-    @property
-    def person(self) -> str:
-        """The profile ID as text; ``""`` when the row has none (real ``ft_Data``)."""
-        ident = self.values.get("ID")
-        return "" if ident is None else str(ident)
-
-    def where(self, field: str) -> str:
-        ident = f" (ID={self.values['ID']})" if self.values.get("ID") is not None else ""
-        return f"{self.file} row {self.index}{ident} field '{field}'"
-
-    def fail(self, field: str, problem: str) -> DataError:
-        return DataError(f"{self.where(field)}: {problem}")
-
-    def need(self, container: Any, key: str, path: str, kind: type | tuple[type, ...]) -> Any:
-        """``container[key]``, which must be present, not null and of ``kind``; ``path`` names it in errors."""
-        value = container.get(key) if isinstance(container, dict) else None
-        if value is None:
-            raise self.fail(path, "missing")
-        if not isinstance(value, kind):
-            expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise self.fail(path, f"expected {expected}, got {type(value).__name__}")
-        return value
-
-    def image(self, column: str, first: bool = False) -> ImageRef:
-        """The image in ``column`` (an image struct, or with ``first`` the first of a list of them)."""
-        field = column
-        value = self.need(self.values, column, column, list if first else (dict, bytes))
-        if first:
-            field = f"{column}[0]"
-            if not value:
-                raise self.fail(column, "empty image list")
-            value = value[0]
-        data = value.get("bytes") if isinstance(value, dict) else value
-        if not data:
-            raise self.fail(field, "image bytes are missing")
-        return ImageRef(bytes(data), source=self.where(field))
-
-
-def _read_folder(folder: Path, required: tuple[str, ...]) -> list[_Row]:
-    """All rows of the parquet files in ``folder``; every file must have the ``required`` columns."""
-    if not folder.is_dir():
-        raise DataError(f"{folder}: split folder is missing")
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
-        raise DataError(f"{folder}: no parquet file in the split folder")
-    rows: list[_Row] = []
-    for file in files:
-        try:
-            table = pq.read_table(file)
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{file}: not a readable parquet file ({exc})") from exc
-        for column in required:
-            if column not in table.column_names:
-                raise DataError(f"{file}: column '{column}' is missing (has {table.column_names})")
-        rows += [_Row(file, i, values) for i, values in enumerate(table.to_pylist())]
-    if not rows:
-        raise DataError(f"{folder}: split is empty (its parquet files hold no rows)")
-    return rows
-
-
-def _read_profiles(folder: Path, image_column: str) -> list[_Row]:
+def _read_profiles(folder: Path, image_column: str) -> list[Row]:
     """Profile rows (one per person, each ID once) with their image column and task columns."""
-    rows = _read_folder(folder, (image_column, "ID", *_TASK_COLUMNS))
-    seen: set[str] = set()
-    for row in rows:
-        row.need(row.values, "ID", "ID", (int, str))
-        if row.person in seen:
-            raise row.fail("ID", f"ID occurs twice in {folder}")
-        seen.add(row.person)
-    return rows
+    return unique_profiles(read_rows(folder, (image_column, "ID", *_TASK_COLUMNS)), folder)
 
 
-def _split_samples(rows: list[_Row], folder: str) -> list[Sample]:
+def _split_samples(rows: list[Row], folder: str) -> list[Sample]:
     return [sample for row in rows for sample in _profile_samples(row, folder, row.image("image"))]
 
 
-def _profile_samples(row: _Row, folder: str, image: ImageRef) -> list[Sample]:
+def _profile_samples(row: Row, folder: str, image: ImageRef) -> list[Sample]:
     """Every task item of one profile row, as Samples."""
     samples: list[Sample] = []
     counts: dict[str, int] = {}
@@ -212,7 +129,7 @@ def _profile_samples(row: _Row, folder: str, image: ImageRef) -> list[Sample]:
     return samples
 
 
-def _modality(row: _Row, kind: str, path: str) -> str:
+def _modality(row: Row, kind: str, path: str) -> str:
     """``vqa`` for an ``Image_Textual`` item, ``qa`` for a ``Pure_Text`` one."""
     if kind not in _MODALITY:
         raise row.fail(path, f"Type {kind!r} is not one of {sorted(_MODALITY)}")
@@ -226,7 +143,7 @@ def _training_samples(folder: Path) -> list[Sample]:
     with the row's image. ``ID`` is optional too: without it the person is unknown (``""``).
     """
     samples = []
-    for number, row in enumerate(_read_folder(folder, ("image", "metadata"))):
+    for number, row in enumerate(read_rows(folder, ("image", "metadata"))):
         text = row.need(row.values, "metadata", "metadata", str)
         try:
             items = json.loads(text)

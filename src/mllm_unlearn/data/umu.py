@@ -40,10 +40,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from .mllmu import _Row
+from .parquet import Row, complement, read_rows, unique_profiles
 from .sample import BenchmarkData, DataError, ImageRef, Sample
 
 REAL_FOLDER = "real_person"
@@ -61,11 +58,7 @@ def read_umu(root: str | Path, forget: str = "forget_10", retain: str | None = N
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: benchmark folder not found")
-    if retain is None:
-        match = re.fullmatch(r"forget_(\d+)", forget)
-        if match is None:
-            raise DataError(f"{root / forget}: cannot infer the retain folder from {forget!r}; pass retain=")
-        retain = f"retain_{100 - int(match.group(1))}"
+    retain = retain or complement(root, forget)
 
     profile_columns = ("ID", "image", *TASK_COLUMNS)
     forget_rows = _read_profiles(root / forget, (*profile_columns, *QA_COLUMNS))
@@ -88,7 +81,7 @@ def read_umu(root: str | Path, forget: str = "forget_10", retain: str | None = N
     )
 
 
-def parse_literal(row: _Row, column: str) -> dict:
+def parse_literal(row: Row, column: str) -> dict:
     """The dict literal held in ``column`` of ``row``, parsed with :func:`ast.literal_eval` only."""
     text = row.values.get(column)
     if isinstance(text, dict):  # already structured (not the published schema, but harmless)
@@ -107,33 +100,9 @@ def parse_literal(row: _Row, column: str) -> dict:
 
 # ---------------------------------------------------------------- reading
 
-def _read_profiles(folder: Path, required: tuple[str, ...]) -> list[_Row]:
+def _read_profiles(folder: Path, required: tuple[str, ...]) -> list[Row]:
     """One row per profile (each ID once) from every ``*.parquet`` under ``folder``."""
-    if not folder.is_dir():
-        raise DataError(f"{folder}: split folder is missing")
-    files = sorted(p for p in folder.rglob("*.parquet") if p.is_file())
-    if not files:
-        raise DataError(f"{folder}: no parquet file in the split folder")
-    rows: list[_Row] = []
-    for file in files:
-        try:
-            names = pq.read_schema(file).names
-            for column in required:
-                if column not in names:
-                    raise DataError(f"{file}: column '{column}' is missing (has {names})")
-            table = pq.read_table(file, columns=list(required))
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{file}: not a readable parquet file ({exc})") from exc
-        rows += [_Row(file, i, values) for i, values in enumerate(table.to_pylist())]
-    if not rows:
-        raise DataError(f"{folder}: split is empty (its parquet files hold no rows)")
-    seen: set[str] = set()
-    for row in rows:
-        row.need(row.values, "ID", "ID", (int, str))
-        if row.person in seen:
-            raise row.fail("ID", f"ID occurs twice in {folder}")
-        seen.add(row.person)
-    return rows
+    return unique_profiles(read_rows(folder, required, wanted=()), folder)
 
 
 def _get(container: dict, key: Any) -> Any:
@@ -145,7 +114,7 @@ def _get(container: dict, key: Any) -> Any:
     return next((v for k, v in container.items() if isinstance(k, str) and k.lower() == key.lower()), None)
 
 
-def _text(row: _Row, container: Any, key: Any, path: str) -> str:
+def _text(row: Row, container: Any, key: Any, path: str) -> str:
     value = _get(container, key) if isinstance(container, dict) else None
     if value is None:
         raise row.fail(path, "missing")
@@ -158,7 +127,7 @@ def _text(row: _Row, container: Any, key: Any, path: str) -> str:
 
 # ---------------------------------------------------------------- items
 
-def _training_pairs(row: _Row, folder: str) -> list[Sample]:
+def _training_pairs(row: Row, folder: str) -> list[Sample]:
     pairs = []
     image = row.image("image")
     for column, modality in QA_COLUMNS.items():
@@ -179,7 +148,7 @@ def _training_pairs(row: _Row, folder: str) -> list[Sample]:
     return pairs
 
 
-def _options(row: _Row, value: Any, path: str) -> dict[str, str]:
+def _options(row: Row, value: Any, path: str) -> dict[str, str]:
     if isinstance(value, (list, tuple)):
         value = dict(zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", value))
     if not isinstance(value, dict) or not value:
@@ -196,7 +165,7 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split()).strip(" .")
 
 
-def _resolve_answer(row: _Row, answer: str, options: dict[str, str], path: str) -> tuple[str, str]:
+def _resolve_answer(row: Row, answer: str, options: dict[str, str], path: str) -> tuple[str, str]:
     """(letter, option text) of an MCQ answer such as ``"B. text"``, ``"B"`` or the option's text."""
     by_text = [letter for letter, text in options.items() if _norm(text) == _norm(answer)]
     if len(by_text) == 1:  # first: an option's own text ("D. Smith" can be a name, not option D)
@@ -207,7 +176,7 @@ def _resolve_answer(row: _Row, answer: str, options: dict[str, str], path: str) 
     raise row.fail(path, f"{answer!r} names none of the options {sorted(options)}")
 
 
-def _profile_items(row: _Row, folder: str) -> list[Sample]:
+def _profile_items(row: Row, folder: str) -> list[Sample]:
     """Every Classify / Cloze / Generation item of one profile row."""
     image: ImageRef = row.image("image")
     samples = []
