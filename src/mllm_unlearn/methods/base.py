@@ -18,6 +18,7 @@ import torch
 from ..data.sample import Sample
 from ..models.loading import LoadedModel
 from ..nullspace import reference_model
+from ..train.distributed import shard, total, world_size
 from ..train.loop import batches
 
 _METHODS: dict[str, type["UnlearningMethod"]] = {}
@@ -70,14 +71,15 @@ class UnlearnContext:
 
     def stream(self, name: str, items: Callable[[], Sequence[Sample]], batch_size: int | None = None) -> list[Sample]:
         """The next batch of a named endless stream (created on first use, seeded by name and seed;
-        ``zlib.crc32``, not the per-process salted ``hash``, so the same seed gives the same batches)."""
+        ``zlib.crc32``, not the per-process salted ``hash``, so the same seed gives the same batches).
+        With several processes each gets its shard of that same batch (``train.distributed.shard``)."""
         if name not in self._streams:
             pool = list(items())
             if not pool:
                 raise ValueError(f"stream {name!r} has no samples")
             self._streams[name] = batches(pool, min(batch_size or self.batch_size, len(pool)),
                                           zlib.crc32(name.encode()) % 10_000 + self.seed)
-        return next(self._streams[name])
+        return shard(next(self._streams[name]))
 
     # -- common quantities ---------------------------------------------------------------------
     def nll(self, samples: Sequence[Sample], *, reduction: str = "mean") -> torch.Tensor:
@@ -87,8 +89,8 @@ class UnlearnContext:
                                [s.answer for s in samples]).to(lm.model.device)
         logits, targets, rows = lm.arch.answer_logits(lm.model, batch)
         tok = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-        if reduction == "mean":
-            return tok.mean()
+        if reduction == "mean":  # several processes: over the answer tokens of the GLOBAL batch
+            return tok.mean() if world_size() == 1 else tok.sum() * world_size() / total(tok.numel())
         return torch.zeros(len(samples), device=tok.device).index_add(0, rows, tok)
 
     def visual_tokens(self, samples: Sequence[Sample], *, reference: bool = False) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..train.distributed import gather
 from .base import UnlearnContext, UnlearningMethod, distinct_images, register
 from .losses import cvf_loss, cvf_pull, cvf_push, nmse_push, pool, retention_mse, total_loss
 
@@ -111,12 +112,13 @@ class CVFNCU(UnlearningMethod):
         h_ru = ctx.visual_tokens(retain)  # Eq. 8
         h_rr = ctx.visual_tokens(retain, reference=True)
         # anchor p_r^a: mean reference IVR of the retain batch (per position at token level)
-        anchor = pool(h_rr).mean(0) if cfg.level == "pooled" else h_rr.mean(0).repeat(len(forget), 1)
+        h_rr_all = gather(h_rr)  # the whole retain batch's (several processes: every shard, in rank order)
+        anchor = pool(h_rr_all).mean(0) if cfg.level == "pooled" else h_rr_all.mean(0).repeat(len(forget), 1)
         zero = z_fu.new_zeros(())
         logs: dict[str, float] = {}
 
         if cfg.queue_source == "forget":
-            self._enqueue(z_fr - self.center)
+            self._enqueue(gather(z_fr) - self.center)
         if cfg.push == "cvf":
             push = cvf_push(z_fu - self.center, z_fr - self.center, self.queue, cfg.tau)
         elif cfg.push == "nmse":
@@ -127,7 +129,7 @@ class CVFNCU(UnlearningMethod):
         ret = retention_mse(h_ru, h_rr) if cfg.ret else zero
         gum = ctx.nll(retain) if cfg.gum else zero
         if cfg.queue_source == "retain":
-            z_rr = self._ivr(h_rr)
+            z_rr = self._ivr(h_rr_all)
             keep = torch.randperm(len(z_rr))[: max(1, self.cfg.queue_size // 4)]  # fresh, varied negatives
             self._enqueue(z_rr[keep] - self.center)
 

@@ -8,6 +8,10 @@ saved model, so the vanilla model is a plain checkpoint again.
 
 Output is written to ``<out>.partial/`` (checkpoints, ``log.jsonl``) and moved to ``<out>`` only when
 complete; an interrupted run resumes from its last checkpoint.
+
+Several processes (``accelerate launch``): each trains on its shard of every global batch, only the
+main process writes (checkpoints, log, the final model); every process reads the checkpoint it resumes
+from, so the output folder must be on a file system they share.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.sample import Sample
 from ..models.loading import LoadedModel
+from . import distributed
 from .loop import TrainConfig, batches, run, seed_everything
 
 WEIGHTS_FILE = "model.safetensors"
@@ -30,10 +35,17 @@ STATE_FILE = "trainer_state.pt"  # optimizer state, step, RNG: tensors and numbe
 
 
 def nll_loss(lm: LoadedModel, samples: Sequence[Sample]) -> torch.Tensor:
-    """Mean answer-token negative log-likelihood of a batch of training pairs."""
+    """Mean answer-token negative log-likelihood of a batch of training pairs.
+
+    With several processes ``samples`` is this process's shard: its token sum is divided by the
+    answer-token count of the GLOBAL batch, times the number of processes, so that DDP's average is
+    the global batch's token mean (shards hold different numbers of answer tokens)."""
     batch = lm.arch.encode(lm.processor, samples, [s.question for s in samples], [s.answer for s in samples])
     logits, targets, _ = lm.arch.answer_logits(lm.model, batch.to(lm.model.device))
-    return torch.nn.functional.cross_entropy(logits.float(), targets)
+    if distributed.world_size() == 1:
+        return torch.nn.functional.cross_entropy(logits.float(), targets)
+    token_sum = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return token_sum * distributed.world_size() / distributed.total(targets.numel())
 
 
 def _latest_checkpoint(work: Path) -> Path | None:
@@ -49,11 +61,15 @@ def finetune(lm: LoadedModel, train: Sequence[Sample], cfg: TrainConfig, out_dir
         raise FileExistsError(f"output folder {out} already exists; choose a new --out")
     if not train:
         raise ValueError("the training set is empty")
+    if distributed.sharded() and (lora_rank > 0 or checkpoint_every):  # ZeRO-3 / FSDP (untested)
+        raise ValueError("with sharded parameters (ZeRO-3 / FSDP) finetune supports neither --lora-rank "
+                         "(merging into sharded weights) nor checkpoints (pass --checkpoint-every 0); "
+                         "use a DDP or ZeRO-2 config for those")
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
 
-    model = lm.model
+    model = distributed.place(lm.model)
     pattern = lm.arch.scope_pattern(scope)
     if lora_rank > 0:
         from peft import LoraConfig, get_peft_model
@@ -83,34 +99,41 @@ def finetune(lm: LoadedModel, train: Sequence[Sample], cfg: TrainConfig, out_dir
     work_lm = LoadedModel(model, lm.processor, lm.arch)
 
     def loss_fn(step: int):
-        return nll_loss(work_lm, next(data)), {}
+        return nll_loss(work_lm, distributed.shard(next(data))), {}
+
+    def save_checkpoint(path: Path, step: int, opt: torch.optim.Optimizer) -> None:
+        path.mkdir(exist_ok=True)
+        trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, path / WEIGHTS_FILE)
+        torch.save({"optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
+                   path / STATE_FILE)
+        for old in work.glob("checkpoint-*"):
+            if old != path:
+                shutil.rmtree(old)
 
     def on_step(step: int, opt: torch.optim.Optimizer) -> None:
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
-            path = work / f"checkpoint-{step + 1}"
-            path.mkdir(exist_ok=True)
-            trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(trained, path / WEIGHTS_FILE)
-            torch.save({"optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
-                       path / STATE_FILE)
-            for old in work.glob("checkpoint-*"):
-                if old != path:
-                    shutil.rmtree(old)
+            distributed.on_main(save_checkpoint, work / f"checkpoint-{step + 1}", step, opt)
 
     run(params, loss_fn, cfg, desc="finetune", log_file=work / "log.jsonl", start_step=start,
-        optimizer=optimizer, on_step=on_step)
+        optimizer=optimizer, on_step=on_step, model=model)
 
     model.eval()
+    state = distributed.full_state_dict(model)  # None unless parameters are sharded (ZeRO-3, FSDP)
     if lora_rank > 0:
         model = model.merge_and_unload()
-    final = work / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    model.save_pretrained(final)
-    lm.processor.save_pretrained(final)
-    (final / "finetune_config.json").write_text(json.dumps(
-        {**asdict(cfg), "lora_rank": lora_rank, "scope": scope, "n_train": len(train)}, indent=2))
-    shutil.copy(work / "log.jsonl", final / "log.jsonl")
-    final.rename(out)
-    shutil.rmtree(work)
+
+    def save_final() -> None:
+        final = work / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        model.save_pretrained(final, state_dict=state)
+        lm.processor.save_pretrained(final)
+        (final / "finetune_config.json").write_text(json.dumps(
+            {**asdict(cfg), "lora_rank": lora_rank, "scope": scope, "n_train": len(train)}, indent=2))
+        shutil.copy(work / "log.jsonl", final / "log.jsonl")
+        final.rename(out)
+        shutil.rmtree(work)
+
+    distributed.on_main(save_final)  # the main process writes; the others wait for it
     lm.model = model
     return out

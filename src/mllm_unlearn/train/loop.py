@@ -3,6 +3,11 @@
 The loop knows nothing about data or methods: each step it calls ``loss_fn(step)``, which fetches its
 own batches and returns ``(loss, logs)``. Fine-tuning, every unlearning method and every baseline run
 through this same loop.
+
+Several processes (``accelerate launch``, see :mod:`mllm_unlearn.train.distributed`): every process
+draws the same global batch and its loss function uses only its shard of it; the step runs as one
+forward of the accelerate-prepared model, gradients are averaged, and every process takes the same
+update. Only the main process shows progress and writes the log. One process: nothing changes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from . import distributed
 
 T = TypeVar("T")
 
@@ -82,36 +89,51 @@ def batches(items: Sequence[T], batch_size: int, seed: int, start_step: int = 0,
 def run(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], tuple[torch.Tensor, dict]],
         cfg: TrainConfig, *, desc: str = "train", log_file: Path | None = None, start_step: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
-        on_step: Callable[[int, torch.optim.Optimizer], None] | None = None) -> list[dict]:
+        on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+        model: torch.nn.Module | None = None) -> list[dict]:
     """Optimise ``params`` for ``cfg.steps`` steps with AdamW; returns the logged rows.
 
     A non-finite loss stops the run with an error naming the step (nothing is saved by the loop).
     ``on_step(step, optimizer)`` runs after each update (checkpointing, evaluation).
+
+    ``model``, the module that owns ``params``, is needed with several processes: it is prepared
+    (DDP, DeepSpeed, FSDP) together with the optimiser, and each step's ``loss_fn`` runs inside its
+    forward. Logged losses and terms are then averaged over the processes, i.e. those of the global
+    batch, and every process checks that loss, so all stop together on a NaN.
     """
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check the update scope / target modules")
     opt = optimizer or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    compute = loss_fn
+    if distributed.active():
+        if model is None:
+            raise ValueError(f"{desc}: training on several processes needs run(..., model=...)")
+        step_module, opt = distributed.prepare(model, opt)
+        compute = lambda step: step_module(loss_fn, step)  # noqa: E731
+    main = distributed.is_main()
     history: list[dict] = []
-    bar = tqdm(range(start_step, cfg.steps), desc=desc, initial=start_step, total=cfg.steps, dynamic_ncols=True)
+    bar = tqdm(range(start_step, cfg.steps), desc=desc, initial=start_step, total=cfg.steps, dynamic_ncols=True,
+               disable=not main)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)
-        loss, logs = loss_fn(step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step} (terms: {logs}); "
+        loss, logs = compute(step)
+        global_loss = distributed.mean(loss.detach())  # NaN on every process if NaN on any
+        if not torch.isfinite(global_loss):
+            raise FloatingPointError(f"{desc}: loss is {global_loss.item()} at step {step} (terms: {logs}); "
                                      "lower the learning rate or check the data")
-        loss.backward()
+        distributed.backward(loss)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            distributed.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            row = {"step": step, "lr": opt.param_groups[0]["lr"], "loss": loss.item(),
-                   **{k: float(v) for k, v in logs.items()}}
+            row = {"step": step, "lr": opt.param_groups[0]["lr"], "loss": global_loss.item(),
+                   **{k: float(v) for k, v in distributed.mean_logs(logs).items()}}
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if log_file is not None:
+            if log_file is not None and main:
                 with open(log_file, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
         if on_step is not None:

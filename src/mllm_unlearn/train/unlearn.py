@@ -3,6 +3,10 @@
 One forget request (static unlearning) is :func:`unlearn`. Continual unlearning (Sec. 4.4) calls
 :func:`attach_adapters` once — A is calibrated on the retain set and frozen for good — and then
 :func:`unlearn_stage` once per request, B carrying over from one request to the next.
+
+Several processes (``accelerate launch``, :mod:`mllm_unlearn.train.distributed`): calibration and
+the frozen A are done on every process before anything is prepared (A then broadcast from the main
+process), each process trains on its shard of every batch, and only the main process writes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..nullspace import (
     trainable_parameters,
     unused_layers,
 )
+from . import distributed
 from .loop import TrainConfig, run, seed_everything
 
 
@@ -77,7 +82,15 @@ def attach_adapters(lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfi
     Calibration (Eq. 12-13) runs once over the retain set: its images for a visual scope (only the
     vision tower and projector run), its training pairs for the LLM. Covariances are cached on disk,
     keyed by model + data + layer, so the next run with the same model and retain set reuses them.
+
+    Several processes: every process calibrates on the same retain data (no process holds data the
+    others lack, and nothing of size d x d per layer is sent); with a cache the main process goes
+    first and the others read its entries. A is then broadcast from the main process: the null-space
+    basis is an eigenbasis of near-zero, near-degenerate eigenvalues, which last-bit differences
+    between devices could rotate, and a frozen A is no DDP parameter that DDP would keep in sync.
+    All of this happens before ``accelerator.prepare`` (in the training loop), as ZeRO-3 / FSDP need.
     """
+    distributed.place(lm.model)
     scope = cfg.scope or method.default_scope
     subspace = cfg.subspace or method.default_subspace
     pattern = lm.arch.scope_pattern(scope)
@@ -103,15 +116,18 @@ def attach_adapters(lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfi
         model_id = str(getattr(lm.model, "name_or_path", "") or lm.model.config._name_or_path)
         cache_root = cfg.cache_dir or (Path(model_id) / ".ncu_cache" if Path(model_id).is_dir() else None)
         if cache_root is not None:
-            covariances = cached_covariances(lm.model, names, inputs, cache=CovarianceCache(cache_root),
-                                             model_id=model_id, data_fingerprint=fingerprint_samples(fingerprint_items),
-                                             forward=forward)
+            with distributed.main_first():
+                covariances = cached_covariances(lm.model, names, inputs, cache=CovarianceCache(cache_root),
+                                                 model_id=model_id,
+                                                 data_fingerprint=fingerprint_samples(fingerprint_items),
+                                                 forward=forward)
         else:
             covariances = collect_covariances(lm.model, names, inputs, forward=forward)
     ncu = NCUConfig(rank=cfg.rank, alpha=cfg.lora_alpha, subspace=subspace, seed=cfg.seed)
     for p in lm.model.parameters():
         p.requires_grad_(False)
     model = attach_lora(lm.model, pattern, ncu, covariances, exclude=exclude)
+    distributed.broadcast_(p for n, p in model.named_parameters() if "lora_A" in n)
     return LoadedModel(model, lm.processor, lm.arch)
 
 
@@ -132,7 +148,7 @@ def unlearn_stage(lm: LoadedModel, method: UnlearningMethod, forget: Sequence[Sa
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr or method.default_lr, batch_size=cfg.batch_size,
                             warmup=cfg.warmup, grad_clip=cfg.grad_clip, seed=cfg.seed, log_every=10)
     history = run(trainable_parameters(lm.model), lambda step: method.loss(ctx, step), train_cfg,
-                  desc=desc or f"unlearn[{method.name}]", log_file=log_file)
+                  desc=desc or f"unlearn[{method.name}]", log_file=log_file, model=lm.model)
     lm.model.eval()
     return history
 
@@ -141,24 +157,37 @@ def save_run(lm: LoadedModel, out_dir: str | Path, record: dict, *, merge: bool 
     """Write the PEFT adapter (``adapter/``), ``run.json`` and optionally a merged model, atomically.
 
     Methods that edit base weights instead of training adapters (MANU's pruning) are only carried
-    by the merged model: callers pass ``merge=True`` for them."""
+    by the merged model: callers pass ``merge=True`` for them.
+
+    Several processes: only the main process writes, the others wait for it (and fail with it);
+    every process ends with the same ``lm`` (merged on each when ``merge``)."""
     out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"output folder {out} already exists; choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        lm.model.save_pretrained(tmp / "adapter")
-        (tmp / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-        if merge:
-            merged = lm.model.merge_and_unload()
-            merged.save_pretrained(tmp / "merged")
-            lm.processor.save_pretrained(tmp / "merged")
-            lm.model = merged
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    state = distributed.full_state_dict(lm.model)  # None unless parameters are sharded (ZeRO-3, FSDP)
+    if merge and state is not None:
+        raise ValueError("--merge is not supported with sharded parameters (ZeRO-3 / FSDP): merge the "
+                         "saved adapter afterwards, or use a DDP / ZeRO-2 config")
+
+    def write() -> None:
+        if out.exists():
+            raise FileExistsError(f"output folder {out} already exists; choose a new --out")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            lm.model.save_pretrained(tmp / "adapter", state_dict=state)
+            (tmp / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+            if merge:
+                merged = lm.model.merge_and_unload()
+                merged.save_pretrained(tmp / "merged")
+                lm.processor.save_pretrained(tmp / "merged")
+                lm.model = merged
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    distributed.on_main(write)
+    if merge and not distributed.is_main():
+        lm.model = lm.model.merge_and_unload()
     return out
 
 
