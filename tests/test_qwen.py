@@ -211,3 +211,19 @@ def test_cvf_ncu_end_to_end_keeps_text_bit_identical_and_A_frozen(qmodel, tmp_pa
     results = score_items(adapted, "forget", picked, EvalConfig(mcq_mode="both", max_new_tokens=6, batch_size=4))
     assert {r.modality for r in results} == {"vqa", "qa"} and all(0 <= r.score <= 1 for r in results)
     assert {r.metric for r in results} >= {"letter", "lik"}
+
+
+def test_images_of_different_sizes_need_and_get_one_square_size(qmodel):
+    arch, path, _ = qmodel
+    buf = io.BytesIO()  # a wide photo: Qwen keeps aspect ratios, so its token grid differs from a square's
+    Image.new("RGB", (3 * QSIZES.image_size, QSIZES.image_size), (30, 30, 200)).save(buf, format="PNG")
+    wide = ImageRef(buf.getvalue(), "wide test image")
+    items = [samples()[0], Sample("v3", "3", "qa", "vqa", "Who is this?", "Cy", wide)]
+    lm = load_model(path)
+    inputs = lm.arch.encode(lm.processor, items, [""] * 2).inputs
+    with torch.no_grad(), pytest.raises(ValueError, match="--image-size"):
+        lm.arch.image_features(lm.model, inputs)
+    fixed = load_model(path, image_size=QSIZES.image_size)
+    inputs = fixed.arch.encode(fixed.processor, items, [""] * 2).inputs
+    with torch.no_grad():
+        assert fixed.arch.image_features(fixed.model, inputs).shape == (2, TOKENS, QSIZES.text_hidden)

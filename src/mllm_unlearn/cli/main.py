@@ -36,7 +36,7 @@ def _load(args: argparse.Namespace):
     from ..models.loading import load_model
 
     return load_model(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]),
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, image_size=args.image_size)
 
 
 def cmd_make_world(args):
@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
             sp.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES),
                             help="weights' dtype (bf16 for 7B models on a GPU)")
+            sp.add_argument("--image-size", type=int, default=None,
+                            help="Qwen2-VL/2.5-VL: resize images to this square (e.g. 448) so that every image "
+                                 "gives the same number of visual tokens, as CVF-NCU needs")
 
     sp = sub.add_parser("make-world", help="write the synthetic world in MLLMU-Bench's layout")
     sp.add_argument("--out", required=True)

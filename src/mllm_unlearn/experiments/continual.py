@@ -26,6 +26,7 @@ from ..data.sample import BenchmarkData
 from ..evaluate.harness import EvalConfig, score_items, summarize
 from ..methods.base import get_method
 from ..models.loading import LoadedModel
+from ..train import distributed
 from ..train.unlearn import UnlearnConfig, attach_adapters, split_people, unlearn_stage
 
 MATRIX_FILE = "matrix.json"
@@ -97,6 +98,19 @@ def plot(matrix: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def _save_stage(lm: LoadedModel, stage_dir: Path, state: dict[str, Any], state_file: Path) -> None:
+    """A completed stage: its adapter, then the progress file (atomically) that resuming reads."""
+    lm.model.save_pretrained(stage_dir)
+    tmp = state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(state_file)
+
+
+def _save_final(state: dict[str, Any], out: Path) -> None:
+    (out / MATRIX_FILE).write_text(json.dumps(state, indent=2))
+    plot(state, out)
+
+
 def run_continual(lm: LoadedModel, data: BenchmarkData, out_dir: str | Path, cfg: UnlearnConfig,
                   method_cfg: Any = None, *, n_tasks: int = 5, eval_cfg: EvalConfig | None = None,
                   replay: bool = True) -> dict[str, Any]:
@@ -130,14 +144,10 @@ def run_continual(lm: LoadedModel, data: BenchmarkData, out_dir: str | Path, cfg
         method = method_cls(method_cfg)
         unlearn_stage(lm, method, forget, retain, cfg, desc=f"stage {t + 1}/{n_tasks}")
         metrics = _stage_metrics(lm, data, tasks, eval_cfg)
-        stage_dir = out / f"stage-{t + 1}"
-        lm.model.save_pretrained(stage_dir)
         state["stages"].append(metrics)
-        tmp = state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(state_file)
-        print(f"stage {t + 1}: forget VQA per task {[round(v, 2) for v in metrics['forget_vqa_per_task']]}, "
-              f"retain VQA {metrics['retain_vqa']:.3f}, real VQA {metrics['real_vqa']:.3f}")
-    (out / MATRIX_FILE).write_text(json.dumps(state, indent=2))
-    plot(state, out)
+        distributed.on_main(_save_stage, lm, out / f"stage-{t + 1}", state, state_file)
+        distributed.print(f"stage {t + 1}: forget VQA per task "
+                          f"{[round(v, 2) for v in metrics['forget_vqa_per_task']]}, "
+                          f"retain VQA {metrics['retain_vqa']:.3f}, real VQA {metrics['real_vqa']:.3f}")
+    distributed.on_main(_save_final, state, out)
     return state

@@ -19,10 +19,13 @@ class LoadedModel:
 
 
 def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedModel:
+               dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+               image_size: int | None = None) -> LoadedModel:
     """Load model and processor with ``from_pretrained``, picking the adapter by ``model_type``.
 
-    Weights are read from safetensors only; remote code is never run unless asked for.
+    Weights are read from safetensors only; remote code is never run unless asked for. ``image_size``
+    (Qwen2-VL / Qwen2.5-VL) resizes every image to that square, so that images of different sizes
+    give the same number of visual tokens (LLaVA's processor always does this).
     """
     from transformers import AutoConfig
 
@@ -31,6 +34,8 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu",
     model = arch.model_class().from_pretrained(
         str(path_or_id), dtype=dtype or torch.float32, use_safetensors=True,
         trust_remote_code=trust_remote_code)
-    processor = arch.processor_class().from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+    extra = {"image_size": image_size} if image_size else {}
+    processor = arch.processor_class().from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code,
+                                                       **extra)
     processor.tokenizer.padding_side = "right"
     return LoadedModel(model.to(device), processor, arch)

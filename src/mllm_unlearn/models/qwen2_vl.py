@@ -53,18 +53,22 @@ class QwenVLProcessor:
     the chat template, ``preprocessor_config.json``), so a folder it writes is a normal checkpoint.
     """
 
-    def __init__(self, image_processor: Any, tokenizer: Any) -> None:
+    def __init__(self, image_processor: Any, tokenizer: Any, image_size: int | None = None) -> None:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
+        #: resize every image to this square first (None: Qwen's native, size-dependent resolution).
+        #: Token-level CVF and the calibration batches need every image to give the same token grid.
+        self.image_size = image_size
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, **kwargs: Any) -> "QwenVLProcessor":
+    def from_pretrained(cls, path_or_id: str | Path, image_size: int | None = None,
+                        **kwargs: Any) -> "QwenVLProcessor":
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path_or_id), **kwargs)
         kwargs.pop("trust_remote_code", None)
         image_processor = image_processor_class().from_pretrained(str(path_or_id), **kwargs)
-        return cls(image_processor, tokenizer)
+        return cls(image_processor, tokenizer, image_size)
 
     def save_pretrained(self, out_dir: str | Path, **kwargs: Any) -> list[str]:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -140,6 +144,9 @@ class QwenVLAdapter(ArchAdapter):
                 raise ValueError(f"sample {s.id}: its prompt holds {row.count(image_id)} {IMAGE_PAD} tokens, "
                                  f"expected {expected} (does the question text contain {IMAGE_PAD}?)")
         images = [s.image.load() for s in samples if s.image is not None]
+        side = getattr(processor, "image_size", None)
+        if side:
+            images = [img.resize((side, side)) for img in images]
         pixel = {}
         if images:
             ip = processor.image_processor
@@ -174,8 +181,8 @@ class QwenVLAdapter(ArchAdapter):
         if len(lengths) > 1:
             raise ValueError(
                 f"images of different sizes in one batch give different numbers of visual tokens {lengths} "
-                f"(patch grids t,h,w: {grid.tolist()}); per-image features stack only for equal sizes: resize "
-                "the images to one size, or fix the processor's size (shortest_edge == longest_edge pixels)")
+                f"(patch grids t,h,w: {grid.tolist()}); per-image features stack only for equal sizes: load the "
+                "model with image_size=N (CLI: --image-size N) to resize every image to one square")
         return torch.stack(list(per_image))
 
     def image_features(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
