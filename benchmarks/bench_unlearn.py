@@ -59,11 +59,11 @@ def measure(args: argparse.Namespace) -> dict:
     if args.what == "cvf_ncu":
         method = get_method("cvf_ncu")()
         method.setup(ctx)
-        loss_fn = lambda step: method.loss(ctx, step)[0]  # noqa: E731
+        loss_fn = lambda step: method.loss(ctx, step)[0]
     else:  # the plain step: retain answer NLL on a batch as large as CVF's retain batch
         size = CVFConfig().retain_batch_size
         retain_vqa = [s for s in retain if s.image is not None]
-        loss_fn = lambda step: ctx.nll(ctx.stream("retain_vqa", lambda: retain_vqa, size))  # noqa: E731
+        loss_fn = lambda step: ctx.nll(ctx.stream("retain_vqa", lambda: retain_vqa, size))
     opt = torch.optim.AdamW(trainable_parameters(lm.model), lr=1e-3)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -192,7 +192,7 @@ def test_scope_leaves_everything_outside_it_bit_identical(setup, scope, frozen):
     base = lm.model.get_base_model()
     outside = [n for n in before if any(f".{part}" in f".{n}" for part in frozen)]
     assert outside
-    for n, p in base.named_parameters():
+    for n, _ in base.named_parameters():
         if any(f".{part}" in f".{n}" for part in frozen):
             assert "lora_" not in n, n  # no adapter outside the scope
     current = {n.replace(".base_layer", ""): p for n, p in base.named_parameters() if "lora_" not in n}

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from mllm_unlearn.cli.main import main
-from mllm_unlearn.train import distributed
+from mllm_unlearn.runtime import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "cpu_ddp_2proc.yaml"

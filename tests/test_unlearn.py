@@ -11,10 +11,11 @@ from peft import PeftModel
 from mllm_unlearn.cli.main import main
 from mllm_unlearn.data.sample import DataError
 from mllm_unlearn.experiments.continual import run_continual
-from mllm_unlearn.methods import get_method, parse_options
+from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import UnlearnContext, distinct_images
 from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.nullspace import lora_A_weights
+from mllm_unlearn.runtime.options import parse_options
 from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people, unlearn_stage
 
 FAST = dict(steps=6, batch_size=4, warmup=1)

@@ -94,7 +94,8 @@ def _unlearn_config(args: argparse.Namespace):
 def cmd_unlearn(args):
     from ..evaluate.harness import EvalConfig, evaluate, markdown_table
     from ..experiments.continual import run_continual
-    from ..methods import get_method, parse_options
+    from ..methods import get_method
+    from ..runtime.options import parse_options
     from ..train.unlearn import run_record, save_run, unlearn
 
     data = _read(args)

@@ -122,7 +122,7 @@ def read_clear(root: str | Path, forget: str = "forget05", retain: str | None = 
     mcq = _NameMCQ(perturbed, everyone, seed, n_options)
 
     forget_items, test_items = [], []
-    for person, rows in forget_people.items():
+    for rows in forget_people.values():
         forget_items += _image_items(rows[0], forget, 0, mcq)
         for k, row in enumerate(_cap(rows[1:], images_per_person), start=1):
             test_items += _image_items(row, forget, k, mcq)

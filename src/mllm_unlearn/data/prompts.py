@@ -7,7 +7,7 @@ The MCQ body is MLLMU-Bench's evaluation prompt, letter for letter.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 MCQ_INSTRUCTION = "Just give ONE letter representing the answer directly."
 CLOZE_INSTRUCTION = "Fill in the blank (__) with the missing words only."

@@ -9,8 +9,8 @@ or *without* it (QA: probes textual knowledge) is its ``modality``.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from PIL import Image, UnidentifiedImageError
 
@@ -73,7 +73,7 @@ class Sample:
         if self.task == "mcq" and (not self.options or self.correct not in self.options):
             raise DataError(f"sample {self.id}: MCQ needs options and a correct letter among them")
 
-    def without_image(self) -> "Sample":
+    def without_image(self) -> Sample:
         """The same question asked text-only."""
         return Sample(self.id, self.person, self.task, "qa", self.question, self.answer, None,
                       self.options, self.correct)

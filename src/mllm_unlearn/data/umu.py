@@ -154,7 +154,7 @@ def _options(row: Row, value: Any, path: str) -> dict[str, str]:
     if not isinstance(value, dict) or not value:
         raise row.fail(path, "missing" if value is None else f"expected a dict of options, got {type(value).__name__}")
     options = {}
-    for letter, text in value.items():
+    for letter in value:
         if not isinstance(letter, str) or not re.fullmatch(r"[A-Za-z]", letter.strip()):
             raise row.fail(path, f"option key {letter!r} is not a letter")
         options[letter.strip().upper()] = _text(row, value, letter, f"{path}.{letter}")

@@ -32,7 +32,7 @@ def parse_choice(reply: str, letters: str = "ABCD") -> str | None:
 
 def cloze_correct(reply: str, gold: str) -> bool:
     """MLLMU-Bench's cloze rule: the gold words appear in the reply (case- and space-insensitive)."""
-    norm = lambda s: " ".join(s.lower().split())  # noqa: E731
+    norm = lambda s: " ".join(s.lower().split())
     return bool(norm(gold)) and norm(gold) in norm(reply)
 
 

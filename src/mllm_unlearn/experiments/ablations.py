@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..data.sample import BenchmarkData
 from ..evaluate.harness import EvalConfig, evaluate, markdown_table

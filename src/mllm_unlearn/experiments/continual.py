@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..data.sample import BenchmarkData
 from ..evaluate.harness import EvalConfig, score_items, summarize
 from ..methods.base import get_method
 from ..models.loading import LoadedModel
-from ..train import distributed
+from ..runtime import distributed
 from ..train.unlearn import UnlearnConfig, attach_adapters, split_people, unlearn_stage
 
 MATRIX_FILE = "matrix.json"
@@ -146,7 +147,7 @@ def run_continual(lm: LoadedModel, data: BenchmarkData, out_dir: str | Path, cfg
         metrics = _stage_metrics(lm, data, tasks, eval_cfg)
         state["stages"].append(metrics)
         distributed.on_main(_save_stage, lm, out / f"stage-{t + 1}", state, state_file)
-        distributed.print(f"stage {t + 1}: forget VQA per task "
+        distributed.main_print(f"stage {t + 1}: forget VQA per task "
                           f"{[round(v, 2) for v in metrics['forget_vqa_per_task']]}, "
                           f"retain VQA {metrics['retain_vqa']:.3f}, real VQA {metrics['real_vqa']:.3f}")
     distributed.on_main(_save_final, state, out)

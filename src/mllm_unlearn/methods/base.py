@@ -8,23 +8,23 @@ calibration, the optimiser loop, saving — is the driver's (:mod:`mllm_unlearn.
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from ..data.sample import Sample
 from ..models.loading import LoadedModel
 from ..nullspace import reference_model
-from ..train.distributed import shard, total, world_size
-from ..train.loop import batches
+from ..runtime.batching import batches
+from ..runtime.distributed import shard, total, world_size
 
-_METHODS: dict[str, type["UnlearningMethod"]] = {}
+_METHODS: dict[str, type[UnlearningMethod]] = {}
 
 
-def register(cls: type["UnlearningMethod"]) -> type["UnlearningMethod"]:
+def register(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
     _METHODS[cls.name] = cls
     return cls
 
@@ -33,28 +33,10 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def get_method(name: str) -> type["UnlearningMethod"]:
+def get_method(name: str) -> type[UnlearningMethod]:
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
     return _METHODS[name]
-
-
-def parse_options(config_class: type, options: Sequence[str]) -> Any:
-    """Build a method config from ``KEY=VALUE`` strings, converting each value to its field's type."""
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    values: dict[str, Any] = {}
-    for opt in options:
-        key, sep, raw = opt.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise ValueError(f"bad option {opt!r} for {config_class.__name__}; options: {', '.join(fields)}")
-        default = fields[key].default
-        kind = type(default) if default is not None and default is not dataclasses.MISSING else str
-        if kind is bool:
-            values[key] = raw.strip().lower() in ("1", "true", "yes", "on")
-        else:
-            values[key] = kind(raw)
-    return config_class(**values)
 
 
 @dataclass
@@ -72,7 +54,7 @@ class UnlearnContext:
     def stream(self, name: str, items: Callable[[], Sequence[Sample]], batch_size: int | None = None) -> list[Sample]:
         """The next batch of a named endless stream (created on first use, seeded by name and seed;
         ``zlib.crc32``, not the per-process salted ``hash``, so the same seed gives the same batches).
-        With several processes each gets its shard of that same batch (``train.distributed.shard``)."""
+        With several processes each gets its shard of that same batch (``runtime.distributed.shard``)."""
         if name not in self._streams:
             pool = list(items())
             if not pool:

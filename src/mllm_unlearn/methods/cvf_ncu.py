@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..train.distributed import gather
+from ..runtime.distributed import gather
 from .base import UnlearnContext, UnlearningMethod, distinct_images, register
 from .losses import cvf_loss, cvf_pull, cvf_push, nmse_push, pool, retention_mse, total_loss
 

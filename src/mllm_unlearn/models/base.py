@@ -8,17 +8,18 @@ architecture-agnostic and goes through an adapter picked from a small registry b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from ..data.sample import Sample
 
-_REGISTRY: dict[str, "ArchAdapter"] = {}
+_REGISTRY: dict[str, ArchAdapter] = {}
 
 
-def register_arch(adapter: "ArchAdapter") -> "ArchAdapter":
+def register_arch(adapter: ArchAdapter) -> ArchAdapter:
     for model_type in adapter.model_types:
         _REGISTRY[model_type] = adapter
     return adapter
@@ -28,7 +29,7 @@ def supported_archs() -> list[str]:
     return sorted({a.name for a in _REGISTRY.values()})
 
 
-def get_arch(name_or_model_type: str) -> "ArchAdapter":
+def get_arch(name_or_model_type: str) -> ArchAdapter:
     """The adapter for an architecture name (``llava``) or a config ``model_type``."""
     for adapter in _REGISTRY.values():
         if name_or_model_type == adapter.name:
@@ -46,7 +47,7 @@ class Batch:
     labels: torch.Tensor | None
     samples: Sequence[Sample]
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
         labels = None if self.labels is None else self.labels.to(device)
         return Batch(inputs, labels, self.samples)

@@ -17,8 +17,9 @@ videos, so :class:`QwenVLProcessor` pairs the checkpoint's tokenizer and ``Qwen2
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ class QwenVLProcessor:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, image_size: int | None = None,
-                        **kwargs: Any) -> "QwenVLProcessor":
+                        **kwargs: Any) -> QwenVLProcessor:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path_or_id), **kwargs)

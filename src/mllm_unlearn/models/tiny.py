@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -258,7 +258,9 @@ def corpus_for(data, arch: str = "llava") -> list[str]:
     adapter = get_arch(arch)
     texts = []
     for s in list(data.train) + [s for items in data.splits.values() for s in items]:
-        body = {"mcq": lambda: format_mcq(s.question, s.options), "cloze": lambda: format_cloze(s.question)}.get(
-            s.task, lambda: s.question)()
+        if s.task == "mcq":
+            body = format_mcq(s.question, s.options)
+        else:
+            body = format_cloze(s.question) if s.task == "cloze" else s.question
         texts.append(adapter.prompt(body, s.image is not None) + adapter.answer_prefix + s.answer)
     return texts

@@ -15,9 +15,10 @@ Calibrate the *reference* model (Sec. 3.2: "using the reference model"): the ori
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer

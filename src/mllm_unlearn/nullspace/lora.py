@@ -14,9 +14,9 @@ frozen A whatever its ``requires_grad`` says.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.sample import Sample
 from ..models.loading import LoadedModel
-from . import distributed
-from .loop import TrainConfig, batches, run, seed_everything
+from ..runtime import distributed
+from ..runtime.batching import batches, seed_everything
+from .loop import TrainConfig, run
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"  # optimizer state, step, RNG: tensors and numbers only

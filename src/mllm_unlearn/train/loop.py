@@ -4,7 +4,7 @@ The loop knows nothing about data or methods: each step it calls ``loss_fn(step)
 own batches and returns ``(loss, logs)``. Fine-tuning, every unlearning method and every baseline run
 through this same loop.
 
-Several processes (``accelerate launch``, see :mod:`mllm_unlearn.train.distributed`): every process
+Several processes (``accelerate launch``, see :mod:`mllm_unlearn.runtime.distributed`): every process
 draws the same global batch and its loss function uses only its shard of it; the step runs as one
 forward of the accelerate-prepared model, gradients are averaged, and every process takes the same
 update. Only the main process shows progress and writes the log. One process: nothing changes.
@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import json
 import math
-import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
-
-T = TypeVar("T")
+from ..runtime import distributed
 
 
 @dataclass
@@ -41,49 +37,12 @@ class TrainConfig:
     log_every: int = 10
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``lr * min_lr_ratio``."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def batches(items: Sequence[T], batch_size: int, seed: int, start_step: int = 0,
-            lengths: Sequence[int] | None = None, group: int = 32) -> Iterator[list[T]]:
-    """Endless mini-batches, reshuffled every epoch; batch t is a function of (seed, t) alone,
-    so a resumed run sees exactly the batches an uninterrupted one would have.
-
-    With ``lengths``, each epoch's shuffled order is cut into windows of ``group`` batches, each window
-    is sorted by length and the batches are shuffled again (Hugging Face's ``group_by_length``):
-    similar lengths share a batch, so far less compute goes to padding.
-    """
-    if not items:
-        raise ValueError("cannot draw batches from an empty set")
-    per_epoch = max(1, len(items) // batch_size)
-    epoch_batches: tuple[int, list[np.ndarray]] | None = None
-    step = start_step
-    while True:
-        epoch, k = divmod(step, per_epoch)
-        if epoch_batches is None or epoch_batches[0] != epoch:
-            rng = np.random.default_rng([seed, epoch])
-            order = rng.permutation(len(items))[: per_epoch * batch_size]
-            if lengths is not None:
-                window = group * batch_size
-                order = np.concatenate([sorted(order[i:i + window], key=lambda j: lengths[j])
-                                        for i in range(0, len(order), window)])
-            chunks = [order[i * batch_size:(i + 1) * batch_size] for i in range(per_epoch)]
-            if lengths is not None:
-                chunks = [chunks[i] for i in rng.permutation(per_epoch)]
-            epoch_batches = (epoch, chunks)
-        yield [items[i] for i in epoch_batches[1][k]]
-        step += 1
 
 
 def run(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], tuple[torch.Tensor, dict]],
@@ -110,7 +69,7 @@ def run(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], tuple[tor
         if model is None:
             raise ValueError(f"{desc}: training on several processes needs run(..., model=...)")
         step_module, opt = distributed.prepare(model, opt)
-        compute = lambda step: step_module(loss_fn, step)  # noqa: E731
+        compute = lambda step: step_module(loss_fn, step)
     main = distributed.is_main()
     history: list[dict] = []
     bar = tqdm(range(start_step, cfg.steps), desc=desc, initial=start_step, total=cfg.steps, dynamic_ncols=True,

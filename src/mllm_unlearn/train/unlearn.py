@@ -4,7 +4,7 @@ One forget request (static unlearning) is :func:`unlearn`. Continual unlearning 
 :func:`attach_adapters` once — A is calibrated on the retain set and frozen for good — and then
 :func:`unlearn_stage` once per request, B carrying over from one request to the next.
 
-Several processes (``accelerate launch``, :mod:`mllm_unlearn.train.distributed`): calibration and
+Several processes (``accelerate launch``, :mod:`mllm_unlearn.runtime.distributed`): calibration and
 the frozen A are done on every process before anything is prepared (A then broadcast from the main
 process), each process trains on its shard of every batch, and only the main process writes.
 """
@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ..data.sample import BenchmarkData, DataError, Sample
 from ..methods.base import UnlearnContext, UnlearningMethod, distinct_images, get_method
@@ -33,8 +34,9 @@ from ..nullspace import (
     trainable_parameters,
     unused_layers,
 )
-from . import distributed
-from .loop import TrainConfig, run, seed_everything
+from ..runtime import distributed
+from ..runtime.batching import seed_everything
+from .loop import TrainConfig, run
 
 
 @dataclass

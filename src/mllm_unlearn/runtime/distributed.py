@@ -39,11 +39,11 @@ noise in B's near-zero gradient entries, the null-space directions, into steps o
 from __future__ import annotations
 
 import atexit
-import builtins
 import os
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -109,16 +109,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def print(*args: Any, **kwargs: Any) -> None:  # noqa: A001 - the builtin, on the main process only
+def main_print(*args: Any, **kwargs: Any) -> None:
+    """``print`` on the main process only (messages would otherwise repeat once per process)."""
     if is_main():
-        builtins.print(*args, **kwargs)
-
-
-def wait() -> None:
-    """Barrier: every process waits here until all have arrived."""
-    acc = accelerator()
-    if acc is not None:
-        acc.wait_for_everyone()
+        print(*args, **kwargs)
 
 
 def place(model: torch.nn.Module) -> torch.nn.Module:
@@ -294,7 +288,7 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     if is_main():
         try:
             result = fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - handed to every process below
+        except Exception as exc:
             error = exc
     message = [error]
     try:
