@@ -87,7 +87,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, monkeypatch,
     cfg = TrainConfig(steps=8, lr=3e-3, batch_size=2, warmup=2)
     straight = finetune(load_model(base), train, cfg, tmp_path / "straight")
 
-    real_loss, calls = ft.nll_loss, {"n": 0}
+    real_loss, calls = ft.answer_nll, {"n": 0}
 
     def dies_at_step_6(lm, samples):
         calls["n"] += 1
@@ -95,7 +95,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, monkeypatch,
             raise KeyboardInterrupt
         return real_loss(lm, samples)
 
-    monkeypatch.setattr(ft, "nll_loss", dies_at_step_6)
+    monkeypatch.setattr(ft, "answer_nll", dies_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         finetune(load_model(base), train, cfg, tmp_path / "resumed", checkpoint_every=4)
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "checkpoint-4").is_dir()

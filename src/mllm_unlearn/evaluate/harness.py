@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..data.prompts import format_cloze, format_mcq
 from ..data.sample import SPLITS, BenchmarkData, Sample
 from ..models.loading import LoadedModel
+from ..models.scoring import answer_logprobs, eval_mode
 from .metrics import cloze_correct, parse_choice, rouge_l
 from .protocols import cross_modal, match_option_text, pair_modalities, umu_mcq_body
 
@@ -82,18 +83,6 @@ def generate(lm: LoadedModel, samples: Sequence[Sample], bodies: Sequence[str], 
     return [t.strip() for t in lm.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-@torch.no_grad()
-def answer_logprobs(lm: LoadedModel, samples: Sequence[Sample], bodies: Sequence[str],
-                    answers: Sequence[str], length_norm: bool = False) -> torch.Tensor:
-    """Log-probability of each answer (its tokens and the closing EOS) given its prompt."""
-    batch = lm.arch.encode(lm.processor, samples, bodies, answers).to(lm.model.device)
-    logits, targets, rows = lm.arch.answer_logits(lm.model, batch)
-    tok_lp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    total = torch.zeros(len(samples), device=tok_lp.device).index_add_(0, rows, tok_lp)
-    count = torch.zeros(len(samples), device=tok_lp.device).index_add_(0, rows, torch.ones_like(tok_lp))
-    return (total / count).cpu() if length_norm else total.cpu()
-
-
 def _score_mcq_letter(lm, split, items, cfg) -> list[ItemResult]:
     """The benchmark's generation protocol: MLLMU's letter, or UMU's option text."""
     if cfg.protocol == "umu":
@@ -108,8 +97,9 @@ def _score_mcq_letter(lm, split, items, cfg) -> list[ItemResult]:
 
 def _score_mcq_likelihood(lm, split, items, cfg) -> list[ItemResult]:
     flat = [(s, letter, text) for s in items for letter, text in sorted(s.options.items())]
-    lp = answer_logprobs(lm, [f[0] for f in flat], [f[0].question for f in flat], [f[2] for f in flat],
-                         cfg.length_norm)
+    with torch.no_grad():
+        lp = answer_logprobs(lm, [f[0] for f in flat], [f[0].question for f in flat], [f[2] for f in flat],
+                             length_norm=cfg.length_norm).cpu()
     results, i = [], 0
     for s in items:
         k = len(s.options)
@@ -146,12 +136,10 @@ def score_items(lm: LoadedModel, split: str, samples: Sequence[Sample], cfg: Eva
         groups[(s.task, s.modality)].append(s)
     jobs = [(fn, chunk) for key in sorted(groups) for fn in scorers[key[0]]
             for chunk in _chunks(groups[key], cfg.batch_size)]
-    was_training = lm.model.training
-    lm.model.eval()
     results: list[ItemResult] = []
-    for fn, chunk in tqdm(jobs, desc=desc or f"eval {split}", dynamic_ncols=True, leave=False):
-        results += fn(lm, split, chunk, cfg)
-    lm.model.train(was_training)
+    with eval_mode(lm.model):
+        for fn, chunk in tqdm(jobs, desc=desc or f"eval {split}", dynamic_ncols=True, leave=False):
+            results += fn(lm, split, chunk, cfg)
     return results
 
 

@@ -7,8 +7,6 @@ only the named switch differs.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from ..data.sample import BenchmarkData
 from ..evaluate.harness import EvalConfig, evaluate, markdown_table
 from ..methods import get_method
 from ..models.loading import LoadedModel
+from ..runtime.outputs import atomic_dir, refuse_existing
 from ..train.unlearn import UnlearnConfig, unlearn
 
 #: row name -> (driver overrides, CVF option overrides)
@@ -36,9 +35,7 @@ def run_ablations(load: Callable[[], LoadedModel], data: BenchmarkData, out_dir:
                   rows: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Evaluate the vanilla model and every ablation row; write results.json / results.md to ``out_dir``.
     ``load()`` returns a fresh copy of the vanilla model for each row."""
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"output folder {out} already exists; choose a new --out")
+    out = refuse_existing(out_dir)
     unknown = set(rows or []) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"unknown ablation row(s) {sorted(unknown)}; rows: {list(ABLATIONS)}")
@@ -50,14 +47,8 @@ def run_ablations(load: Callable[[], LoadedModel], data: BenchmarkData, out_dir:
         lm, _ = unlearn(load(), data, run_cfg, method_cls.config_class(**options))
         results[name] = evaluate(lm, data, eval_cfg)
         print(markdown_table({name: results[name]}).splitlines()[-1], flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
         (tmp / "results.md").write_text(markdown_table(results) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(markdown_table(results))
     return results

@@ -82,12 +82,12 @@ def plot(matrix: dict[str, Any], out: Path) -> None:
     x = list(range(1, len(stages) + 1))
     cumulative = [sum(s["forget_vqa_per_task"][: i + 1]) / (i + 1) for i, s in enumerate(stages)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, (ys, title) in zip(axes, [(cumulative, "(a) Forget VQA, tasks so far"),
-                                      ([s["retain_vqa"] for s in stages], "(b) Retain VQA"),
-                                      ([s["real_vqa"] for s in stages], "(c) Real-world VQA")]):
+    panels = [(cumulative, "forget", "(a) Forget VQA, tasks so far"),
+              ([s["retain_vqa"] for s in stages], "retain", "(b) Retain VQA"),
+              ([s["real_vqa"] for s in stages], "real", "(c) Real-world VQA")]
+    for ax, (ys, split, title) in zip(axes, panels):
         ax.plot(x, [100 * y for y in ys], marker="o", label=matrix["method"])
-        ax.axhline(100 * matrix["before"][{"(a": "forget", "(b": "retain", "(c": "real"}[title[:2]] + "_vqa"],
-                   ls="--", color="grey", label="before")
+        ax.axhline(100 * matrix["before"][f"{split}_vqa"], ls="--", color="grey", label="before")
         ax.set_title(title)
         ax.set_xlabel("unlearning stage")
         ax.set_xticks(x)
@@ -148,7 +148,7 @@ def run_continual(lm: LoadedModel, data: BenchmarkData, out_dir: str | Path, cfg
         state["stages"].append(metrics)
         distributed.on_main(_save_stage, lm, out / f"stage-{t + 1}", state, state_file)
         distributed.main_print(f"stage {t + 1}: forget VQA per task "
-                          f"{[round(v, 2) for v in metrics['forget_vqa_per_task']]}, "
-                          f"retain VQA {metrics['retain_vqa']:.3f}, real VQA {metrics['real_vqa']:.3f}")
+                               f"{[round(v, 2) for v in metrics['forget_vqa_per_task']]}, "
+                               f"retain VQA {metrics['retain_vqa']:.3f}, real VQA {metrics['real_vqa']:.3f}")
     distributed.on_main(_save_final, state, out)
     return state

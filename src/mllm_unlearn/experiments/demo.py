@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..evaluate.harness import EvalConfig, evaluate, markdown_table
 from ..methods import available_methods, get_method
 from ..models.loading import load_model
 from ..models.tiny import corpus_for, make_tiny_model
+from ..runtime.outputs import atomic_dir, refuse_existing
 from ..train.finetune import finetune
 from ..train.loop import TrainConfig
 from ..train.unlearn import UnlearnConfig, run_record, save_run, unlearn
@@ -49,17 +49,13 @@ def write_results(out: Path, results: dict[str, dict[str, float]]) -> str:
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, dict[str, float]]:
     """Run the demo into ``out_dir`` (refused if it exists; built in a temporary sibling first)."""
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"output folder {out} already exists; choose a new --out")
+    out = refuse_existing(out_dir)
     choices = ["vanilla", *available_methods()]
     unknown = set(cfg.methods) - set(choices)
     if unknown:
         raise ValueError(f"unknown demo method(s) {sorted(unknown)}; available: {', '.join(choices)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     timings: dict[str, float] = {}
-    try:
+    with atomic_dir(out) as work:
         t0 = time.perf_counter()
         world = make_world(work / "world", WorldConfig(**{**cfg.world.__dict__, "seed": cfg.seed}))
         data = read_mllmu(world, forget=cfg.forget)
@@ -88,12 +84,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, d
             timings[f"evaluate_{method}_s"] = time.perf_counter() - t0
         (work / "timings.json").write_text(json.dumps(timings, indent=2))
         table = write_results(work, results)
-        shutil.rmtree(work / "base")
+        shutil.rmtree(work / "base")  # rebuilt from the seed in seconds; the vanilla model is kept
         shutil.rmtree(work / "ncu_cache", ignore_errors=True)
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     print(table)
     print("timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
     return results

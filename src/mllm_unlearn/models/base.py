@@ -39,6 +39,22 @@ def get_arch(name_or_model_type: str) -> ArchAdapter:
     raise ValueError(f"unknown architecture {name_or_model_type!r}; supported: {', '.join(supported_archs())}")
 
 
+def pad(seqs: Sequence[Sequence[int]], value: int, side: str) -> torch.Tensor:
+    """Rows of different lengths as one rectangular int64 tensor, filled up with ``value`` on ``side``
+    (``"right"`` to train and score, ``"left"`` to generate)."""
+    width = max(len(s) for s in seqs)
+    rows = [list(s) + [value] * (width - len(s)) if side == "right" else [value] * (width - len(s)) + list(s)
+            for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def decoder_pattern(prefix: str) -> str:
+    r"""Anchored regex over the attention and MLP Linears of a Llama-style decoder whose layers are
+    ``{prefix}.layers.N`` (``prefix`` itself a regex, e.g. ``r"model\.language_model"``)."""
+    return (rf"{prefix}\.layers\.\d+\."
+            r"(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj))")
+
+
 @dataclass
 class Batch:
     """Model inputs for a list of samples. ``labels`` is -100 except on answer tokens."""

@@ -9,14 +9,7 @@ import numpy as np
 import torch
 
 from ..data.sample import Sample
-from .base import ArchAdapter, Batch, register_arch
-
-
-def _pad(seqs: Sequence[Sequence[int]], value: int, side: str) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    rows = [list(s) + [value] * (width - len(s)) if side == "right" else [value] * (width - len(s)) + list(s)
-            for s in seqs]
-    return torch.tensor(rows, dtype=torch.long)
+from .base import ArchAdapter, Batch, decoder_pattern, pad, register_arch
 
 
 class LlavaAdapter(ArchAdapter):
@@ -26,8 +19,7 @@ class LlavaAdapter(ArchAdapter):
     vision_pattern = (r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.\d+\."
                       r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc1|mlp\.fc2)")
     projector_pattern = r"model\.multi_modal_projector\.linear_[12]"
-    llm_pattern = (r"model\.language_model\.layers\.\d+\."
-                   r"(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj))")
+    llm_pattern = decoder_pattern(r"model\.language_model")
 
     def model_class(self) -> type:
         from transformers import LlavaForConditionalGeneration
@@ -56,12 +48,12 @@ class LlavaAdapter(ArchAdapter):
             ids = [p + a + [eos] for p, a in zip(ids, ans)]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         inputs = {
-            "input_ids": _pad(ids, pad_id, padding_side),
-            "attention_mask": _pad([[1] * len(x) for x in ids], 0, padding_side),
+            "input_ids": pad(ids, pad_id, padding_side),
+            "attention_mask": pad([[1] * len(x) for x in ids], 0, padding_side),
         }
         if images:
             inputs["pixel_values"] = torch.as_tensor(np.stack(enc["pixel_values"]))
-        return Batch(inputs, None if labels is None else _pad(labels, -100, padding_side), samples)
+        return Batch(inputs, None if labels is None else pad(labels, -100, padding_side), samples)
 
     ivr_levels = ("projector", "vision")
 

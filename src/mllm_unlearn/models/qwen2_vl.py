@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from ..data.sample import Sample
-from .base import ArchAdapter, Batch, register_arch
-from .llava import _pad
+from .base import ArchAdapter, Batch, decoder_pattern, pad, register_arch
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -101,8 +100,7 @@ class QwenVLAdapter(ArchAdapter):
     #: leaf names of the vision blocks' MLP
     vision_mlp: tuple[str, ...] = ()
     projector_pattern = r"model\.visual\.merger\.mlp\.[02]"
-    llm_pattern = (r"model\.language_model\.layers\.\d+\."
-                   r"(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj))")
+    llm_pattern = decoder_pattern(r"model\.language_model")
     ivr_levels = ("projector", "vision")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -162,12 +160,12 @@ class QwenVLAdapter(ArchAdapter):
             ids = [p + list(a) + [eos_id] for p, a in zip(ids, ans)]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
         inputs = {
-            "input_ids": _pad(ids, pad_id, padding_side),
-            "attention_mask": _pad([[1] * len(x) for x in ids], 0, padding_side),
-            "mm_token_type_ids": _pad([[int(i == image_id) for i in x] for x in ids], 0, padding_side),
+            "input_ids": pad(ids, pad_id, padding_side),
+            "attention_mask": pad([[1] * len(x) for x in ids], 0, padding_side),
+            "mm_token_type_ids": pad([[int(i == image_id) for i in x] for x in ids], 0, padding_side),
             **pixel,
         }
-        return Batch(inputs, None if labels is None else _pad(labels, -100, padding_side), samples)
+        return Batch(inputs, None if labels is None else pad(labels, -100, padding_side), samples)
 
     # -- visual representations ---------------------------------------------------------------
     @staticmethod

@@ -8,14 +8,14 @@ path that ``llava-hf/llava-1.5-7b-hf`` takes (:func:`mllm_unlearn.models.load_mo
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..runtime.outputs import atomic_dir, refuse_existing
 from .base import get_arch
 
 IMAGE_TOKEN = "<image>"
@@ -234,20 +234,12 @@ def make_tiny_model(arch: str, out_dir: str | Path, corpus: Iterable[str], *, si
     get_arch(arch)  # unknown names fail with the list of supported architectures
     if arch not in _BUILDERS:
         raise ValueError(f"no tiny model for architecture {arch!r}; tiny models exist for: {sorted(_BUILDERS)}")
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"output folder {out} already exists; choose a new --out")
+    out = refuse_existing(out_dir)
     model, processor = _BUILDERS[arch](corpus, sizes, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / "tiny_sizes.json").write_text(__import__("json").dumps(asdict(sizes), indent=2))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "tiny_sizes.json").write_text(json.dumps(asdict(sizes), indent=2))
     return out
 
 

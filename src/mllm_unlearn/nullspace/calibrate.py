@@ -15,8 +15,7 @@ Calibrate the *reference* model (Sec. 3.2: "using the reference model"): the ori
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 
 from ..models.base import get_arch
+from ..models.scoring import eval_mode
 
 #: prefix PEFT puts in front of the plain model's module paths
 PEFT_PREFIX = "base_model.model."
@@ -83,16 +83,6 @@ def full_forward(model: torch.nn.Module, inputs: Inputs) -> Any:
     return model(**inputs)
 
 
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _on_device(inputs: Inputs, device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
@@ -127,7 +117,7 @@ def collect_covariances(model: torch.nn.Module, names: Iterable[str], inputs: It
 
     handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             total = len(inputs) if hasattr(inputs, "__len__") else None
             for batch in tqdm(inputs, total=total, desc="NCU calibration", disable=not progress):
                 forward(model, _on_device(batch, device))
@@ -162,7 +152,7 @@ def unused_layers(model: torch.nn.Module, names: Iterable[str], inputs: Inputs, 
     try:
         for w in weights:
             w.requires_grad_(True)
-        with torch.enable_grad(), _eval_mode(model):
+        with torch.enable_grad(), eval_mode(model):
             out = features(model, _on_device(inputs, next(model.parameters()).device))
             probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out)
             grads = torch.autograd.grad((out * probe).sum(), weights, allow_unused=True)
