@@ -24,8 +24,8 @@ processes.** Otherwise (:func:`shard` warns) a sample of shard ``r`` weighs ``1/
 is an error. Two kinds of loss are not plain per-sample means even with equal shards:
 
 - a mean over *tokens* (the answer NLL) weighs shards by their token counts: divide the shard's token
-  sum by the global count (:func:`total`) and multiply by ``W`` (``UnlearnContext.nll`` and
-  ``finetune.nll_loss`` do);
+  sum by the global count (:func:`total`) and multiply by ``W`` (``models.scoring.answer_nll``
+  does, for fine-tuning and every method);
 - terms built from *batch statistics* (CVF's pull anchor = mean IVR of the retain batch, its queue of
   negatives) would see the shard's statistics: :func:`gather` gives the global batch's (no gradient;
   ``CVFNCU.loss`` uses it).
