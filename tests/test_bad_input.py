@@ -139,6 +139,14 @@ def test_a_bad_method_option_is_named_before_loading(setup, tmp_path, capsys, no
 
 # ------------------------------------------------------------------ 5. output paths checked first
 
+def test_finetune_out_that_is_a_file_is_refused_before_loading(setup, tmp_path, capsys, no_model):
+    _, world, _, model = setup
+    (tmp_path / "ft").write_text("")
+    assert main(["finetune", *common(world, model), "--out", str(tmp_path / "ft")]) == 2
+    refused(capsys, str(tmp_path / "ft"), "is a file")
+    assert not no_model
+
+
 def test_evaluate_out_that_cannot_be_written_is_refused_before_loading(setup, tmp_path, capsys, no_model):
     _, world, _, model = setup
     blocker = tmp_path / "a-file"
@@ -214,3 +222,15 @@ def test_unlearn_leaves_the_model_folder_alone_and_caches_in_the_user_cache(setu
     stamps = snapshot(tmp_path / "cache")
     assert main([*argv, "--out", str(tmp_path / "run2")]) == 0  # the second run reads the same entries
     assert snapshot(tmp_path / "cache") == stamps
+
+
+# ------------------------------------------------------------------ messages under accelerate launch
+
+def test_errors_print_once_per_launch(setup, tmp_path, capsys, monkeypatch, no_model):
+    """Every process of ``accelerate launch`` hits the same error; only the main one prints it."""
+    from mllm_unlearn.runtime import distributed
+
+    _, world, _, model = setup
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    assert main(["unlearn", *common(world, model), "--out", str(tmp_path / "run"), "--opt", "pull=ture"]) == 2
+    assert capsys.readouterr() == ("", "")

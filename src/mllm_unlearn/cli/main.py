@@ -98,6 +98,8 @@ def cmd_finetune(args):
 
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                       seed=args.seed)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file; give the folder to write (or resume) the model in")
     data = _prepare(args, train=True, outs=(args.out,))
     _say(f"{len(data.train)} training pairs; {cfg.steps} steps of {cfg.batch_size} = "
          f"{cfg.steps * cfg.batch_size / len(data.train):.1f} epochs")
