@@ -60,3 +60,33 @@ def test_unlearn_runs_on_a_bf16_base_with_float32_adapters(setup, tmp_path):
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
     assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+
+
+def test_every_command_scores_umu_bench_with_the_umu_protocol(setup, tmp_path, monkeypatch):
+    """One EvalConfig builder: unlearn and ablations used to score UMU-Bench with the MLLMU protocol."""
+    import mllm_unlearn.evaluate.harness as harness
+    import mllm_unlearn.experiments.ablations as ablations
+    import mllm_unlearn.train.unlearn as driver
+
+    from .test_clear_umu import write_umu
+
+    _, _, _, model = setup
+    umu = write_umu(tmp_path / "UMU-Bench")
+    seen = []
+
+    def evaluate(lm, data, cfg=None, predictions_file=None):
+        seen.append(cfg)
+        return {"forget_vqa": 0.5}
+
+    monkeypatch.setattr(harness, "evaluate", evaluate)
+    monkeypatch.setattr(driver, "unlearn", lambda lm, data, cfg, method_cfg=None, **kw: (lm, []))
+    monkeypatch.setattr(driver, "save_run", lambda lm, out, record, merge=False: out)
+    monkeypatch.setattr(ablations, "run_ablations", lambda load, data, out, cfg, eval_cfg: seen.append(eval_cfg))
+    common = ["--model", str(model), "--data", str(umu), "--benchmark", "umu"]
+    assert main(["unlearn", *common, "--out", str(tmp_path / "run")]) == 0
+    assert main(["ablations", *common, "--out", str(tmp_path / "abl")]) == 0
+    assert main(["evaluate", *common, "--batch-size", "4", "--max-new-tokens", "7"]) == 0
+    assert [c.protocol for c in seen] == ["umu"] * 3
+    assert [c.mcq_mode for c in seen] == ["likelihood", "likelihood", "generate"]
+    assert (seen[0].batch_size, seen[0].max_new_tokens) == (32, 50)  # --batch-size is unlearn's training batch
+    assert (seen[2].batch_size, seen[2].max_new_tokens) == (4, 7)

@@ -20,10 +20,44 @@ def _setup(args: argparse.Namespace) -> None:
     hf_logging.set_verbosity_error()  # e.g. the torchvision fallback notice of CLIP's image processor
 
 
+def _say(*args) -> None:
+    """The CLI's own messages: once, from the main process, under ``accelerate launch``."""
+    from ..runtime.distributed import main_print
+
+    main_print(*args, flush=True)
+
+
 def _read(args: argparse.Namespace):
     from ..data.readers import read_benchmark
 
     return read_benchmark(args.benchmark, args.data, forget=args.forget)
+
+
+def _prepare(args: argparse.Namespace, *, train: bool, eval_cfg=None, outs: tuple = ()):
+    """Every check that needs no model, done before any work: the output paths can be written, the
+    --model folder is a supported checkpoint, the data reads, and every image the command will
+    decode (training pairs when ``train``, the splits of ``eval_cfg``) decodes. Returns the data."""
+    from ..data.sample import check_images
+    from ..models.loading import check_model_source
+    from ..runtime.outputs import check_writable
+
+    for path in outs:
+        if path is not None:
+            check_writable(path)
+    check_model_source(args.model)
+    data = _read(args)
+    check_images(data, train=train, splits=eval_cfg.splits if eval_cfg is not None else ())
+    return data
+
+
+def _eval_config(args: argparse.Namespace):
+    """The one EvalConfig of every command: --mcq-mode, evaluate's --batch-size and --max-new-tokens
+    (the harness's defaults elsewhere), and the protocol of --benchmark (UMU-Bench's own for umu)."""
+    from ..evaluate.harness import EvalConfig
+
+    return EvalConfig(mcq_mode=args.mcq_mode, batch_size=getattr(args, "eval_batch_size", EvalConfig.batch_size),
+                      max_new_tokens=getattr(args, "max_new_tokens", EvalConfig.max_new_tokens),
+                      protocol="umu" if args.benchmark == "umu" else "mllmu")
 
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -33,54 +67,64 @@ def _load(args: argparse.Namespace):
     """The --model checkpoint on --device in --dtype (LoRA adapters stay float32 on a bf16 base)."""
     import torch
 
-    from ..models.loading import load_model
+    from ..models import loading
 
-    return load_model(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]),
-                      trust_remote_code=args.trust_remote_code, image_size=args.image_size)
+    return loading.load_model(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]),
+                              trust_remote_code=args.trust_remote_code, image_size=args.image_size)
 
 
 def cmd_make_world(args):
     from ..data.world import WorldConfig, make_world
+    from ..runtime.outputs import check_writable
 
+    check_writable(args.out)
     out = make_world(args.out, WorldConfig(n_people=args.people, n_real=args.real, seed=args.seed))
-    print(f"wrote synthetic world to {out}")
+    _say(f"wrote synthetic world to {out}")
 
 
 def cmd_make_tiny_model(args):
     from ..data.mllmu import read_mllmu
     from ..models.tiny import corpus_for, make_tiny_model
+    from ..runtime.outputs import check_writable
 
+    check_writable(args.out)
     corpus = corpus_for(read_mllmu(args.world), args.arch)
-    print(f"wrote tiny {args.arch} model to {make_tiny_model(args.arch, args.out, corpus, seed=args.seed)}")
+    _say(f"wrote tiny {args.arch} model to {make_tiny_model(args.arch, args.out, corpus, seed=args.seed)}")
 
 
 def cmd_finetune(args):
     from ..train.finetune import finetune
     from ..train.loop import TrainConfig
 
-    data = _read(args)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                       seed=args.seed)
-    print(f"{len(data.train)} training pairs; {cfg.steps} steps of {cfg.batch_size} = "
-          f"{cfg.steps * cfg.batch_size / len(data.train):.1f} epochs")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file; give the folder to write (or resume) the model in")
+    data = _prepare(args, train=True, outs=(args.out,))
+    _say(f"{len(data.train)} training pairs; {cfg.steps} steps of {cfg.batch_size} = "
+         f"{cfg.steps * cfg.batch_size / len(data.train):.1f} epochs")
     lm = _load(args)
     out = finetune(lm, data.train, cfg, args.out, lora_rank=args.lora_rank, scope=args.scope,
                    checkpoint_every=args.checkpoint_every)
-    print(f"wrote fine-tuned model to {out}")
+    _say(f"wrote fine-tuned model to {out}")
 
 
 def cmd_evaluate(args):
-    from ..evaluate.harness import EvalConfig, evaluate, markdown_table
+    from ..evaluate.harness import evaluate, markdown_table
+    from ..runtime import distributed
 
-    data = _read(args)
-    lm = _load(args)
-    cfg = EvalConfig(mcq_mode=args.mcq_mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                     protocol="umu" if args.benchmark == "umu" else "mllmu")
-    metrics = evaluate(lm, data, cfg)
+    cfg = _eval_config(args)
+    if args.out and Path(args.out).is_dir():
+        raise IsADirectoryError(f"--out {args.out} is a folder; give the JSON file to write")
+    data = _prepare(args, train=False, eval_cfg=cfg, outs=(args.out,))
+    metrics = evaluate(_load(args), data, cfg)
     name = args.name or Path(args.model).name
-    print(markdown_table({name: metrics}))
+    _say(markdown_table({name: metrics}))
     if args.out:
-        Path(args.out).write_text(json.dumps({name: metrics}, indent=2, sort_keys=True))
+        def write() -> None:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({name: metrics}, indent=2, sort_keys=True))
+        distributed.on_main(write)
 
 
 def _unlearn_config(args: argparse.Namespace):
@@ -92,47 +136,54 @@ def _unlearn_config(args: argparse.Namespace):
 
 
 def cmd_unlearn(args):
-    from ..evaluate.harness import EvalConfig, evaluate, markdown_table
+    from ..evaluate.harness import evaluate, markdown_table
     from ..experiments.continual import run_continual
     from ..methods import get_method
     from ..runtime.options import parse_options
+    from ..runtime.outputs import refuse_existing
     from ..train.unlearn import run_record, save_run, unlearn
 
-    data = _read(args)
     method_cls = get_method(args.method)
     method_cfg = parse_options(method_cls.config_class, args.opt)
-    cfg = _unlearn_config(args)
+    cfg, eval_cfg = _unlearn_config(args), _eval_config(args)
+    continual = args.tasks > 1  # the forget split becomes a sequence of requests; --out is resumable
+    if not continual:
+        refuse_existing(args.out)
+    evaluates = continual or not args.no_eval
+    data = _prepare(args, train=True, eval_cfg=eval_cfg if evaluates else None, outs=(args.out, args.cache_dir))
     lm = _load(args)
-    if args.tasks > 1:  # continual: the forget split becomes a sequence of requests; --out is resumable
-        run_continual(lm, data, args.out, cfg, method_cfg, n_tasks=args.tasks,
-                      eval_cfg=EvalConfig(mcq_mode=args.mcq_mode), replay=not args.no_replay)
-        print(f"wrote {args.out}/matrix.json, heatmap.png, curves.png")
+    if continual:
+        run_continual(lm, data, args.out, cfg, method_cfg, n_tasks=args.tasks, eval_cfg=eval_cfg,
+                      replay=not args.no_replay)
+        _say(f"wrote {args.out}/matrix.json, heatmap.png, curves.png")
         return
-    if Path(args.out).exists():
-        raise FileExistsError(f"output folder {args.out} already exists; choose a new --out")
     lm, history = unlearn(lm, data, cfg, method_cfg)
     metrics = {}
-    if not args.no_eval:
-        metrics = evaluate(lm, data, EvalConfig(mcq_mode=args.mcq_mode))
-        print(markdown_table({args.method: metrics}))
+    if evaluates:
+        metrics = evaluate(lm, data, eval_cfg)
+        _say(markdown_table({args.method: metrics}))
     record = run_record(cfg, method_cls(method_cfg), history, model=args.model, data=args.data,
                         forget=args.forget, metrics=metrics)
     # a method that edits base weights (MANU) is carried only by the merged model
-    print(f"wrote {save_run(lm, args.out, record, merge=args.merge or not method_cls.trains)}")
+    _say(f"wrote {save_run(lm, args.out, record, merge=args.merge or not method_cls.trains)}")
 
 
 def cmd_ablations(args):
-    from ..evaluate.harness import EvalConfig
     from ..experiments.ablations import run_ablations
+    from ..runtime.outputs import refuse_existing
 
     args.method = "cvf_ncu"
-    run_ablations(lambda: _load(args), _read(args), args.out, _unlearn_config(args),
-                  EvalConfig(mcq_mode=args.mcq_mode))
+    cfg, eval_cfg = _unlearn_config(args), _eval_config(args)
+    refuse_existing(args.out)
+    data = _prepare(args, train=True, eval_cfg=eval_cfg, outs=(args.out, args.cache_dir))
+    run_ablations(lambda: _load(args), data, args.out, cfg, eval_cfg)
 
 
 def cmd_demo(args):
     from ..experiments.demo import DemoConfig, run_demo
+    from ..runtime.outputs import check_writable
 
+    check_writable(args.out)
     cfg = DemoConfig(seed=args.seed, forget=args.forget)
     if args.methods == "all":
         from ..methods import available_methods
@@ -142,27 +193,49 @@ def cmd_demo(args):
     run_demo(args.out, cfg)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mllm-unlearn", description=__doc__)
-    p.add_argument("--threads", type=int, default=None, help=f"torch threads (default: ${_THREADS_ENV} or 1)")
-    sub = p.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------- the parser: shared groups, one part per command
 
-    def data_args(sp, model=True):
-        sp.add_argument("--data", required=True, help="benchmark folder (its parquet split folders)")
-        sp.add_argument("--benchmark", default="mllmu", choices=["mllmu", "clear", "umu"],
-                        help="layout of --data: MLLMU-Bench (and the synthetic world), CLEAR or UMU-Bench")
-        sp.add_argument("--forget", default=None,
-                        help="forget split folder (default: forget_10; CLEAR: forget05)")
-        if model:
-            sp.add_argument("--model", required=True, help="local path or hub id")
-            sp.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own code")
-            sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-            sp.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES),
-                            help="weights' dtype (bf16 for 7B models on a GPU)")
-            sp.add_argument("--image-size", type=int, default=None,
-                            help="Qwen2-VL/2.5-VL: resize images to this square (e.g. 448) so that every image "
-                                 "gives the same number of visual tokens, as CVF-NCU needs")
+_MCQ_MODES = ["generate", "likelihood", "both"]
+_SCOPES = ["llm", "visual", "projector", "all"]
 
+
+def _data_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--data", required=True, help="benchmark folder (its parquet split folders)")
+    sp.add_argument("--benchmark", default="mllmu", choices=["mllmu", "clear", "umu"],
+                    help="layout of --data: MLLMU-Bench (and the synthetic world), CLEAR or UMU-Bench")
+    sp.add_argument("--forget", default=None, help="forget split folder (default: forget_10; CLEAR: forget05)")
+
+
+def _model_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--model", required=True, help="local path or hub id")
+    sp.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own code")
+    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    sp.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES),
+                    help="weights' dtype (bf16 for 7B models on a GPU)")
+    sp.add_argument("--image-size", type=int, default=None,
+                    help="Qwen2-VL/2.5-VL: resize images to this square (e.g. 448) so that every image "
+                         "gives the same number of visual tokens, as CVF-NCU needs")
+
+
+def _unlearn_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--scope", default=None, choices=_SCOPES,
+                    help="update scope (default: the method's: visual for cvf_ncu, llm for baselines)")
+    sp.add_argument("--subspace", default=None, choices=["null", "random", "none"],
+                    help="LoRA A: null-space basis (NCU), random orthonormal, or trained (plain LoRA)")
+    sp.add_argument("--rank", type=int, default=8)
+    sp.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
+    sp.add_argument("--steps", type=int, default=200)
+    sp.add_argument("--lr", type=float, default=None, help="default: the method's")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--ivr-level", default="projector")
+    sp.add_argument("--cache-dir", default=None,
+                    help="NCU covariance cache (default: $MLLM_UNLEARN_CACHE, else $XDG_CACHE_HOME/mllm-unlearn/ncu, "
+                         "else ~/.cache/mllm-unlearn/ncu)")
+    sp.add_argument("--mcq-mode", default="likelihood", choices=_MCQ_MODES)
+    sp.add_argument("--seed", type=int, default=0)
+
+
+def _add_make_world(sub) -> None:
     sp = sub.add_parser("make-world", help="write the synthetic world in MLLMU-Bench's layout")
     sp.add_argument("--out", required=True)
     sp.add_argument("--seed", type=int, default=0)
@@ -170,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--real", type=int, default=20, help="separate real-world people (general utility)")
     sp.set_defaults(fn=cmd_make_world)
 
+
+def _add_make_tiny_model(sub) -> None:
     sp = sub.add_parser("make-tiny-model", help="build a tiny random model whose tokenizer fits a world")
     sp.add_argument("--arch", default="llava")
     sp.add_argument("--world", required=True, help="a world written by make-world (for the tokenizer)")
@@ -177,48 +252,42 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_make_tiny_model)
 
+
+def _add_finetune(sub) -> None:
     sp = sub.add_parser("finetune", help="memorisation fine-tune: base model -> vanilla model")
-    data_args(sp)
+    _data_args(sp)
+    _model_args(sp)
     sp.add_argument("--out", required=True)
     sp.add_argument("--steps", type=int, default=1500)
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--warmup", type=int, default=50)
     sp.add_argument("--lora-rank", type=int, default=0, help="0 = train all weights in scope (tiny models)")
-    sp.add_argument("--scope", default="all", choices=["llm", "visual", "projector", "all"])
+    sp.add_argument("--scope", default="all", choices=_SCOPES)
     sp.add_argument("--checkpoint-every", type=int, default=500)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_finetune)
 
+
+def _add_evaluate(sub) -> None:
     sp = sub.add_parser("evaluate", help="Forget / Retain / Real-world x VQA / QA")
-    data_args(sp)
-    sp.add_argument("--mcq-mode", default="generate", choices=["generate", "likelihood", "both"])
-    sp.add_argument("--batch-size", type=int, default=32)
+    _data_args(sp)
+    _model_args(sp)
+    sp.add_argument("--mcq-mode", default="generate", choices=_MCQ_MODES)
+    sp.add_argument("--batch-size", dest="eval_batch_size", metavar="BATCH_SIZE", type=int, default=32)
     sp.add_argument("--max-new-tokens", type=int, default=50)
     sp.add_argument("--name", default=None, help="row name in the table (default: the model folder)")
     sp.add_argument("--out", default=None, help="write {name: metrics} JSON here")
     sp.set_defaults(fn=cmd_evaluate)
 
-    def unlearn_args(sp):
-        sp.add_argument("--scope", default=None, choices=["llm", "visual", "projector", "all"],
-                    help="update scope (default: the method's: visual for cvf_ncu, llm for baselines)")
-        sp.add_argument("--subspace", default=None, choices=["null", "random", "none"],
-                        help="LoRA A: null-space basis (NCU), random orthonormal, or trained (plain LoRA)")
-        sp.add_argument("--rank", type=int, default=8)
-        sp.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
-        sp.add_argument("--steps", type=int, default=200)
-        sp.add_argument("--lr", type=float, default=None, help="default: the method's")
-        sp.add_argument("--batch-size", type=int, default=8)
-        sp.add_argument("--ivr-level", default="projector")
-        sp.add_argument("--cache-dir", default=None, help="NCU covariance cache (default: <model>/.ncu_cache)")
-        sp.add_argument("--mcq-mode", default="likelihood", choices=["generate", "likelihood", "both"])
-        sp.add_argument("--seed", type=int, default=0)
 
+def _add_unlearn(sub) -> None:
     sp = sub.add_parser("unlearn", help="forget the --forget people's visual identity")
-    data_args(sp)
+    _data_args(sp)
+    _model_args(sp)
     sp.add_argument("--method", default="cvf_ncu")
     sp.add_argument("--out", required=True, help="run folder: adapter/ (PEFT), run.json, merged/ with --merge")
-    unlearn_args(sp)
+    _unlearn_args(sp)
     sp.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                     help="method option, e.g. --opt alpha=1 --opt push=nmse (repeatable)")
     sp.add_argument("--tasks", type=int, default=1,
@@ -229,12 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--merge", action="store_true", help="also write the merged model")
     sp.set_defaults(fn=cmd_unlearn)
 
+
+def _add_ablations(sub) -> None:
     sp = sub.add_parser("ablations", help="paper Table 2: every CVF / NCU component switched off, one row each")
-    data_args(sp)
+    _data_args(sp)
+    _model_args(sp)
     sp.add_argument("--out", required=True)
-    unlearn_args(sp)
+    _unlearn_args(sp)
     sp.set_defaults(fn=cmd_ablations)
 
+
+def _add_demo(sub) -> None:
     sp = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic world")
     sp.add_argument("--out", required=True)
     sp.add_argument("--seed", type=int, default=0)
@@ -244,18 +318,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--methods", default=None,
                     help="comma-separated rows, 'all' for every registered method (default: vanilla,cvf_ncu)")
     sp.set_defaults(fn=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mllm-unlearn", description=__doc__)
+    p.add_argument("--threads", type=int, default=None, help=f"torch threads (default: ${_THREADS_ENV} or 1)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_make_world, _add_make_tiny_model, _add_finetune, _add_evaluate, _add_unlearn,
+                _add_ablations, _add_demo):
+        add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..data.sample import DataError
+    """Run one command; bad input (data, paths, options, checkpoints) ends in one message and exit 2."""
+    from ..runtime.distributed import main_print
 
     args = build_parser().parse_args(argv)
     _setup(args)
     try:
         args.fn(args)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError, FloatingPointError) as exc:
-        print(f"mllm-unlearn {args.command}: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, FloatingPointError) as exc:  # DataError is a ValueError
+        main_print(f"mllm-unlearn {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

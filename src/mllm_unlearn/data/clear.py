@@ -198,15 +198,21 @@ def _perturbed_names(root: Path, required: list[str], optional: list[str]) -> di
     for config in configs:
         for row in _read_rows(root / config, ("name", "perturbed_names"), ("caption",)):
             name = row.need(row.values, "name", "name", str).strip()
-            names = row.need(row.values, "perturbed_names", "perturbed_names", list)
-            for k, other in enumerate(names):
-                if not isinstance(other, str):
-                    raise row.fail(f"perturbed_names[{k}]", f"expected str, got {type(other).__name__}")
+            names = _strings(row, "perturbed_names")
             caption = row.values.get("caption")
             if isinstance(caption, str):
                 table.setdefault((name, caption.strip()), names)
             table.setdefault((name, None), names)
     return table
+
+
+def _strings(row: _ClearRow, column: str) -> list[str]:
+    """``row``'s list-of-strings column, every element checked (the element's index named)."""
+    values = row.need(row.values, column, column, list)
+    for k, value in enumerate(values):
+        if not isinstance(value, str):
+            raise row.fail(f"{column}[{k}]", f"expected str, got {type(value).__name__}")
+    return values
 
 
 def _cap(rows: list, n: int | None) -> list:
@@ -298,10 +304,7 @@ def _real_items(folder: Path, config: str, seed: int) -> list[Sample]:
     items = []
     for k, row in enumerate(rows):
         answer = row.need(row.values, "answer", "answer", str).strip()
-        distractors = row.need(row.values, "options", "options", list)
-        for j, option in enumerate(distractors):
-            if not isinstance(option, str):
-                raise row.fail(f"options[{j}]", f"expected str, got {type(option).__name__}")
+        distractors = _strings(row, "options")
         question = row.values.get("question")
         if question is None and config == "real_faces":
             question = NAME_QUESTION

@@ -27,6 +27,7 @@ from typing import Any
 
 from .parquet import Row, complement, read_rows, unique_profiles
 from .sample import BenchmarkData, DataError, ImageRef, Sample
+from .sample import check_images as check_images  # re-exported: it used to live here
 
 #: split folders that are always part of the benchmark
 REAL_FOLDER = "Retain_Set"
@@ -75,16 +76,6 @@ def read_mllmu(root: str | Path, forget: str = "forget_10", retain: str | None =
         forget_people=forget_people,
         retain_people=frozenset(row.person for row in retain_rows),
     )
-
-
-def check_images(data: BenchmarkData) -> int:
-    """Decode every distinct image of ``data`` once; raise the first :class:`DataError`; return the count."""
-    seen: set[str] = set()
-    for sample in [*data.train, *(s for items in data.splits.values() for s in items)]:
-        if sample.image is not None and sample.image.source not in seen:
-            sample.image.load()
-            seen.add(sample.image.source)
-    return len(seen)
 
 
 def _read_profiles(folder: Path, image_column: str) -> list[Row]:

@@ -9,7 +9,7 @@ or *without* it (QA: probes textual knowledge) is its ``modality``.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
@@ -103,3 +103,18 @@ class BenchmarkData:
     def items(self, split: str, task: str | None = None, modality: str | None = None) -> list[Sample]:
         return [s for s in self.splits.get(split, [])
                 if (task is None or s.task == task) and (modality is None or s.modality == modality)]
+
+
+def check_images(data: BenchmarkData, *, train: bool = True, splits: Iterable[str] | None = None) -> int:
+    """Decode every distinct image of ``data`` once (those of the training pairs when ``train``, and of
+    the evaluation ``splits``, default all); raise the first :class:`DataError`; return the count.
+
+    Readers never decode; a command calls this before any work, so that a corrupt image is reported
+    (file, row, field) before a model is loaded rather than in the middle of a run."""
+    chosen = data.splits.keys() if splits is None else [s for s in splits if s in data.splits]
+    seen: set[str] = set()
+    for sample in [*(data.train if train else []), *(s for split in chosen for s in data.splits[split])]:
+        if sample.image is not None and sample.image.source not in seen:
+            sample.image.load()
+            seen.add(sample.image.source)
+    return len(seen)

@@ -1,6 +1,9 @@
 """On-disk cache of retain covariances (Eq. 13), so NCU's offline calibration pass (Sec. 3.3) runs once.
 
-One safetensors file per (model, retain data, layer), named by a sha256 key. Covariances are stored,
+One safetensors file per (model, retain data, layer), named by a sha256 key. The default folder is a
+user cache (:func:`default_cache_dir`), never the model's own folder; a local model is identified by
+its absolute path and its weight files' sizes and times (:func:`model_cache_id`), so a model
+rewritten at the same path gets fresh entries. Covariances are stored,
 not bases, so any rank r (Eq. 15) can be derived later without recalibrating. Files are written to a
 temporary name and ``os.replace``d, so a crash never leaves a half-written entry.
 """
@@ -20,6 +23,33 @@ from safetensors.torch import save_file
 
 from ..data.sample import Sample
 from .calibrate import ForwardFn, Inputs, LayerStats, collect_covariances, full_forward
+
+#: environment variable naming the covariance cache folder (overrides the XDG default)
+CACHE_ENV = "MLLM_UNLEARN_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$MLLM_UNLEARN_CACHE`` if set, else ``$XDG_CACHE_HOME/mllm-unlearn/ncu``, else
+    ``~/.cache/mllm-unlearn/ncu``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "mllm-unlearn" / "ncu"
+
+
+def model_cache_id(model: torch.nn.Module) -> str:
+    """The model's identity in cache keys: a hub id as it is (with the commit when known), a local
+    folder as its absolute path plus the name, size and modification time of its config and weight
+    files (a relative path or a model re-written in place then never hits another model's entries)."""
+    config = getattr(model, "config", None)
+    name = str(getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
+    folder = Path(name).expanduser()
+    if name and folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".bin") and p.is_file())
+        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return f"{folder.resolve()}@{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}"
+    commit = getattr(config, "_commit_hash", None)
+    return f"{name}@{commit}" if commit else name
 
 
 def cache_key(model_id: str, data_fingerprint: str, layer: str) -> str:

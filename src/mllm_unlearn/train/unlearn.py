@@ -12,9 +12,7 @@ process), each process trains on its shard of every batch, and only the main pro
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 from ..data.sample import BenchmarkData, DataError, Sample
 from ..methods.base import UnlearnContext, UnlearningMethod, distinct_images, get_method
 from ..models.loading import LoadedModel
+from ..models.scoring import encode_images, encode_pairs, image_batches
 from ..nullspace import (
     CovarianceCache,
     NCUConfig,
@@ -34,8 +33,10 @@ from ..nullspace import (
     trainable_parameters,
     unused_layers,
 )
+from ..nullspace.cache import default_cache_dir, model_cache_id
 from ..runtime import distributed
 from ..runtime.batching import seed_everything
+from ..runtime.outputs import atomic_dir
 from .loop import TrainConfig, run
 
 
@@ -53,7 +54,7 @@ class UnlearnConfig:
     grad_clip: float = 1.0
     ivr_level: str = "projector"
     seed: int = 0
-    cache_dir: str | None = None  # covariance cache (default: <model>/.ncu_cache when writable)
+    cache_dir: str | None = None  # covariance cache (default: nullspace.cache.default_cache_dir())
 
 
 def split_people(data: BenchmarkData, forget_people: Iterable[str] | None = None) -> tuple[list[Sample], list[Sample]]:
@@ -70,9 +71,20 @@ def split_people(data: BenchmarkData, forget_people: Iterable[str] | None = None
     return forget, retain
 
 
-def _image_inputs(lm: LoadedModel, images: Sequence[Sample], batch_size: int = 32) -> list[dict[str, Any]]:
-    return [lm.arch.encode(lm.processor, images[i:i + batch_size], [""] * len(images[i:i + batch_size])).inputs
-            for i in range(0, len(images), batch_size)]
+class _CalibrationInputs:
+    """Model inputs of the retain set, encoded lazily batch by batch (nothing is encoded when every
+    layer is cached): its images for a visual scope, its training pairs for the LLM."""
+
+    def __init__(self, lm: LoadedModel, items: Sequence[Sample], visual: bool) -> None:
+        self.lm, self.items = lm, items
+        self.size, self.encode = (32, encode_images) if visual else (16, encode_pairs)
+
+    def __len__(self) -> int:
+        return -(-len(self.items) // self.size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(0, len(self.items), self.size):
+            yield self.encode(self.lm, self.items[i:i + self.size]).inputs
 
 
 def attach_adapters(lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfig,
@@ -81,7 +93,9 @@ def attach_adapters(lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfi
 
     Calibration (Eq. 12-13) runs once over the retain set: its images for a visual scope (only the
     vision tower and projector run), its training pairs for the LLM. Covariances are cached on disk,
-    keyed by model + data + layer, so the next run with the same model and retain set reuses them.
+    keyed by model + data + layer, so the next run with the same model and retain set reuses them:
+    in ``cfg.cache_dir``, by default in the user cache (:func:`~mllm_unlearn.nullspace.default_cache_dir`),
+    never in the model's folder; a model with no name or path is not cached unless ``cache_dir`` is set.
 
     Several processes: every process calibrates on the same retain data (no process holds data the
     others lack, and nothing of size d x d per layer is sent); with a cache the main process goes
@@ -101,25 +115,19 @@ def attach_adapters(lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfi
     if visual:
         if not images:
             raise DataError("the retain set has no images to calibrate the visual module on")
-        exclude = unused_layers(lm.model, names, _image_inputs(lm, images[:8])[0])
+        exclude = unused_layers(lm.model, names, image_batches(lm, images[:8])[0])
         names = [n for n in names if n not in exclude]
     covariances = None
     if subspace == "null":
-        if visual:
-            inputs, forward = _image_inputs(lm, images), lambda m, x: lm.arch.image_features(m, x)
-            fingerprint_items = images
-        else:
-            inputs = [lm.arch.encode(lm.processor, retain[i:i + 16], [s.question for s in retain[i:i + 16]],
-                                     [s.answer for s in retain[i:i + 16]]).inputs
-                      for i in range(0, len(retain), 16)]
-            forward, fingerprint_items = full_forward, retain
-        model_id = str(getattr(lm.model, "name_or_path", "") or lm.model.config._name_or_path)
-        cache_root = cfg.cache_dir or (Path(model_id) / ".ncu_cache" if Path(model_id).is_dir() else None)
+        items = images if visual else retain
+        inputs = _CalibrationInputs(lm, items, visual)
+        forward = (lambda m, x: lm.arch.image_features(m, x)) if visual else full_forward
+        model_id = model_cache_id(lm.model)
+        cache_root = cfg.cache_dir or (default_cache_dir() if model_id else None)
         if cache_root is not None:
             with distributed.main_first():
                 covariances = cached_covariances(lm.model, names, inputs, cache=CovarianceCache(cache_root),
-                                                 model_id=model_id,
-                                                 data_fingerprint=fingerprint_samples(fingerprint_items),
+                                                 model_id=model_id, data_fingerprint=fingerprint_samples(items),
                                                  forward=forward)
         else:
             covariances = collect_covariances(lm.model, names, inputs, forward=forward)
@@ -168,11 +176,7 @@ def save_run(lm: LoadedModel, out_dir: str | Path, record: dict, *, merge: bool 
                          "saved adapter afterwards, or use a DDP / ZeRO-2 config")
 
     def write() -> None:
-        if out.exists():
-            raise FileExistsError(f"output folder {out} already exists; choose a new --out")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             lm.model.save_pretrained(tmp / "adapter", state_dict=state)
             (tmp / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
             if merge:
@@ -180,10 +184,6 @@ def save_run(lm: LoadedModel, out_dir: str | Path, record: dict, *, merge: bool 
                 merged.save_pretrained(tmp / "merged")
                 lm.processor.save_pretrained(tmp / "merged")
                 lm.model = merged
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     distributed.on_main(write)
     if merge and not distributed.is_main():
