@@ -24,6 +24,15 @@ SMALL = TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab
 WORLD_CONFIG = WorldConfig(n_people=20, n_real=6, seed=0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """NCU covariances go to a per-session folder, never the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLLM_UNLEARN_CACHE", str(tmp_path_factory.mktemp("ncu_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("world") / "mllmu", WORLD_CONFIG)
