@@ -1,30 +1,25 @@
-"""The baselines: each loss equals its formula, the mask/prune/scope guarantees hold, and every method
-runs end to end through the driver on a small world with a tiny random LLaVA."""
+"""The baselines on a small world with a tiny LLaVA: the mask/prune/scope guarantees hold, and every
+method, run through the driver, lowers the likelihood of the answers it is asked to forget. (Their
+loss formulas are tested on hand-made tensors in test_losses.py.)"""
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mllm_unlearn.methods import available_methods, get_method
 from mllm_unlearn.methods.base import UnlearnContext
-from mllm_unlearn.methods.baselines import (
-    fisher_mask,
-    ga_loss,
-    kl_divergence,
-    manu_scores,
-    npo_loss,
-    person_names,
-    select,
-    sequence_logprob,
-    simnpo_loss,
-    top_k_rows,
-)
+from mllm_unlearn.methods.baseline import select
+from mllm_unlearn.methods.siu import person_names
 from mllm_unlearn.models.loading import load_model
+from mllm_unlearn.models.scoring import answer_logprobs
 from mllm_unlearn.nullspace import lora_layers
+from mllm_unlearn.train.finetune import finetune
+from mllm_unlearn.train.loop import TrainConfig
 from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people, unlearn, unlearn_stage
 
 torch.set_num_threads(1)
@@ -34,8 +29,8 @@ BASELINES = ("ga", "ga_diff", "kl_min", "npo", "simnpo", "mmunlearner", "manu", 
 
 @pytest.fixture(scope="module")
 def setup(setup):
-    """(BenchmarkData, tiny model dir) of the shared small world."""
-    return setup[2], setup[3]
+    """(BenchmarkData, tiny model dir, world dir) of the shared small world."""
+    return setup[2], setup[3], setup[1]
 
 
 def context(lm, data, seed=0):
@@ -43,78 +38,23 @@ def context(lm, data, seed=0):
     return UnlearnContext(lm, forget, retain, batch_size=4, seed=seed)
 
 
-# -- the formulas, on hand-made tensors --------------------------------------------------------
-def test_ga_is_negative_nll():
-    assert ga_loss(torch.tensor(2.5)).item() == -2.5
-
-
-def test_npo_at_the_reference_is_2_log2_over_beta_and_falls_as_logp_falls():
-    logp = torch.tensor([-3.0, -7.0])
-    for beta in (0.1, 0.4):
-        assert npo_loss(logp, logp.clone(), beta).item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
-    by_hand = -(2 / 0.1) * F.logsigmoid(torch.tensor([-0.1 * -2.0, -0.1 * 1.0])).mean()
-    assert npo_loss(torch.tensor([-5.0, -6.0]), logp, 0.1).item() == pytest.approx(by_hand.item(), rel=1e-6)
-    assert npo_loss(logp - 10, logp, 0.1) < npo_loss(logp, logp, 0.1)  # forgetting lowers the loss
-
-
-def test_simnpo_uses_length_normalised_nll():
-    nll_sum, lengths = torch.tensor([2.0, 6.0]), torch.tensor([2.0, 3.0])  # per-token NLL 1 and 2
-    expected = -(2 / 4.5) * (math.log(1 / (1 + math.exp(-4.5))) + math.log(1 / (1 + math.exp(-9.0)))) / 2
-    assert simnpo_loss(nll_sum, lengths, 4.5, 0.0).item() == pytest.approx(expected, rel=1e-6)
-    delta = -(2 / 4.5) * (math.log(0.5) + math.log(1 / (1 + math.exp(-4.5)))) / 2
-    assert simnpo_loss(nll_sum, lengths, 4.5, 1.0).item() == pytest.approx(delta, rel=1e-6)
-
-
-def test_kl_direction_and_vocabulary_mask():
-    p, q = torch.tensor([[0.9, 0.1]]), torch.tensor([[0.5, 0.5]])
-    kl_pq = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
-    kl_qp = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
-    assert kl_divergence(p.log(), q.log()).item() == pytest.approx(kl_pq, rel=1e-5)
-    assert kl_divergence(q.log(), p.log()).item() == pytest.approx(kl_qp, rel=1e-5)
-    # batchmean over positions = PyTorch's kl_div(log q, p)
-    lp, lq = torch.randn(5, 7), torch.randn(5, 7)
-    torch_kl = F.kl_div(F.log_softmax(lq, -1), F.softmax(lp, -1), reduction="batchmean")
-    assert kl_divergence(lp, lq).item() == pytest.approx(torch_kl.item(), rel=1e-5)
-    # vocabulary mask: the masked column is dropped and both rows renormalised
-    p3, q3 = torch.tensor([[0.45, 0.05, 0.5]]), torch.tensor([[0.25, 0.25, 0.5]])
-    keep = torch.tensor([True, True, False])
-    assert kl_divergence(p3.log(), q3.log(), keep).item() == pytest.approx(kl_pq, rel=1e-5)
-    assert kl_divergence(torch.zeros(0, 3), torch.zeros(0, 3)).item() == 0.0
-
-
-def test_sequence_logprob_sums_per_row():
-    logits = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]))
-    targets, rows = torch.tensor([0, 1, 0]), torch.tensor([0, 0, 2])
-    logp, lengths = sequence_logprob(logits, targets, rows, 3)
-    assert torch.allclose(logp, torch.tensor([math.log(0.5 * 0.75), 0.0, math.log(0.9)]))
-    assert lengths.tolist() == [2, 0, 1]
-
-
-def test_fisher_mask_and_manu_scores_and_top_k():
-    f_f, f_p = torch.tensor([2.0, 1.0, 0.0, 3.0]), torch.tensor([1.0, 2.0, 0.0, 3.0])
-    assert fisher_mask(f_f, f_p).tolist() == [True, False, False, True]
-    assert fisher_mask(f_f, f_p, 2.0).tolist() == [True, False, False, False]
-    stats_f = {"mean_abs": torch.tensor([2.0, 1.0]), "std": torch.tensor([1.0, 1.0]),
-               "rms": torch.tensor([4.0, 1.0]), "freq": torch.tensor([1.0, 0.0])}
-    stats_r = {k: torch.ones(2) for k in stats_f}
-    w = {"mean_abs": 2.0, "std": 2.0, "rms": 2.0, "freq": 0.0}
-    expected = 2 * (2 / (1 + 1e-5) - 1) + 2 * (1 / (1 + 1e-5) - 1) + 2 * (4 / (1 + 1e-5) - 1)
-    assert manu_scores(stats_f, stats_r, w)[0].item() == pytest.approx(expected, rel=1e-6)
-    rows = top_k_rows({"a": torch.tensor([0.1, 5.0, 0.2]), "b": torch.tensor([3.0, 0.0, 4.0, 0.3])}, 0.4)
-    assert {k: v.tolist() for k, v in rows.items()} == {"a": [1], "b": [0, 2]}  # ceil(0.4 * 7) = 3
-
-
-def test_person_names_are_found_in_text_questions(setup):
-    data, _ = setup
+def test_person_names_are_the_name_words_no_one_else_carries(setup):
+    """person_names finds each person's name words in the text-only questions: exactly the words of
+    their true name (world.json) that no other person's name shares; shared words cannot identify."""
+    data, _, world = setup
+    true = {str(p["ID"]): p["name"].split() for p in json.loads((world / "world.json").read_text())["people"]}
+    owners = Counter(w for words in true.values() for w in set(words))
     names = person_names(data.train)
-    for s in data.train:
-        if s.image is None and s.question.startswith("What is") and s.question.endswith("'s job?"):
-            assert " ".join(names[s.person]) in s.question
+    assert set(names) == {s.person for s in data.train}
+    assert names == {p: [w for w in true[p] if owners[w] == 1] for p in names}
+    assert sum(map(bool, names.values())) >= len(names) - 1 and names["3"] == ["Bodil", "Ostrander"]
+    forget_person = split_people(data)[0][0].person
+    assert names[forget_person] == true[forget_person]  # the forget person is named in full
 
 
 # -- behaviour on the tiny model ---------------------------------------------------------------
 def test_ga_loss_is_minus_the_forget_nll_and_npo_starts_at_2_log2_over_beta(setup):
-    data, model = setup
+    data, model, _ = setup
     lm = attach_adapters(load_model(model), split_people(data)[1], UnlearnConfig(), get_method("ga"))
     loss, _ = get_method("ga")().loss(context(lm, data), 0)
     ctx = context(lm, data)
@@ -139,7 +79,7 @@ def test_ga_loss_is_minus_the_forget_nll_and_npo_starts_at_2_log2_over_beta(setu
 
 
 def test_manu_zeroes_exactly_the_top_k_rows(setup):
-    data, model = setup
+    data, model, _ = setup
     cls = get_method("manu")
     lm = attach_adapters(load_model(model), split_people(data)[1], UnlearnConfig(), cls)
     before = {n: m.get_base_layer().weight.detach().clone() for n, m in lora_layers(lm.model).items()}
@@ -162,7 +102,7 @@ def test_manu_zeroes_exactly_the_top_k_rows(setup):
 
 
 def test_mmunlearner_forget_step_leaves_masked_weights_unchanged(setup):
-    data, model = setup
+    data, model, _ = setup
     cls = get_method("mmunlearner")
     cfg = UnlearnConfig(steps=1, batch_size=4, warmup=1)
     lm = attach_adapters(load_model(model), split_people(data)[1], cfg, cls)
@@ -184,7 +124,7 @@ def test_mmunlearner_forget_step_leaves_masked_weights_unchanged(setup):
 @pytest.mark.parametrize("scope, frozen", [("llm", ("vision_tower", "multi_modal_projector")),
                                            ("visual", ("language_model", "lm_head"))])
 def test_scope_leaves_everything_outside_it_bit_identical(setup, scope, frozen):
-    data, model = setup
+    data, model, _ = setup
     lm = load_model(model)
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     lm, history = unlearn(lm, data, UnlearnConfig(method="ga", scope=scope, **FAST))
@@ -201,28 +141,41 @@ def test_scope_leaves_everything_outside_it_bit_identical(setup, scope, frozen):
     assert inside_lora and any(p.abs().sum() > 0 for p in inside_lora)
 
 
+@pytest.fixture(scope="module")
+def memorised(setup, tmp_path_factory):
+    """The tiny LLaVA fine-tuned on every training pair (answer NLL ~0.4 per token): something to forget."""
+    data, model, _ = setup
+    return finetune(load_model(model), data.train, TrainConfig(steps=400, lr=3e-3, batch_size=8, warmup=5),
+                    tmp_path_factory.mktemp("memorised") / "model")
+
+
+def forget_loglik(lm, samples):
+    """Mean over ``samples`` of the answer's summed log-probability given the question."""
+    with torch.no_grad():
+        return answer_logprobs(lm, samples, [s.question for s in samples], [s.answer for s in samples]).mean().item()
+
+
 @pytest.mark.parametrize("name", BASELINES)
-def test_every_baseline_runs_through_the_driver(setup, name):
-    data, model = setup
+def test_every_baseline_lowers_the_forget_answers_likelihood(setup, memorised, name):
+    """Through the driver, a few steps (MANU: its one pruning) lower the mean log-likelihood of the
+    forget pairs each method unlearns (its ``forget_modality``; SIU: the questions with the image,
+    whose answers it relabels) by more than 0.5 nats."""
+    data, _, _ = setup
     assert name in available_methods()
     cls = get_method(name)
-    options = {"mmunlearner": dict(fisher_samples=8), "manu": dict(max_samples=8)}.get(name, {})
-    lm = load_model(model)
-    base_before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    lm, history = unlearn(lm, data, UnlearnConfig(method=name, **FAST), cls.config_class(**options))
-    assert all(math.isfinite(row.get("loss", 0.0)) for row in history)
-    base = lm.model.get_base_model()
-    if name == "manu":
-        assert history[0]["pruned"] > 0
-        now = {n.replace(".base_layer", ""): p for n, p in base.named_parameters() if "lora_" not in n}
-        assert any(not torch.equal(now[n], base_before[n]) for n in base_before)
-    else:
-        assert len(history) == 2 and "loss" in history[0]
-        assert any("lora_B" in n and p.abs().sum() > 0 for n, p in base.named_parameters())
+    method_cfg = cls.config_class(**{"mmunlearner": dict(fisher_samples=8), "manu": dict(max_samples=8)}.get(name, {}))
+    targets = select(split_people(data)[0], "vqa" if name == "siu" else method_cfg.forget_modality)
+    lm = load_model(memorised)
+    before = forget_loglik(lm, targets)
+    lm, history = unlearn(lm, data, UnlearnConfig(method=name, steps=8, lr=1e-2, batch_size=4, warmup=1), method_cfg)
+    after = forget_loglik(lm, targets)
+    assert history and all(math.isfinite(row.get("loss", 0.0)) for row in history)
+    assert ("pruned" if name == "manu" else "loss") in history[0]
+    assert after < before - 0.5, f"{name}: forget log-likelihood {before:.3f} -> {after:.3f}"
 
 
 def test_siu_relabels_forget_images_to_an_unseen_identity(setup):
-    data, model = setup
+    data, model, _ = setup
     cls = get_method("siu")
     lm = attach_adapters(load_model(model), split_people(data)[1], UnlearnConfig(), cls)
     ctx = context(lm, data)

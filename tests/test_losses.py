@@ -1,11 +1,28 @@
-"""Each loss term equals its equation in the paper on small hand-computed tensors."""
+"""Each loss term equals its equation (the paper's, or a baseline's paper's) on small hand-computed tensors."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mllm_unlearn.methods.losses import cvf_loss, cvf_pull, cvf_push, nmse_push, pool, retention_mse, total_loss
+from mllm_unlearn.methods.losses import (
+    cvf_loss,
+    cvf_pull,
+    cvf_push,
+    fisher_mask,
+    ga_loss,
+    kl_divergence,
+    manu_scores,
+    nmse_push,
+    npo_loss,
+    pool,
+    retention_mse,
+    simnpo_loss,
+    top_k_rows,
+    total_loss,
+)
+from mllm_unlearn.models.scoring import sequence_logprob
 
 
 def test_pool_is_mean_over_tokens():  # Eq. 2
@@ -53,3 +70,64 @@ def test_retention_mse_averages_squared_token_distances():  # Eq. 9
     h_u = torch.zeros(1, 2, 2)
     h_r = torch.tensor([[[1.0, 1.0], [0.0, 2.0]]])  # squared distances 2 and 4 -> (1/N)||.||_F^2 = 3
     assert retention_mse(h_u, h_r).item() == pytest.approx(3.0)
+
+
+# -- the baselines' losses (each docstring cites its paper) ------------------------------------
+def test_ga_is_negative_nll():
+    assert ga_loss(torch.tensor(2.5)).item() == -2.5
+
+
+def test_npo_at_the_reference_is_2_log2_over_beta_and_falls_as_logp_falls():
+    logp = torch.tensor([-3.0, -7.0])
+    for beta in (0.1, 0.4):
+        assert npo_loss(logp, logp.clone(), beta).item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
+    by_hand = -(2 / 0.1) * F.logsigmoid(torch.tensor([-0.1 * -2.0, -0.1 * 1.0])).mean()
+    assert npo_loss(torch.tensor([-5.0, -6.0]), logp, 0.1).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert npo_loss(logp - 10, logp, 0.1) < npo_loss(logp, logp, 0.1)  # forgetting lowers the loss
+
+
+def test_simnpo_uses_length_normalised_nll():
+    nll_sum, lengths = torch.tensor([2.0, 6.0]), torch.tensor([2.0, 3.0])  # per-token NLL 1 and 2
+    expected = -(2 / 4.5) * (math.log(1 / (1 + math.exp(-4.5))) + math.log(1 / (1 + math.exp(-9.0)))) / 2
+    assert simnpo_loss(nll_sum, lengths, 4.5, 0.0).item() == pytest.approx(expected, rel=1e-6)
+    delta = -(2 / 4.5) * (math.log(0.5) + math.log(1 / (1 + math.exp(-4.5)))) / 2
+    assert simnpo_loss(nll_sum, lengths, 4.5, 1.0).item() == pytest.approx(delta, rel=1e-6)
+
+
+def test_kl_direction_and_vocabulary_mask():
+    p, q = torch.tensor([[0.9, 0.1]]), torch.tensor([[0.5, 0.5]])
+    kl_pq = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    kl_qp = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kl_divergence(p.log(), q.log()).item() == pytest.approx(kl_pq, rel=1e-5)
+    assert kl_divergence(q.log(), p.log()).item() == pytest.approx(kl_qp, rel=1e-5)
+    # batchmean over positions = PyTorch's kl_div(log q, p)
+    lp, lq = torch.randn(5, 7), torch.randn(5, 7)
+    torch_kl = F.kl_div(F.log_softmax(lq, -1), F.softmax(lp, -1), reduction="batchmean")
+    assert kl_divergence(lp, lq).item() == pytest.approx(torch_kl.item(), rel=1e-5)
+    # vocabulary mask: the masked column is dropped and both rows renormalised
+    p3, q3 = torch.tensor([[0.45, 0.05, 0.5]]), torch.tensor([[0.25, 0.25, 0.5]])
+    keep = torch.tensor([True, True, False])
+    assert kl_divergence(p3.log(), q3.log(), keep).item() == pytest.approx(kl_pq, rel=1e-5)
+    assert kl_divergence(torch.zeros(0, 3), torch.zeros(0, 3)).item() == 0.0
+
+
+def test_sequence_logprob_sums_per_row():
+    logits = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]))
+    targets, rows = torch.tensor([0, 1, 0]), torch.tensor([0, 0, 2])
+    logp, lengths = sequence_logprob(logits, targets, rows, 3)
+    assert torch.allclose(logp, torch.tensor([math.log(0.5 * 0.75), 0.0, math.log(0.9)]))
+    assert lengths.tolist() == [2, 0, 1]
+
+
+def test_fisher_mask_and_manu_scores_and_top_k():
+    f_f, f_p = torch.tensor([2.0, 1.0, 0.0, 3.0]), torch.tensor([1.0, 2.0, 0.0, 3.0])
+    assert fisher_mask(f_f, f_p).tolist() == [True, False, False, True]
+    assert fisher_mask(f_f, f_p, 2.0).tolist() == [True, False, False, False]
+    stats_f = {"mean_abs": torch.tensor([2.0, 1.0]), "std": torch.tensor([1.0, 1.0]),
+               "rms": torch.tensor([4.0, 1.0]), "freq": torch.tensor([1.0, 0.0])}
+    stats_r = {k: torch.ones(2) for k in stats_f}
+    w = {"mean_abs": 2.0, "std": 2.0, "rms": 2.0, "freq": 0.0}
+    expected = 2 * (2 / (1 + 1e-5) - 1) + 2 * (1 / (1 + 1e-5) - 1) + 2 * (4 / (1 + 1e-5) - 1)
+    assert manu_scores(stats_f, stats_r, w)[0].item() == pytest.approx(expected, rel=1e-6)
+    rows = top_k_rows({"a": torch.tensor([0.1, 5.0, 0.2]), "b": torch.tensor([3.0, 0.0, 4.0, 0.3])}, 0.4)
+    assert {k: v.tolist() for k, v in rows.items()} == {"a": [1], "b": [0, 2]}  # ceil(0.4 * 7) = 3

@@ -1,6 +1,7 @@
-"""Unlearning methods, each a small class that defines its loss, picked by name from a registry."""
+"""Unlearning methods, each a small class that defines its loss, picked by name from a registry.
+One module per method; importing it registers the method."""
 
-from . import baselines, cvf_ncu  # noqa: F401  (registers the methods)
+from . import cvf_ncu, ga, ga_diff, kl_min, manu, mmunlearner, npo, simnpo, siu  # noqa: F401  (registers them)
 from .base import UnlearnContext, UnlearningMethod, available_methods, get_method, register
 
 __all__ = ["UnlearnContext", "UnlearningMethod", "available_methods", "get_method", "register"]

@@ -17,9 +17,10 @@ import torch
 
 from ..data.sample import Sample
 from ..models.loading import LoadedModel
+from ..models.scoring import answer_nll, encode_images
 from ..nullspace import reference_model
 from ..runtime.batching import batches
-from ..runtime.distributed import shard, total, world_size
+from ..runtime.distributed import shard
 
 _METHODS: dict[str, type[UnlearningMethod]] = {}
 
@@ -64,22 +65,17 @@ class UnlearnContext:
         return shard(next(self._streams[name]))
 
     # -- common quantities ---------------------------------------------------------------------
-    def nll(self, samples: Sequence[Sample], *, reduction: str = "mean") -> torch.Tensor:
-        """Answer-token NLL (mean over tokens; ``reduction="sequence"`` gives per-sample sums)."""
-        lm = self.lm
-        batch = lm.arch.encode(lm.processor, samples, [s.question for s in samples],
-                               [s.answer for s in samples]).to(lm.model.device)
-        logits, targets, rows = lm.arch.answer_logits(lm.model, batch)
-        tok = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-        if reduction == "mean":  # several processes: over the answer tokens of the GLOBAL batch
-            return tok.mean() if world_size() == 1 else tok.sum() * world_size() / total(tok.numel())
-        return torch.zeros(len(samples), device=tok.device).index_add(0, rows, tok)
+    def nll(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """Mean answer-token NLL (over the GLOBAL batch's tokens with several processes):
+        :func:`~mllm_unlearn.models.scoring.answer_nll`. Per-sample sums:
+        :func:`~mllm_unlearn.models.scoring.answer_logprobs`."""
+        return answer_nll(self.lm, samples)
 
     def visual_tokens(self, samples: Sequence[Sample], *, reference: bool = False) -> torch.Tensor:
         """Token-level IVRs H (images, tokens, d) at ``ivr_level`` (Eq. 1 / Eq. 8); ``reference=True``
         gives the reference model's (adapters disabled, no gradient)."""
         lm = self.lm
-        batch = lm.arch.encode(lm.processor, samples, [""] * len(samples)).to(lm.model.device)
+        batch = encode_images(lm, samples)
         if reference:
             with torch.no_grad(), reference_model(lm.model):
                 return lm.arch.visual_tokens(lm.model, batch.inputs, self.ivr_level)

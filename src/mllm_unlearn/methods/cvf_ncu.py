@@ -2,9 +2,9 @@
 activations (Sec. 3.2-3.3). The null-space LoRA itself is set up by the driver (``default_subspace``);
 this class only defines the loss, Eq. 11:
 
-    alpha * (lambda * L_push + L_pull) + beta * L_RET + L_GUM
+    alpha * (lambda * L_push + L_pull) + beta * L_RET + L_GUM      (beta: ``ret_weight``)
 
-Choices the paper leaves open (see ``shared/reference/method-notes.md``), each an option here:
+Choices the paper leaves open (Sec. 3.1 does not fix them), each an option here:
 
 - ``queue_source``: the negative queue Q of Eq. 4 holds reference IVRs of *retain* images from
   previous steps (default). Holding the forget images' own reference IVRs (``forget``) puts
@@ -46,7 +46,7 @@ class CVFConfig:
     push saturates (L_push ~ 0.003) while the tokens keep the identity."""
 
     alpha: float = 5.0  # weight of L_CVF (Eq. 11)
-    beta: float = 1.0  # weight of L_RET (Eq. 11)
+    ret_weight: float = 1.0  # beta of Eq. 11: the weight of L_RET
     lam: float = 1.0  # lambda: push vs pull inside L_CVF (Eq. 7)
     tau: float = 0.07  # temperature of Eq. 3
     queue_size: int = 256  # reference IVRs kept as negatives (Eq. 4)
@@ -75,7 +75,7 @@ class CVFNCU(UnlearningMethod):
     default_scope = "visual"
     default_subspace = "null"
     # B lives in directions the retain set barely activates, and so do most forget inputs:
-    # it needs a far larger step than ordinary LoRA (method-notes, point 6).
+    # it needs a far larger step than ordinary LoRA (Sec. 3.2: the null space of the retain activations).
     default_lr = 3e-2
 
     def setup(self, ctx: UnlearnContext) -> None:
@@ -133,7 +133,7 @@ class CVFNCU(UnlearningMethod):
             keep = torch.randperm(len(z_rr))[: max(1, self.cfg.queue_size // 4)]  # fresh, varied negatives
             self._enqueue(z_rr[keep] - self.center)
 
-        loss = total_loss(cvf_loss(push, pull, cfg.lam), ret, gum, cfg.alpha, cfg.beta)
+        loss = total_loss(cvf_loss(push, pull, cfg.lam), ret, gum, cfg.alpha, cfg.ret_weight)
         with torch.no_grad():
             cos_ref = torch.nn.functional.cosine_similarity(z_fu - self.center, z_fr - self.center).mean()
         logs.update(push=push.item(), pull=pull.item(), ret=ret.item(), gum=gum.item(), cos_ref=cos_ref.item())

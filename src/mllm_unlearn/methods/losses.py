@@ -1,9 +1,16 @@
-"""The paper's loss terms as pure tensor functions (Sec. 3.1, Eq. 2-11), testable on hand-made tensors.
+"""Every loss as a pure tensor function, testable on hand-made tensors: the paper's terms (Sec. 3.1,
+Eq. 2-11) and the baselines' (each citing its own paper).
 
 Shapes: pooled IVRs ``z`` are (batch, d); token-level IVRs ``H`` are (batch, tokens, d).
+Baselines: NLL = mean answer-token negative log-likelihood of a batch; logp(y|x) = per-sequence
+SUMMED answer log-probability (:func:`mllm_unlearn.models.scoring.sequence_logprob`); "ref" = the
+model before unlearning.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +63,80 @@ def retention_mse(h_u: torch.Tensor, h_r: torch.Tensor) -> torch.Tensor:
 
 
 def total_loss(l_cvf: torch.Tensor, l_ret: torch.Tensor, l_gum: torch.Tensor, alpha: float,
-               beta: float) -> torch.Tensor:
-    """Eq. 11: alpha * L_CVF + beta * L_RET + L_GUM (L_GUM, Eq. 10, is the retain answer NLL)."""
-    return alpha * l_cvf + beta * l_ret + l_gum
+               ret_weight: float) -> torch.Tensor:
+    """Eq. 11: alpha * L_CVF + beta * L_RET + L_GUM, ``ret_weight`` = beta (L_GUM, Eq. 10, is the
+    retain answer NLL)."""
+    return alpha * l_cvf + ret_weight * l_ret + l_gum
+
+
+# -- the baselines' losses -----------------------------------------------------------------------
+def ga_loss(nll_forget: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent (Thudi et al. 2022, "Unrolling SGD"): -NLL(forget)."""
+    return -nll_forget
+
+
+def npo_loss(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO (Zhang et al. 2024, "Negative preference optimization"):
+    -(2/beta) * mean log sigmoid(-beta * (logp - logp_ref)), logp per-sequence summed, beta the
+    inverse temperature. Equals (2/beta) log 2 where the model still equals the reference."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - logp_ref)).mean()
+
+
+def simnpo_loss(nll_sum: torch.Tensor, lengths: torch.Tensor, beta: float, delta: float) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024, "Simplicity prevails"): -(2/beta) * mean log sigmoid(beta * (NLL_sum / |y|
+    - delta)), beta the inverse temperature, delta the reward margin; reference-free."""
+    return -(2.0 / beta) * F.logsigmoid(beta * (nll_sum / lengths - delta)).mean()
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor,
+                  vocab_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q) = sum_v p (log p - log q) per row (answer position), averaged over rows
+    (= ``F.kl_div(log q, p, reduction="batchmean")`` on (positions, vocab)); KL_Min's retain term
+    (Nguyen et al. 2020) and SIU's dual-masked KL (Li et al. 2024).
+
+    ``vocab_keep`` (bool, vocab): drop the other columns and renormalise both distributions
+    over the kept vocabulary (SIU's vocabulary mask). No rows gives 0.
+    """
+    if logits_p.shape[0] == 0:
+        return logits_q.sum() * 0.0
+    if vocab_keep is not None:
+        logits_p, logits_q = logits_p[:, vocab_keep], logits_q[:, vocab_keep]
+    log_p, log_q = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def fisher_mask(f_forget: torch.Tensor, f_preserve: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """MMUnlearner's weight-saliency mask (Huo et al. 2025), F_f / F_p >= threshold, written without the
+    division (F_f >= threshold * F_p); entries with no forget saliency at all (F_f = 0) are masked out."""
+    return (f_forget > 0) & (f_forget >= threshold * f_preserve)
+
+
+MANU_STATS = ("mean_abs", "std", "rms", "freq")
+
+
+def manu_scores(forget: Mapping[str, torch.Tensor], retain: Mapping[str, torch.Tensor],
+                weights: Mapping[str, float], eps: float = 1e-5) -> torch.Tensor:
+    """MANU's neuron score (Liu et al. 2025, "Modality-aware neuron pruning for unlearning in MLLMs"):
+    sum_s w_s * (I_s(D_f) / (I_s(D_r) + eps) - 1) over the activation statistics s of :data:`MANU_STATS`."""
+    score = torch.zeros_like(forget[MANU_STATS[0]])
+    for s in MANU_STATS:
+        if weights[s]:
+            score = score + weights[s] * (forget[s] / (retain[s] + eps) - 1)
+    return score
+
+
+def top_k_rows(scores: Mapping[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """MANU's pruning set: the rows (neurons) of the global top ``ceil(fraction * total)`` scores, per
+    layer (sorted)."""
+    names = list(scores)
+    flat = torch.cat([scores[n].flatten() for n in names])
+    k = min(len(flat), max(1, math.ceil(fraction * len(flat))))
+    chosen = torch.topk(flat, k).indices
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        rows = chosen[(chosen >= start) & (chosen < start + size)] - start
+        if len(rows):
+            out[n] = rows.sort().values
+        start += size
+    return out
