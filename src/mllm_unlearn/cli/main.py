@@ -235,6 +235,14 @@ def _unlearn_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--seed", type=int, default=0)
 
 
+def _model_command(sub, name: str, summary: str) -> argparse.ArgumentParser:
+    """A sub-command that reads ``--data`` and loads ``--model``."""
+    sp = sub.add_parser(name, help=summary)
+    _data_args(sp)
+    _model_args(sp)
+    return sp
+
+
 def _add_make_world(sub) -> None:
     sp = sub.add_parser("make-world", help="write the synthetic world in MLLMU-Bench's layout")
     sp.add_argument("--out", required=True)
@@ -254,9 +262,7 @@ def _add_make_tiny_model(sub) -> None:
 
 
 def _add_finetune(sub) -> None:
-    sp = sub.add_parser("finetune", help="memorisation fine-tune: base model -> vanilla model")
-    _data_args(sp)
-    _model_args(sp)
+    sp = _model_command(sub, "finetune", "memorisation fine-tune: base model -> vanilla model")
     sp.add_argument("--out", required=True)
     sp.add_argument("--steps", type=int, default=1500)
     sp.add_argument("--lr", type=float, default=1e-3)
@@ -270,9 +276,7 @@ def _add_finetune(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    sp = sub.add_parser("evaluate", help="Forget / Retain / Real-world x VQA / QA")
-    _data_args(sp)
-    _model_args(sp)
+    sp = _model_command(sub, "evaluate", "Forget / Retain / Real-world x VQA / QA")
     sp.add_argument("--mcq-mode", default="generate", choices=_MCQ_MODES)
     sp.add_argument("--batch-size", dest="eval_batch_size", metavar="BATCH_SIZE", type=int, default=32)
     sp.add_argument("--max-new-tokens", type=int, default=50)
@@ -282,9 +286,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_unlearn(sub) -> None:
-    sp = sub.add_parser("unlearn", help="forget the --forget people's visual identity")
-    _data_args(sp)
-    _model_args(sp)
+    sp = _model_command(sub, "unlearn", "forget the --forget people's visual identity")
     sp.add_argument("--method", default="cvf_ncu")
     sp.add_argument("--out", required=True, help="run folder: adapter/ (PEFT), run.json, merged/ with --merge")
     _unlearn_args(sp)
@@ -300,9 +302,7 @@ def _add_unlearn(sub) -> None:
 
 
 def _add_ablations(sub) -> None:
-    sp = sub.add_parser("ablations", help="paper Table 2: every CVF / NCU component switched off, one row each")
-    _data_args(sp)
-    _model_args(sp)
+    sp = _model_command(sub, "ablations", "paper Table 2: every CVF / NCU component switched off, one row each")
     sp.add_argument("--out", required=True)
     _unlearn_args(sp)
     sp.set_defaults(fn=cmd_ablations)
