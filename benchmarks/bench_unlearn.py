@@ -77,14 +77,27 @@ def measure(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     out["step_s"] = sorted(times[3:])[len(times[3:]) // 2]  # median after warm-up
-    out["peak_bytes"] = (torch.cuda.max_memory_allocated() if device == "cuda"
-                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out["peak_bytes"] = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return out
 
 
 def child(what: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", what, "--model", args.model, "--data", args.data,
-           "--steps", str(args.steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        what,
+        "--model",
+        args.model,
+        "--data",
+        args.data,
+        "--steps",
+        str(args.steps),
+    ]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -104,16 +117,23 @@ def main() -> None:
             from mllm_unlearn.data.mllmu import read_mllmu
             from mllm_unlearn.data.world import make_world
             from mllm_unlearn.models.tiny import corpus_for, make_tiny_model
+
             args.data = str(make_world(Path(tmp) / "world"))
             args.model = str(make_tiny_model("llava", Path(tmp) / "tiny", corpus_for(read_mllmu(args.data))))
         plain, ours, calib = child("retain_nll", args), child("cvf_ncu", args), child("calibration", args)
-    print(f"cvf_ncu step time / retain-NLL step time: {ours['step_s'] / plain['step_s']:.2f} "
-          f"({1000 * ours['step_s']:.0f} ms vs {1000 * plain['step_s']:.0f} ms)")
-    print(f"cvf_ncu peak memory / retain-NLL peak memory: {ours['peak_bytes'] / plain['peak_bytes']:.2f} "
-          f"({ours['peak_bytes'] / 2**20:.0f} MiB vs {plain['peak_bytes'] / 2**20:.0f} MiB)")
-    print(f"NCU calibration time / one evaluation pass over the retain set: "
-          f"{calib['calibration_s'] / calib['eval_retain_s']:.2f} "
-          f"({calib['calibration_s']:.1f} s vs {calib['eval_retain_s']:.1f} s)")
+    print(
+        f"cvf_ncu step time / retain-NLL step time: {ours['step_s'] / plain['step_s']:.2f} "
+        f"({1000 * ours['step_s']:.0f} ms vs {1000 * plain['step_s']:.0f} ms)"
+    )
+    print(
+        f"cvf_ncu peak memory / retain-NLL peak memory: {ours['peak_bytes'] / plain['peak_bytes']:.2f} "
+        f"({ours['peak_bytes'] / 2**20:.0f} MiB vs {plain['peak_bytes'] / 2**20:.0f} MiB)"
+    )
+    print(
+        f"NCU calibration time / one evaluation pass over the retain set: "
+        f"{calib['calibration_s'] / calib['eval_retain_s']:.2f} "
+        f"({calib['calibration_s']:.1f} s vs {calib['eval_retain_s']:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def summary(world) -> dict:
     import json
+
     return json.loads((world / "world.json").read_text())
 
 
@@ -89,5 +90,4 @@ def tiny_corpus() -> list[str]:
     from mllm_unlearn.data.prompts import format_mcq
 
     train, mcq = job_items()
-    return [f"USER: <image>\n{format_mcq(s.question, s.options)}\nASSISTANT: {s.correct} {s.answer}"
-            for s in mcq] * 5
+    return [f"USER: <image>\n{format_mcq(s.question, s.options)}\nASSISTANT: {s.correct} {s.answer}" for s in mcq] * 5

@@ -57,15 +57,19 @@ def common(world: Path, model: Path | str) -> list[str]:
 
 # ------------------------------------------------------------------ 1. corrupt images, found up front
 
-@pytest.mark.parametrize(("command", "folder", "extra"), [
-    ("evaluate", "forget_10", []),  # an evaluation split
-    ("evaluate", "Test_Set", []),  # its images are a list column
-    ("finetune", "ft_Data", ["--steps", "1"]),  # the training pairs
-    ("unlearn", "ft_Data", ["--steps", "1"]),
-    ("unlearn", "ft_Data", ["--steps", "1", "--no-eval"]),  # calibration and training still decode them
-    ("unlearn", "retain_90", ["--steps", "1"]),  # used to fail only after training
-    ("ablations", "Retain_Set", ["--steps", "1"]),
-])
+
+@pytest.mark.parametrize(
+    ("command", "folder", "extra"),
+    [
+        ("evaluate", "forget_10", []),  # an evaluation split
+        ("evaluate", "Test_Set", []),  # its images are a list column
+        ("finetune", "ft_Data", ["--steps", "1"]),  # the training pairs
+        ("unlearn", "ft_Data", ["--steps", "1"]),
+        ("unlearn", "ft_Data", ["--steps", "1", "--no-eval"]),  # calibration and training still decode them
+        ("unlearn", "retain_90", ["--steps", "1"]),  # used to fail only after training
+        ("ablations", "Retain_Set", ["--steps", "1"]),
+    ],
+)
 def test_a_corrupt_image_is_refused_before_loading(setup, tmp_path, capsys, no_model, command, folder, extra):
     _, world, _, model = setup
     root, file = corrupt_image(world, tmp_path, folder)
@@ -78,6 +82,7 @@ def test_a_corrupt_image_is_refused_before_loading(setup, tmp_path, capsys, no_m
 
 
 # ------------------------------------------------------------------ 2. --model
+
 
 @pytest.mark.parametrize("typo", ["./no-such-model", "runs/ft/vanila", "/no/such/model", "~/no-such-model-x"])
 def test_a_missing_local_model_folder_is_named(setup, tmp_path, capsys, monkeypatch, typo):
@@ -124,11 +129,15 @@ def test_a_hub_id_still_goes_to_from_pretrained(monkeypatch):
 
 # ------------------------------------------------------------------ 3. --opt
 
-@pytest.mark.parametrize(("opt", "parts"), [
-    ("pull=ture", ("pull='ture'", "expected a boolean")),
-    ("alpha=abc", ("alpha='abc'", "expected float")),
-    ("nosuch=1", ("'nosuch=1'", "options: ")),
-])
+
+@pytest.mark.parametrize(
+    ("opt", "parts"),
+    [
+        ("pull=ture", ("pull='ture'", "expected a boolean")),
+        ("alpha=abc", ("alpha='abc'", "expected float")),
+        ("nosuch=1", ("'nosuch=1'", "options: ")),
+    ],
+)
 def test_a_bad_method_option_is_named_before_loading(setup, tmp_path, capsys, no_model, opt, parts):
     _, world, _, model = setup
     out = tmp_path / "run"
@@ -138,6 +147,7 @@ def test_a_bad_method_option_is_named_before_loading(setup, tmp_path, capsys, no
 
 
 # ------------------------------------------------------------------ 5. output paths checked first
+
 
 def test_finetune_out_that_is_a_file_is_refused_before_loading(setup, tmp_path, capsys, no_model):
     _, world, _, model = setup
@@ -170,8 +180,10 @@ def test_an_unwritable_cache_dir_is_refused_before_loading(setup, tmp_path, caps
     _, world, _, model = setup
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    assert main(["unlearn", *common(world, model), "--out", str(tmp_path / "run"),
-                 "--cache-dir", str(blocker / "cache")]) == 2
+    assert (
+        main(["unlearn", *common(world, model), "--out", str(tmp_path / "run"), "--cache-dir", str(blocker / "cache")])
+        == 2
+    )
     refused(capsys, str(blocker / "cache"), "not a folder")
     assert not no_model
 
@@ -191,6 +203,7 @@ def test_evaluate_out_in_a_missing_folder_is_created(setup, tmp_path):
 
 
 # ------------------------------------------------------------------ 6. the NCU cache lives in a user cache folder
+
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     from mllm_unlearn.nullspace.cache import default_cache_dir
@@ -225,6 +238,7 @@ def test_unlearn_leaves_the_model_folder_alone_and_caches_in_the_user_cache(setu
 
 
 # ------------------------------------------------------------------ messages under accelerate launch
+
 
 def test_errors_print_once_per_launch(setup, tmp_path, capsys, monkeypatch, no_model):
     """Every process of ``accelerate launch`` hits the same error; only the main one prints it."""

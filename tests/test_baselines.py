@@ -121,8 +121,9 @@ def test_mmunlearner_forget_step_leaves_masked_weights_unchanged(setup):
     assert not any(method.masks[n].any() for n in method.masks if "lora_A" in n)  # B = 0 at mask time
 
 
-@pytest.mark.parametrize("scope, frozen", [("llm", ("vision_tower", "multi_modal_projector")),
-                                           ("visual", ("language_model", "lm_head"))])
+@pytest.mark.parametrize(
+    "scope, frozen", [("llm", ("vision_tower", "multi_modal_projector")), ("visual", ("language_model", "lm_head"))]
+)
 def test_scope_leaves_everything_outside_it_bit_identical(setup, scope, frozen):
     data, model, _ = setup
     lm = load_model(model)
@@ -145,8 +146,12 @@ def test_scope_leaves_everything_outside_it_bit_identical(setup, scope, frozen):
 def memorised(setup, tmp_path_factory):
     """The tiny LLaVA fine-tuned on every training pair (answer NLL ~0.4 per token): something to forget."""
     data, model, _ = setup
-    return finetune(load_model(model), data.train, TrainConfig(steps=400, lr=3e-3, batch_size=8, warmup=5),
-                    tmp_path_factory.mktemp("memorised") / "model")
+    return finetune(
+        load_model(model),
+        data.train,
+        TrainConfig(steps=400, lr=3e-3, batch_size=8, warmup=5),
+        tmp_path_factory.mktemp("memorised") / "model",
+    )
 
 
 def forget_loglik(lm, samples):

@@ -55,26 +55,52 @@ def write(folder: Path, rows: list[dict], schema: pa.Schema, name: str = PARQUET
 # ================================================================ CLEAR fixture
 
 CLEAR_IMAGE_SCHEMA = pa.schema([("image", IMAGE), ("caption", pa.string()), ("name", pa.string())])
-CLEAR_TOFU_SCHEMA = pa.schema([("image", IMAGE), ("caption", pa.string()), ("name", pa.string()),
-                               ("question", pa.string()), ("answer", pa.string())])
-CLEAR_PERTURBED_SCHEMA = pa.schema([("image", IMAGE), ("caption", pa.string()), ("name", pa.string()),
-                                    ("paraphrased_caption", pa.string()),
-                                    ("perturbed_captions", pa.list_(pa.string())),
-                                    ("perturbed_names", pa.list_(pa.string()))])
+CLEAR_TOFU_SCHEMA = pa.schema(
+    [
+        ("image", IMAGE),
+        ("caption", pa.string()),
+        ("name", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+    ]
+)
+CLEAR_PERTURBED_SCHEMA = pa.schema(
+    [
+        ("image", IMAGE),
+        ("caption", pa.string()),
+        ("name", pa.string()),
+        ("paraphrased_caption", pa.string()),
+        ("perturbed_captions", pa.list_(pa.string())),
+        ("perturbed_names", pa.list_(pa.string())),
+    ]
+)
 REAL_FACES_SCHEMA = pa.schema([("image", IMAGE), ("answer", pa.string()), ("options", pa.list_(pa.string()))])
-REAL_WORLD_SCHEMA = pa.schema([("question", pa.string()), ("answer", pa.string()), ("image", IMAGE),
-                               ("prompt", pa.string()), ("options", pa.list_(pa.string()))])
+REAL_WORLD_SCHEMA = pa.schema(
+    [
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("image", IMAGE),
+        ("prompt", pa.string()),
+        ("options", pa.list_(pa.string())),
+    ]
+)
 
 CLEAR_PEOPLE = ["Ava Stone", "Ben Cole", "Cara Diaz", "Dan Eads", "Eve Fox"]
 CLEAR_FORGET05 = ["Dan Eads", "Eve Fox"]
-PERTURBED = {"Dan Eads": ["Don Eads", "Dan Earl", "Dana Ebb"], "Eve Fox": ["Eva Fox", "Eve Fix", "Ivy Fox"],
-             "Ava Stone": ["Ava Stern", "Eva Stone", "Ada Stone", "Ava Stowe"]}  # 4 names: 5 options
+PERTURBED = {
+    "Dan Eads": ["Don Eads", "Dan Earl", "Dana Ebb"],
+    "Eve Fox": ["Eva Fox", "Eve Fix", "Ivy Fox"],
+    "Ava Stone": ["Ava Stern", "Eva Stone", "Ada Stone", "Ava Stowe"],
+}  # 4 names: 5 options
 PHOTOS = 2  # photos per person
 
 
 def clear_image_rows(people: list[str], photos: int = PHOTOS) -> list[dict]:
-    return [{"image": image(10 * CLEAR_PEOPLE.index(p) + k), "caption": f"{p} at a desk, photo {k}.", "name": p}
-            for p in people for k in range(photos)]
+    return [
+        {"image": image(10 * CLEAR_PEOPLE.index(p) + k), "caption": f"{p} at a desk, photo {k}.", "name": p}
+        for p in people
+        for k in range(photos)
+    ]
 
 
 def tofu_rows(people: list[str]) -> list[dict]:
@@ -91,8 +117,15 @@ def tofu_rows(people: list[str]) -> list[dict]:
 
 
 def perturbed_rows(people: list[str]) -> list[dict]:
-    return [{**r, "paraphrased_caption": r["caption"] + " (paraphrased)", "perturbed_captions": ["x", "y"],
-             "perturbed_names": PERTURBED[r["name"]]} for r in clear_image_rows(people)]
+    return [
+        {
+            **r,
+            "paraphrased_caption": r["caption"] + " (paraphrased)",
+            "perturbed_captions": ["x", "y"],
+            "perturbed_names": PERTURBED[r["name"]],
+        }
+        for r in clear_image_rows(people)
+    ]
 
 
 def write_clear(root: Path) -> Path:
@@ -112,16 +145,34 @@ def write_clear(root: Path) -> Path:
     write(root / "forget01_perturbed", perturbed_rows(["Eve Fox"]), CLEAR_PERTURBED_SCHEMA)
     retain99 = CLEAR_PEOPLE[:4]
     write(root / "retain99+tofu", clear_image_rows(retain99) + tofu_rows(retain99), CLEAR_TOFU_SCHEMA)
-    write(root / "real_faces", [
-        {"image": image(100), "answer": "Tom Hanks", "options": ["Tom Cruise", "Brad Pitt", "Matt Damon"]},
-        {"image": None, "answer": "Meryl Streep", "options": ["Emma Stone", "Viola Davis", "Meryl Streep"]},
-    ], REAL_FACES_SCHEMA)
-    write(root / "real_world", [
-        {"question": "What colour is the car?", "answer": "red", "image": image(101), "prompt": "p",
-         "options": ["blue", "green", "yellow"]},
-        {"question": "How many dogs are there?", "answer": "two", "image": image(102), "prompt": "p",
-         "options": ["one", "three", "four"]},
-    ], REAL_WORLD_SCHEMA)
+    write(
+        root / "real_faces",
+        [
+            {"image": image(100), "answer": "Tom Hanks", "options": ["Tom Cruise", "Brad Pitt", "Matt Damon"]},
+            {"image": None, "answer": "Meryl Streep", "options": ["Emma Stone", "Viola Davis", "Meryl Streep"]},
+        ],
+        REAL_FACES_SCHEMA,
+    )
+    write(
+        root / "real_world",
+        [
+            {
+                "question": "What colour is the car?",
+                "answer": "red",
+                "image": image(101),
+                "prompt": "p",
+                "options": ["blue", "green", "yellow"],
+            },
+            {
+                "question": "How many dogs are there?",
+                "answer": "two",
+                "image": image(102),
+                "prompt": "p",
+                "options": ["one", "three", "four"],
+            },
+        ],
+        REAL_WORLD_SCHEMA,
+    )
     return root
 
 
@@ -145,13 +196,21 @@ def test_clear_split_counts(clear: BenchmarkData) -> None:
     assert clear.retain_people == set(CLEAR_PEOPLE) - set(CLEAR_FORGET05)
     assert not clear.forget_people & clear.retain_people
     # forget: name MCQ + caption on each person's first photo, plus their TOFU questions
-    assert counts(clear.splits["forget"]) == {("mcq", "vqa"): n_forget, ("gen", "vqa"): n_forget,
-                                              ("gen", "qa"): n_forget}
+    assert counts(clear.splits["forget"]) == {
+        ("mcq", "vqa"): n_forget,
+        ("gen", "vqa"): n_forget,
+        ("gen", "qa"): n_forget,
+    }
     # test: the other photos of the forget people
-    assert counts(clear.splits["test"]) == {("mcq", "vqa"): n_forget * (PHOTOS - 1),
-                                            ("gen", "vqa"): n_forget * (PHOTOS - 1)}
-    assert counts(clear.splits["retain"]) == {("mcq", "vqa"): n_retain * PHOTOS, ("gen", "vqa"): n_retain * PHOTOS,
-                                              ("gen", "qa"): n_retain}
+    assert counts(clear.splits["test"]) == {
+        ("mcq", "vqa"): n_forget * (PHOTOS - 1),
+        ("gen", "vqa"): n_forget * (PHOTOS - 1),
+    }
+    assert counts(clear.splits["retain"]) == {
+        ("mcq", "vqa"): n_retain * PHOTOS,
+        ("gen", "vqa"): n_retain * PHOTOS,
+        ("gen", "qa"): n_retain,
+    }
     assert counts(clear.splits["real"]) == {("mcq", "vqa"): 3, ("mcq", "qa"): 1}
     assert counts(clear.train) == {("qa", "vqa"): 2 * PHOTOS * len(CLEAR_PEOPLE), ("qa", "qa"): len(CLEAR_PEOPLE)}
     assert {s.person for s in clear.items("forget") + clear.items("test")} == set(CLEAR_FORGET05)
@@ -181,8 +240,9 @@ def test_clear_name_mcq_holds_gold_and_perturbed_names(clear: BenchmarkData, cle
     # the gold name does not always sit at the same letter, and reading again gives the same letters
     assert len({s.correct for split in ("forget", "retain", "test") for s in clear.items(split, task="mcq")}) > 1
     again = read_clear(clear_root)
-    assert [(s.id, s.correct) for s in again.items("retain", "mcq")] == \
-           [(s.id, s.correct) for s in clear.items("retain", "mcq")]
+    assert [(s.id, s.correct) for s in again.items("retain", "mcq")] == [
+        (s.id, s.correct) for s in clear.items("retain", "mcq")
+    ]
 
 
 def test_clear_caption_tofu_and_real_items(clear: BenchmarkData) -> None:
@@ -206,8 +266,7 @@ def test_clear_single_photo_reuses_forget_as_test_and_reads_tofu_only_config(cle
     data = read_clear(clear_root, forget="forget01")
     assert data.forget_people == {"Eve Fox"} and data.retain_people == set(CLEAR_PEOPLE[:4])
     assert data.splits["test"] == data.items("forget", modality="vqa")
-    assert counts(data.splits["retain"]) == {("mcq", "vqa"): 4 * PHOTOS, ("gen", "vqa"): 4 * PHOTOS,
-                                             ("gen", "qa"): 4}
+    assert counts(data.splits["retain"]) == {("mcq", "vqa"): 4 * PHOTOS, ("gen", "vqa"): 4 * PHOTOS, ("gen", "qa"): 4}
     capped = read_clear(clear_root, images_per_person=1, n_options=2, real=())
     assert "real" not in capped.splits
     assert counts(capped.splits["retain"])[("mcq", "vqa")] == len(capped.retain_people)
@@ -217,8 +276,11 @@ def test_clear_single_photo_reuses_forget_as_test_and_reads_tofu_only_config(cle
 def test_clear_errors_name_file_and_column(clear_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "CLEAR"
     shutil.copytree(clear_root, root)
-    bad = write(root / "forget05", [{"image": image(1), "name": "Dan Eads"}],
-                pa.schema([("image", IMAGE), ("name", pa.string())]))
+    bad = write(
+        root / "forget05",
+        [{"image": image(1), "name": "Dan Eads"}],
+        pa.schema([("image", IMAGE), ("name", pa.string())]),
+    )
     with pytest.raises(DataError, match=rf"{re.escape(str(bad))}.*column 'caption' is missing"):
         read_clear(root)
     with pytest.raises(DataError, match="forgetNN"):
@@ -239,9 +301,18 @@ def test_clear_errors_name_file_and_column(clear_root: Path, tmp_path: Path) -> 
 
 # ================================================================ UMU-Bench fixture
 
-UMU_SCHEMA = pa.schema([("ID", pa.int64()), ("image", IMAGE), ("Biography", pa.string()), ("MM_QA", pa.string()),
-                        ("UM_QA", pa.string()), ("Classify", pa.string()), ("Cloze", pa.string()),
-                        ("Generation", pa.string())])
+UMU_SCHEMA = pa.schema(
+    [
+        ("ID", pa.int64()),
+        ("image", IMAGE),
+        ("Biography", pa.string()),
+        ("MM_QA", pa.string()),
+        ("UM_QA", pa.string()),
+        ("Classify", pa.string()),
+        ("Cloze", pa.string()),
+        ("Generation", pa.string()),
+    ]
+)
 JOBS = ["baker", "pilot", "dentist", "farmer"]
 CITIES = ["Lima", "Oslo", "Perth", "Quito"]
 UMU_FORGET, UMU_RETAIN, UMU_REAL = [1, 2], [3, 4, 5], [101, 102]
@@ -254,27 +325,43 @@ def umu_row(pid: int, multimodal_key: str = "muitimodal") -> dict:
     job_letter = "ABCD"[JOBS.index(job)]
     city_letter = "ABCD"[CITIES.index(city)]
     classify = {
-        "unimodal": {"job": {"question": f"What is {name}'s job?", "options": job_options,
-                             "answer": f"{job_letter}. {job}"},
-                     "city": {"question": f"Where does {name} live?", "options": city_options,
-                              "answer": city_letter}},  # a bare letter
-        multimodal_key: {"job": {"question": "What is this person's job?", "options": job_options,
-                                 "answer": f"{job_letter}. {job}"},
-                         "city": {"question": "Where does this person live?", "options": city_options,
-                                  "answer": city}},  # the option's text only
+        "unimodal": {
+            "job": {"question": f"What is {name}'s job?", "options": job_options, "answer": f"{job_letter}. {job}"},
+            "city": {"question": f"Where does {name} live?", "options": city_options, "answer": city_letter},
+        },  # a bare letter
+        multimodal_key: {
+            "job": {"question": "What is this person's job?", "options": job_options, "answer": f"{job_letter}. {job}"},
+            "city": {"question": "Where does this person live?", "options": city_options, "answer": city},
+        },  # the option's text only
     }
-    cloze = {"unimodal": {"job": {"question": f"{name} works as a ____.", "answer": job}},
-             multimodal_key: {"job": {"question": "The person in the image works as a ____.", "answer": job}}}
-    generation = {"unimodal": {"bio": {"question": f"Tell me about {name}.",
-                                       "answer": f"{name} is a {job} in {city}."}},
-                  multimodal_key: {"bio": {"question": "Tell me about this person.",
-                                           "answer": f"This is {name}, a {job} in {city}."}}}
-    mm_qa = {"question": {0: "What is this person's name?", 1: "What does this person do?"},
-             "answer": {0: name, 1: f"This person is a {job}."}}
-    um_qa = {"question": {0: f"Where does {name} live?", 1: f"What does {name} do?"},
-             "answer": {0: city, 1: f"{name} is a {job}."}}
-    return {"ID": pid, "image": image(pid), "Biography": f"{name} is a {job}.", "MM_QA": repr(mm_qa),
-            "UM_QA": repr(um_qa), "Classify": repr(classify), "Cloze": repr(cloze), "Generation": repr(generation)}
+    cloze = {
+        "unimodal": {"job": {"question": f"{name} works as a ____.", "answer": job}},
+        multimodal_key: {"job": {"question": "The person in the image works as a ____.", "answer": job}},
+    }
+    generation = {
+        "unimodal": {"bio": {"question": f"Tell me about {name}.", "answer": f"{name} is a {job} in {city}."}},
+        multimodal_key: {
+            "bio": {"question": "Tell me about this person.", "answer": f"This is {name}, a {job} in {city}."}
+        },
+    }
+    mm_qa = {
+        "question": {0: "What is this person's name?", 1: "What does this person do?"},
+        "answer": {0: name, 1: f"This person is a {job}."},
+    }
+    um_qa = {
+        "question": {0: f"Where does {name} live?", 1: f"What does {name} do?"},
+        "answer": {0: city, 1: f"{name} is a {job}."},
+    }
+    return {
+        "ID": pid,
+        "image": image(pid),
+        "Biography": f"{name} is a {job}.",
+        "MM_QA": repr(mm_qa),
+        "UM_QA": repr(um_qa),
+        "Classify": repr(classify),
+        "Cloze": repr(cloze),
+        "Generation": repr(generation),
+    }
 
 
 def write_umu(root: Path) -> Path:
@@ -294,8 +381,14 @@ def umu(umu_root: Path) -> BenchmarkData:
     return read_umu(umu_root)
 
 
-PER_PROFILE = {("mcq", "qa"): 2, ("mcq", "vqa"): 2, ("cloze", "qa"): 1, ("cloze", "vqa"): 1,
-               ("gen", "qa"): 1, ("gen", "vqa"): 1}
+PER_PROFILE = {
+    ("mcq", "qa"): 2,
+    ("mcq", "vqa"): 2,
+    ("cloze", "qa"): 1,
+    ("cloze", "vqa"): 1,
+    ("gen", "qa"): 1,
+    ("gen", "vqa"): 1,
+}
 
 
 def test_umu_split_counts(umu: BenchmarkData, umu_root: Path) -> None:
@@ -333,8 +426,9 @@ def test_umu_pairs_unimodal_with_multimodal_by_id(umu: BenchmarkData) -> None:
     assert cross_modal(pairs) == {"both_right": 0.5, "both_wrong": 0.25}
 
 
-def test_umu_rejects_non_literal_without_running_it(umu_root: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_umu_rejects_non_literal_without_running_it(
+    umu_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "umu"
     shutil.copytree(umu_root, root)
     marker = tmp_path / "was_run"
@@ -393,6 +487,7 @@ def test_umu_errors_name_file_row_and_column(umu_root: Path, tmp_path: Path) -> 
 
 # ================================================================ protocols
 
+
 def test_umu_mcq_body_gives_umus_prompt_under_the_llava_template() -> None:
     from mllm_unlearn.models import get_arch
 
@@ -417,14 +512,17 @@ def test_match_option_text() -> None:
 
 
 def test_cross_modal() -> None:
-    assert cross_modal([(True, True), (False, False), (True, False), (False, True)]) == \
-           {"both_right": 0.25, "both_wrong": 0.25}
+    assert cross_modal([(True, True), (False, False), (True, False), (False, True)]) == {
+        "both_right": 0.25,
+        "both_wrong": 0.25,
+    }
     assert cross_modal([(True, True)]) == {"both_right": 1.0, "both_wrong": 0.0}
     with pytest.raises(ValueError):
         cross_modal([])
 
 
 # ================================================================ registry
+
 
 def test_read_benchmark_defaults_and_unknown_kind(clear_root: Path, umu_root: Path, world: Path) -> None:
     assert set(READERS) == {"mllmu", "clear", "umu"}
@@ -437,6 +535,7 @@ def test_read_benchmark_defaults_and_unknown_kind(clear_root: Path, umu_root: Pa
 
 
 # ================================================================ end to end
+
 
 def test_harness_scores_every_item_of_both_readers(clear: BenchmarkData, umu: BenchmarkData, tmp_path: Path) -> None:
     model_dir = make_tiny_model("llava", tmp_path / "tiny", corpus_for(clear) + corpus_for(umu), sizes=SMALL)
@@ -458,8 +557,28 @@ def test_evaluate_cli_on_umu_uses_its_protocol_and_cross_modal_metrics(umu_root:
 
     model = make_tiny_model("llava", tmp_path / "tiny", corpus_for(read_benchmark("umu", umu_root)), sizes=SMALL)
     out = tmp_path / "m.json"
-    assert main(["evaluate", "--benchmark", "umu", "--model", str(model), "--data", str(umu_root),
-                 "--mcq-mode", "both", "--max-new-tokens", "4", "--name", "t", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--benchmark",
+                "umu",
+                "--model",
+                str(model),
+                "--data",
+                str(umu_root),
+                "--mcq-mode",
+                "both",
+                "--max-new-tokens",
+                "4",
+                "--name",
+                "t",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())["t"]
     for split in ("forget", "retain"):
         assert 0.0 <= metrics[f"{split}_both_right"] + metrics[f"{split}_both_wrong"] <= 1.0

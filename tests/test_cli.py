@@ -30,8 +30,26 @@ def test_make_world_refuses_an_existing_folder(setup, capsys):
 def test_evaluate_writes_every_stable_key(setup, tmp_path):
     _, world, _, model = setup
     out = tmp_path / "metrics.json"
-    assert main(["evaluate", "--model", str(model), "--data", str(world), "--mcq-mode", "both",
-                 "--max-new-tokens", "4", "--name", "tiny", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--data",
+                str(world),
+                "--mcq-mode",
+                "both",
+                "--max-new-tokens",
+                "4",
+                "--name",
+                "tiny",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())["tiny"]
     assert metrics.keys() >= STABLE_KEYS
     assert {"forget_vqa_lik", "forget_vqa_letter", "retain_vqa_cloze", "retain_qa_rougeL_recall"} <= metrics.keys()
@@ -41,8 +59,28 @@ def test_evaluate_writes_every_stable_key(setup, tmp_path):
 def test_merge_writes_a_plain_model_equal_to_the_adapted_one(setup, tmp_path):
     root, world, data, model = setup
     out = tmp_path / "run"
-    assert main(["unlearn", "--model", str(model), "--data", str(world), "--out", str(out), "--steps", "3",
-                 "--batch-size", "2", "--no-eval", "--merge", "--cache-dir", str(root / "cache")]) == 0
+    assert (
+        main(
+            [
+                "unlearn",
+                "--model",
+                str(model),
+                "--data",
+                str(world),
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--no-eval",
+                "--merge",
+                "--cache-dir",
+                str(root / "cache"),
+            ]
+        )
+        == 0
+    )
     merged = load_model(out / "merged")
     adapted = PeftModel.from_pretrained(load_model(model).model, out / "adapter")
     samples = [s for s in data.splits["forget"] if s.image is not None][:2]
@@ -54,9 +92,31 @@ def test_merge_writes_a_plain_model_equal_to_the_adapted_one(setup, tmp_path):
 def test_unlearn_runs_on_a_bf16_base_with_float32_adapters(setup, tmp_path):
     root, world, _, model = setup
     out = tmp_path / "bf16"
-    assert main(["unlearn", "--model", str(model), "--data", str(world), "--out", str(out), "--steps", "2",
-                 "--batch-size", "2", "--dtype", "bf16", "--no-eval", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                "unlearn",
+                "--model",
+                str(model),
+                "--data",
+                str(world),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--dtype",
+                "bf16",
+                "--no-eval",
+                "--cache-dir",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     from safetensors.torch import load_file
+
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
     assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)

@@ -25,17 +25,30 @@ CONFIG = ROOT / "configs" / "cpu_ddp_2proc.yaml"
 
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is not available in this torch build")
+    reason="torch.distributed with the gloo backend is not available in this torch build",
+)
 
 
 def launch_two_processes(args: list[str]) -> subprocess.CompletedProcess:
     """``accelerate launch`` the CLI as 2 CPU processes (GPUs hidden, one thread each)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+    }
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):  # never inherit a launcher's
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
-           "-m", "mllm_unlearn.cli.main", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIG),
+        "-m",
+        "mllm_unlearn.cli.main",
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100, cwd=ROOT)
     assert proc.returncode == 0, f"2-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -48,8 +61,18 @@ def log_of(run_json: Path) -> list[dict]:
 @needs_gloo
 def test_unlearn_with_two_processes_matches_one(setup, tmp_path):
     _, world, _, model = setup
-    args = ["unlearn", "--model", str(model), "--data", str(world), "--steps", "4", "--batch-size", "4",
-            "--no-eval"]  # batch 4 -> forget batch 2 (the 2 forget photos), retain batch 16: both split 2 ways
+    args = [
+        "unlearn",
+        "--model",
+        str(model),
+        "--data",
+        str(world),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--no-eval",
+    ]  # batch 4 -> forget batch 2 (the 2 forget photos), retain batch 16: both split 2 ways
     assert main([*args, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1")]) == 0
     launch_two_processes([*args, "--out", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "cache2")])
 
@@ -84,8 +107,21 @@ def test_unlearn_with_two_processes_matches_one(setup, tmp_path):
 @needs_gloo
 def test_finetune_with_two_processes_matches_one(setup, tmp_path):
     _, world, _, model = setup
-    args = ["finetune", "--model", str(model), "--data", str(world), "--steps", "3", "--batch-size", "8",
-            "--warmup", "1", "--checkpoint-every", "2"]  # a checkpoint is written (main only) at step 2
+    args = [
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(world),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--warmup",
+        "1",
+        "--checkpoint-every",
+        "2",
+    ]  # a checkpoint is written (main only) at step 2
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     launch_two_processes([*args, "--out", str(tmp_path / "two")])
 
@@ -97,8 +133,9 @@ def test_finetune_with_two_processes_matches_one(setup, tmp_path):
     moved = max((one[k] - before[k]).abs().max().item() for k in one)
     worst = max((two[k] - one[k]).abs().max().item() for k in one)
     assert moved > 1e-3 and worst < 5e-5, (moved, worst)
-    rows = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
-            for d in ("one", "two")]
+    rows = [
+        [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")
+    ]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
     assert all(b["loss"] == pytest.approx(a["loss"], rel=1e-5) for a, b in zip(*rows))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no .partial left

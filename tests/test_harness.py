@@ -24,10 +24,12 @@ def trained(tmp_path_factory, tiny_corpus):
     root = tmp_path_factory.mktemp("harness")
     base = make_tiny_model("llava", root / "base", tiny_corpus, sizes=SMALL)
     train, mcq = job_items()
-    letters = [Sample(f"l{s.id}", s.person, "qa", "vqa", format_mcq(s.question, s.options), s.correct, s.image)
-               for s in mcq]
-    out = finetune(load_model(base), train + letters, TrainConfig(steps=120, lr=3e-3, batch_size=8, warmup=10),
-                   root / "vanilla")
+    letters = [
+        Sample(f"l{s.id}", s.person, "qa", "vqa", format_mcq(s.question, s.options), s.correct, s.image) for s in mcq
+    ]
+    out = finetune(
+        load_model(base), train + letters, TrainConfig(steps=120, lr=3e-3, batch_size=8, warmup=10), root / "vanilla"
+    )
     return base, out
 
 
@@ -56,11 +58,13 @@ def test_finetune_lowers_loss_and_refuses_existing_output(trained):
 
 
 def test_summarize_keys_and_both_mode():
-    rows = [ItemResult("a", "1", "forget", "mcq", "vqa", "letter", 1.0, "A"),
-            ItemResult("a", "1", "forget", "mcq", "vqa", "lik", 0.0, "B"),
-            ItemResult("b", "1", "forget", "mcq", "qa", "letter", 0.0, "C"),
-            ItemResult("b", "1", "forget", "mcq", "qa", "lik", 1.0, "A"),
-            ItemResult("c", "1", "forget", "gen", "vqa", "rougeL", 0.5, "x", recall=0.25)]
+    rows = [
+        ItemResult("a", "1", "forget", "mcq", "vqa", "letter", 1.0, "A"),
+        ItemResult("a", "1", "forget", "mcq", "vqa", "lik", 0.0, "B"),
+        ItemResult("b", "1", "forget", "mcq", "qa", "letter", 0.0, "C"),
+        ItemResult("b", "1", "forget", "mcq", "qa", "lik", 1.0, "A"),
+        ItemResult("c", "1", "forget", "gen", "vqa", "rougeL", 0.5, "x", recall=0.25),
+    ]
     m = summarize(rows, "both")
     assert m["forget_vqa"] == 1.0 and m["forget_vqa_letter"] == 1.0 and m["forget_vqa_lik"] == 0.0
     assert m["forget_qa"] == 0.0 and m["forget_qa_lik"] == 1.0

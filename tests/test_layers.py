@@ -7,8 +7,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "src" / "mllm_unlearn"
 #: layer rank: a module of rank r may import packages of rank <= r (methods build on nullspace,
 #: never the reverse)
-RANK = {"runtime": 0, "data": 1, "models": 2, "nullspace": 3, "methods": 4, "train": 5, "evaluate": 6,
-        "experiments": 7, "cli": 8}
+RANK = {
+    "runtime": 0,
+    "data": 1,
+    "models": 2,
+    "nullspace": 3,
+    "methods": 4,
+    "train": 5,
+    "evaluate": 6,
+    "experiments": 7,
+    "cli": 8,
+}
 
 
 def imported_layers(path: Path, root: Path) -> list[tuple[int, str]]:

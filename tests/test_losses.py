@@ -123,8 +123,12 @@ def test_fisher_mask_and_manu_scores_and_top_k():
     f_f, f_p = torch.tensor([2.0, 1.0, 0.0, 3.0]), torch.tensor([1.0, 2.0, 0.0, 3.0])
     assert fisher_mask(f_f, f_p).tolist() == [True, False, False, True]
     assert fisher_mask(f_f, f_p, 2.0).tolist() == [True, False, False, False]
-    stats_f = {"mean_abs": torch.tensor([2.0, 1.0]), "std": torch.tensor([1.0, 1.0]),
-               "rms": torch.tensor([4.0, 1.0]), "freq": torch.tensor([1.0, 0.0])}
+    stats_f = {
+        "mean_abs": torch.tensor([2.0, 1.0]),
+        "std": torch.tensor([1.0, 1.0]),
+        "rms": torch.tensor([4.0, 1.0]),
+        "freq": torch.tensor([1.0, 0.0]),
+    }
     stats_r = {k: torch.ones(2) for k in stats_f}
     w = {"mean_abs": 2.0, "std": 2.0, "rms": 2.0, "freq": 0.0}
     expected = 2 * (2 / (1 + 1e-5) - 1) + 2 * (1 / (1 + 1e-5) - 1) + 2 * (4 / (1 + 1e-5) - 1)

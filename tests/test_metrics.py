@@ -5,18 +5,41 @@ import pytest
 from mllm_unlearn.evaluate.metrics import cloze_correct, parse_choice, rouge_l
 
 
-@pytest.mark.parametrize("reply, letter", [
-    ("B", "B"), ("b", "B"), ("c.", "C"), ("D\n", "D"), ("(a)", "A"), ("[C]", "C"),
-    ("Answer: B", "B"), ("answer: d", "D"), ("The answer is C.", "C"), ("option A", "A"),
-    ("  C) Oslo", "C"), ("B. baker", "B"),
-])
+@pytest.mark.parametrize(
+    "reply, letter",
+    [
+        ("B", "B"),
+        ("b", "B"),
+        ("c.", "C"),
+        ("D\n", "D"),
+        ("(a)", "A"),
+        ("[C]", "C"),
+        ("Answer: B", "B"),
+        ("answer: d", "D"),
+        ("The answer is C.", "C"),
+        ("option A", "A"),
+        ("  C) Oslo", "C"),
+        ("B. baker", "B"),
+    ],
+)
 def test_parse_choice_reads_the_letter(reply, letter):
     assert parse_choice(reply) == letter
 
 
-@pytest.mark.parametrize("reply", [
-    "", "   ", "no letter here", "Bob Lind", "a baker", "E", "Answer: E", "42", "the answer",
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "",
+        "   ",
+        "no letter here",
+        "Bob Lind",
+        "a baker",
+        "E",
+        "Answer: E",
+        "42",
+        "the answer",
+    ],
+)
 def test_parse_choice_without_a_valid_letter_is_none(reply):
     assert parse_choice(reply) is None
 

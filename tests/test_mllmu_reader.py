@@ -19,10 +19,14 @@ from mllm_unlearn.data.world import MCQ_TEMPLATES, PARQUET_NAME
 from .conftest import WORLD_CONFIG
 
 CONFIG = WORLD_CONFIG
-ITEMS_PER_PROFILE = {("mcq", "vqa"): 5, ("mcq", "qa"): 5, ("gen", "vqa"): 2, ("gen", "qa"): 2,
-                     ("cloze", "vqa"): 2, ("cloze", "qa"): 2}
-
-
+ITEMS_PER_PROFILE = {
+    ("mcq", "vqa"): 5,
+    ("mcq", "qa"): 5,
+    ("gen", "vqa"): 2,
+    ("gen", "qa"): 2,
+    ("cloze", "vqa"): 2,
+    ("cloze", "qa"): 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,7 @@ def people_of(summary: dict, real: bool) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- round trip
+
 
 def test_split_sizes_match_the_world(data: BenchmarkData, summary: dict) -> None:
     forget = {str(i) for i in summary["forget_sets"]["forget_10"]}
@@ -60,7 +65,8 @@ def test_every_forget_person_has_five_image_and_five_text_mcqs(data: BenchmarkDa
 
 
 def test_image_questions_never_name_anyone_and_text_questions_name_their_person(
-        data: BenchmarkData, summary: dict) -> None:
+    data: BenchmarkData, summary: dict
+) -> None:
     names = {str(p["ID"]): p["name"] for p in summary["people"]}
     for items in data.splits.values():
         for s in items:
@@ -73,8 +79,10 @@ def test_image_questions_never_name_anyone_and_text_questions_name_their_person(
 
 def test_correct_option_is_the_persons_attribute(data: BenchmarkData, summary: dict) -> None:
     people = {str(p["ID"]): p for p in summary["people"]}
-    templates = {"vqa": [t for t in MCQ_TEMPLATES if t[0] == "Image_Textual"],
-                 "qa": [t for t in MCQ_TEMPLATES if t[0] == "Pure_Text"]}
+    templates = {
+        "vqa": [t for t in MCQ_TEMPLATES if t[0] == "Image_Textual"],
+        "qa": [t for t in MCQ_TEMPLATES if t[0] == "Pure_Text"],
+    }
     for split in ("forget", "retain", "real", "test"):
         for s in data.items(split, task="mcq"):
             person = people[s.person]
@@ -86,8 +94,12 @@ def test_correct_option_is_the_persons_attribute(data: BenchmarkData, summary: d
 
 def test_images_decode_to_rgb_of_the_configured_size(data: BenchmarkData) -> None:
     # one image per training row, per evaluation row (forget + retain + real) and per forget Test_Set row
-    expected = ((CONFIG.n_people + CONFIG.n_real) * CONFIG.train_photos + CONFIG.n_people + CONFIG.n_real
-                + len(data.forget_people))
+    expected = (
+        (CONFIG.n_people + CONFIG.n_real) * CONFIG.train_photos
+        + CONFIG.n_people
+        + CONFIG.n_real
+        + len(data.forget_people)
+    )
     assert check_images(data) == expected
     for split in data.splits:
         img = data.items(split, modality="vqa")[0].image.load()
@@ -118,7 +130,8 @@ def test_sample_ids_are_unique_and_stable(world: Path, data: BenchmarkData) -> N
     ids = [s.id for s in data.train] + [s.id for items in data.splits.values() for s in items]
     assert len(ids) == len(set(ids))
     assert ids == [s.id for s in read_mllmu(world).train] + [
-        s.id for items in read_mllmu(world).splits.values() for s in items]
+        s.id for items in read_mllmu(world).splits.values() for s in items
+    ]
 
 
 def test_training_pairs_keep_modality(data: BenchmarkData, summary: dict) -> None:
@@ -146,8 +159,9 @@ def test_training_item_without_type_is_asked_with_the_image(world: Path, tmp_pat
 
     def drop_type(rows: list[dict]) -> None:
         for row in rows:
-            row["metadata"] = json.dumps([{"Question": i["Question"], "Answer": i["Answer"]}
-                                          for i in json.loads(row["metadata"])])
+            row["metadata"] = json.dumps(
+                [{"Question": i["Question"], "Answer": i["Answer"]} for i in json.loads(row["metadata"])]
+            )
 
     edit_rows(root, "ft_Data", drop_type)
     file = root / "ft_Data" / PARQUET_NAME
@@ -157,6 +171,7 @@ def test_training_item_without_type_is_asked_with_the_image(world: Path, tmp_pat
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def edit_rows(root: Path, folder: str, edit: Callable[[list[dict]], None]) -> Path:
     """Rewrite a split's parquet file after ``edit`` changed its rows (keeping the schema)."""
@@ -171,6 +186,7 @@ def edit_rows(root: Path, folder: str, edit: Callable[[list[dict]], None]) -> Pa
 def _set_image_bytes(value: bytes | None) -> Callable[[list[dict]], None]:
     def edit(rows: list[dict]) -> None:
         rows[1]["image"]["bytes"] = value
+
     return edit
 
 
@@ -201,8 +217,11 @@ def _bad_type(rows: list[dict]) -> None:
 
 ROW_EDITS = {
     "image bytes missing": ("forget_10", _set_image_bytes(None), ["row 1", "field 'image'", "missing"]),
-    "options missing": ("retain_90", _drop_first_options,
-                        ["row 0", "Classification_Task.Image_Textual_Questions[0].Options", "missing"]),
+    "options missing": (
+        "retain_90",
+        _drop_first_options,
+        ["row 0", "Classification_Task.Image_Textual_Questions[0].Options", "missing"],
+    ),
     "answer letter unknown": ("Retain_Set", _bad_letter, ["row 0", "Pure_Text_Questions[2].Correct_Answer", "'E'"]),
     "metadata not JSON": ("ft_Data", _bad_json, ["row 2", "field 'metadata'", "not valid JSON"]),
     "no test photos": ("Test_Set", _no_test_images, ["field 'images'", "empty image list"]),

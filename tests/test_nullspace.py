@@ -57,14 +57,25 @@ def _portrait(rng: np.random.Generator, grid: int = 4) -> bytes:
 
 def _samples(prefix: str, n: int, seed: int) -> list[Sample]:
     rng = np.random.default_rng(seed)
-    return [Sample(id=f"{prefix}{i}", person=f"{prefix}{i}", task="qa", modality="vqa",
-                   question="Who is this person?", answer=f"Person {i}",
-                   image=ImageRef(_portrait(rng), f"synthetic {prefix}{i}")) for i in range(n)]
+    return [
+        Sample(
+            id=f"{prefix}{i}",
+            person=f"{prefix}{i}",
+            task="qa",
+            modality="vqa",
+            question="Who is this person?",
+            answer=f"Person {i}",
+            image=ImageRef(_portrait(rng), f"synthetic {prefix}{i}"),
+        )
+        for i in range(n)
+    ]
 
 
 def _batches(processor, samples: list[Sample], size: int = 4) -> list[dict[str, torch.Tensor]]:
-    return [LLAVA.encode(processor, samples[i:i + size], [s.question for s in samples[i:i + size]]).inputs
-            for i in range(0, len(samples), size)]
+    return [
+        LLAVA.encode(processor, samples[i : i + size], [s.question for s in samples[i : i + size]]).inputs
+        for i in range(0, len(samples), size)
+    ]
 
 
 def _features(model, inputs) -> torch.Tensor:
@@ -80,9 +91,12 @@ def _activations(model, names, batches) -> dict[str, torch.Tensor]:
     """X (tokens x d, float64) of each named layer's input, captured independently of the code under test."""
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     layers = target_linears(model, "|".join(map(re.escape, names)))
-    handles = [layers[name].register_forward_pre_hook(
-        lambda m, args, name=name: captured[name].append(args[0].detach().reshape(-1, m.in_features)))
-        for name in names]
+    handles = [
+        layers[name].register_forward_pre_hook(
+            lambda m, args, name=name: captured[name].append(args[0].detach().reshape(-1, m.in_features))
+        )
+        for name in names
+    ]
     try:
         with torch.no_grad():
             for inputs in batches:
@@ -115,6 +129,7 @@ def covariances(tiny):
 
 
 # -- bases -----------------------------------------------------------------------------------------
+
 
 def test_null_space_basis_takes_eigenvectors_of_smallest_eigenvalues():
     g = torch.Generator().manual_seed(0)
@@ -160,6 +175,7 @@ def test_null_space_blocks_synthetic_low_rank_activations():
 
 
 # -- calibration -------------------------------------------------------------------------------------
+
 
 def test_target_linears_matches_full_paths_of_plain_and_peft_models(model):
     plain = target_linears(model, VISUAL)
@@ -224,6 +240,7 @@ def test_unused_layers_found_by_backward_probe(tiny, model):
 
 # -- NCU acceptance property ----------------------------------------------------------------------------
 
+
 def test_null_space_A_nearly_annihilates_held_out_retain_activations(tiny, model, covariances):
     """Eq. 18: A x ~ 0 on retain inputs. Measured on held-out retain images, every visual layer."""
     ratios = {}
@@ -245,6 +262,7 @@ def test_null_space_A_nearly_annihilates_held_out_retain_activations(tiny, model
 
 
 # -- LoRA -------------------------------------------------------------------------------------------------
+
 
 def _train(peft_model, inputs, steps: int = 4) -> None:
     optimiser = torch.optim.SGD(trainable_parameters(peft_model), lr=0.5)
@@ -339,6 +357,7 @@ def test_rank_above_layer_width_is_rejected_before_touching_the_model(model, cov
 
 
 # -- cache ------------------------------------------------------------------------------------------------
+
 
 def test_cache_hit_skips_the_forward_and_fingerprint_separates_data(tiny, model, tmp_path):
     retain, held_out = tiny[2], tiny[3]

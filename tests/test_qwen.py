@@ -27,8 +27,7 @@ torch.set_num_threads(1)
 ARCHS = ["qwen2_vl", "qwen2_5_vl"]
 #: 48 px images in 8 px patches: a 6x6 patch grid, merged 2x2 into 3x3 = 9 LLM tokens per image (and, for
 #: Qwen2.5-VL, 2x2-token attention windows that really permute the tokens)
-QSIZES = TinySizes(image_size=48, patch_size=8, vision_hidden=32, text_hidden=64, text_intermediate=128,
-                   vocab_size=400)
+QSIZES = TinySizes(image_size=48, patch_size=8, vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=400)
 TOKENS, PATCHES = 9, 36
 
 
@@ -48,9 +47,11 @@ def qmodel(request, qworld):
 
 
 def samples() -> list[Sample]:
-    return [Sample("v1", "1", "qa", "vqa", "What is this person's job?", "baker", png((200, 30, 30))),
-            Sample("q1", "1", "qa", "qa", "What is the job of Ann Lee?", "pilot of planes"),
-            Sample("v2", "2", "qa", "vqa", "Who is this?", "Bob", png((30, 200, 30)))]
+    return [
+        Sample("v1", "1", "qa", "vqa", "What is this person's job?", "baker", png((200, 30, 30))),
+        Sample("q1", "1", "qa", "qa", "What is the job of Ann Lee?", "pilot of planes"),
+        Sample("v2", "2", "qa", "vqa", "Who is this?", "Bob", png((30, 200, 30))),
+    ]
 
 
 def test_loads_encodes_and_trains_on_answers_only(qmodel):
@@ -73,10 +74,11 @@ def test_loads_encodes_and_trains_on_answers_only(qmodel):
         kept = labels[row][labels[row] != -100]
         assert kept[-1] == eos_id and tok.decode(kept[:-1]) == s.answer
         n = int(mask[row].sum())
-        assert torch.equal(ids[row, n - len(kept):n], kept) and mask[row, :n].all() and not mask[row, n:].any()
-        prompt = tok.decode(ids[row, :n - len(kept)])
-        assert prompt.startswith("<|im_start|>user\n") and prompt.endswith(f"{s.question}<|im_end|>\n"
-                                                                          "<|im_start|>assistant\n")
+        assert torch.equal(ids[row, n - len(kept) : n], kept) and mask[row, :n].all() and not mask[row, n:].any()
+        prompt = tok.decode(ids[row, : n - len(kept)])
+        assert prompt.startswith("<|im_start|>user\n") and prompt.endswith(
+            f"{s.question}<|im_end|>\n<|im_start|>assistant\n"
+        )
 
     loss = lm.model(**batch.inputs, labels=labels).loss
     assert torch.isfinite(loss) and loss > 0
@@ -142,9 +144,15 @@ def test_generation_left_padded_matches_single_samples(qmodel):
 
     def step_logits(batch_items):  # logits of 3 greedy steps (M-RoPE positions under left padding)
         batch = lm.arch.encode(lm.processor, batch_items, [s.question for s in batch_items], padding_side="left")
-        out = lm.model.generate(**batch.inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True,
-                                pad_token_id=lm.processor.tokenizer.pad_token_id)
+        out = lm.model.generate(
+            **batch.inputs,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=lm.processor.tokenizer.pad_token_id,
+        )
         return torch.stack(out.logits, 1)
 
     together = step_logits(items)
@@ -161,10 +169,14 @@ def test_patterns_hit_the_vision_tower_and_merger_only(qmodel):
     llm = {n for n in linears if n.startswith("model.language_model.")}
     assert set(target_linears(lm.model, adapter.vision_pattern)) == blocks
     assert len(blocks) == QSIZES.vision_layers * (4 if arch == "qwen2_vl" else 5)  # qkv, proj + the MLP
-    assert set(target_linears(lm.model, adapter.projector_pattern)) == {"model.visual.merger.mlp.0",
-                                                                         "model.visual.merger.mlp.2"}
+    assert set(target_linears(lm.model, adapter.projector_pattern)) == {
+        "model.visual.merger.mlp.0",
+        "model.visual.merger.mlp.2",
+    }
     assert set(target_linears(lm.model, adapter.scope_pattern("visual"))) == blocks | {
-        "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"}
+        "model.visual.merger.mlp.0",
+        "model.visual.merger.mlp.2",
+    }
     assert set(target_linears(lm.model, adapter.llm_pattern)) == llm
     # Qwen2.5-VL's vision MLP shares the LLM's leaf names: neither family's visual regex reaches the LLM
     for other in ARCHS:
@@ -172,7 +184,9 @@ def test_patterns_hit_the_vision_tower_and_merger_only(qmodel):
         assert not [n for n in llm | {"lm_head"} if re.fullmatch(visual, n)]
     assert not [n for n in llm if re.fullmatch(adapter.scope_pattern("projector"), n)]
     assert set(target_linears(lm.model, adapter.scope_pattern("all"))) == blocks | llm | {
-        "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"}
+        "model.visual.merger.mlp.0",
+        "model.visual.merger.mlp.2",
+    }
 
 
 def text_logits(lm, items):
@@ -190,8 +204,9 @@ def test_cvf_ncu_end_to_end_keeps_text_bit_identical_and_A_frozen(qmodel, tmp_pa
     before_text, before_img = text_logits(lm, text), text_logits(lm, vqa)
 
     # A as calibrated on the retain set (the same config on a fresh copy; covariances cached on disk)
-    expected_A = lora_A_weights(attach_adapters(load_model(path), split_people(data)[1], cfg,
-                                                get_method("cvf_ncu")).model)
+    expected_A = lora_A_weights(
+        attach_adapters(load_model(path), split_people(data)[1], cfg, get_method("cvf_ncu")).model
+    )
     assert expected_A and all(k.startswith("model.visual.") for k in expected_A)
     adapted, history = unlearn(lm, data, cfg)
     assert history[-1]["step"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
@@ -206,8 +221,11 @@ def test_cvf_ncu_end_to_end_keeps_text_bit_identical_and_A_frozen(qmodel, tmp_pa
         assert torch.equal(text_logits(adapted, vqa), before_img)
 
     # evaluation through the harness: a few forget items of every task and modality
-    picked = [s for key in sorted({(s.task, s.modality) for s in data.splits["forget"]})
-              for s in [s for s in data.splits["forget"] if (s.task, s.modality) == key][:2]]
+    picked = [
+        s
+        for key in sorted({(s.task, s.modality) for s in data.splits["forget"]})
+        for s in [s for s in data.splits["forget"] if (s.task, s.modality) == key][:2]
+    ]
     results = score_items(adapted, "forget", picked, EvalConfig(mcq_mode="both", max_new_tokens=6, batch_size=4))
     assert {r.modality for r in results} == {"vqa", "qa"} and all(0 <= r.score <= 1 for r in results)
     assert {r.metric for r in results} >= {"letter", "lik"}

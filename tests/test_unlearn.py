@@ -52,8 +52,26 @@ def test_cvf_ncu_changes_images_keeps_text_bit_identical_and_freezes_A(setup):
 def test_unlearn_cli_writes_a_peft_adapter_that_reloads(setup, capsys):
     root, world, data, model = setup
     out = root / "run"
-    code = main(["unlearn", "--model", str(model), "--data", str(world), "--out", str(out), "--steps", "4",
-                 "--batch-size", "4", "--no-eval", "--opt", "push=nmse", "--cache-dir", str(root / "cache")])
+    code = main(
+        [
+            "unlearn",
+            "--model",
+            str(model),
+            "--data",
+            str(world),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--no-eval",
+            "--opt",
+            "push=nmse",
+            "--cache-dir",
+            str(root / "cache"),
+        ]
+    )
     assert code == 0
     record = json.loads((out / "run.json").read_text())
     assert record["method_config"]["push"] == "nmse" and record["resolved"]["subspace"] == "null"
@@ -82,16 +100,35 @@ def test_bad_requests_fail_clearly(setup, tmp_path):
 def test_nan_loss_stops_with_a_clear_error_and_writes_nothing(setup, tmp_path):
     root, world, data, model = setup
     out = tmp_path / "nan_run"
-    code = main(["unlearn", "--model", str(model), "--data", str(world), "--out", str(out), "--steps", "3",
-                 "--batch-size", "2", "--no-eval", "--lr", "nan", "--cache-dir", str(root / "cache")])
+    code = main(
+        [
+            "unlearn",
+            "--model",
+            str(model),
+            "--data",
+            str(world),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--no-eval",
+            "--lr",
+            "nan",
+            "--cache-dir",
+            str(root / "cache"),
+        ]
+    )
     assert code == 2
     assert not out.exists() and not list(tmp_path.glob(".nan_run*"))
 
 
 def test_ablation_switches_turn_terms_off(setup):
     _, _, data, model = setup
-    lm = attach_adapters(load_model(model), split_people(data)[1], UnlearnConfig(subspace="random"),
-                         get_method("cvf_ncu"))
+    lm = attach_adapters(
+        load_model(model), split_people(data)[1], UnlearnConfig(subspace="random"), get_method("cvf_ncu")
+    )
     forget, retain = split_people(data)
     ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0)
     cls = get_method("cvf_ncu")

@@ -55,9 +55,12 @@ def _eval_config(args: argparse.Namespace):
     (the harness's defaults elsewhere), and the protocol of --benchmark (UMU-Bench's own for umu)."""
     from ..evaluate.harness import EvalConfig
 
-    return EvalConfig(mcq_mode=args.mcq_mode, batch_size=getattr(args, "eval_batch_size", EvalConfig.batch_size),
-                      max_new_tokens=getattr(args, "max_new_tokens", EvalConfig.max_new_tokens),
-                      protocol="umu" if args.benchmark == "umu" else "mllmu")
+    return EvalConfig(
+        mcq_mode=args.mcq_mode,
+        batch_size=getattr(args, "eval_batch_size", EvalConfig.batch_size),
+        max_new_tokens=getattr(args, "max_new_tokens", EvalConfig.max_new_tokens),
+        protocol="umu" if args.benchmark == "umu" else "mllmu",
+    )
 
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -69,8 +72,13 @@ def _load(args: argparse.Namespace):
 
     from ..models import loading
 
-    return loading.load_model(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]),
-                              trust_remote_code=args.trust_remote_code, image_size=args.image_size)
+    return loading.load_model(
+        args.model,
+        device=args.device,
+        dtype=getattr(torch, _DTYPES[args.dtype]),
+        trust_remote_code=args.trust_remote_code,
+        image_size=args.image_size,
+    )
 
 
 def cmd_make_world(args):
@@ -96,16 +104,24 @@ def cmd_finetune(args):
     from ..train.finetune import finetune
     from ..train.loop import TrainConfig
 
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
-                      seed=args.seed)
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup, seed=args.seed)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file; give the folder to write (or resume) the model in")
     data = _prepare(args, train=True, outs=(args.out,))
-    _say(f"{len(data.train)} training pairs; {cfg.steps} steps of {cfg.batch_size} = "
-         f"{cfg.steps * cfg.batch_size / len(data.train):.1f} epochs")
+    _say(
+        f"{len(data.train)} training pairs; {cfg.steps} steps of {cfg.batch_size} = "
+        f"{cfg.steps * cfg.batch_size / len(data.train):.1f} epochs"
+    )
     lm = _load(args)
-    out = finetune(lm, data.train, cfg, args.out, lora_rank=args.lora_rank, scope=args.scope,
-                   checkpoint_every=args.checkpoint_every)
+    out = finetune(
+        lm,
+        data.train,
+        cfg,
+        args.out,
+        lora_rank=args.lora_rank,
+        scope=args.scope,
+        checkpoint_every=args.checkpoint_every,
+    )
     _say(f"wrote fine-tuned model to {out}")
 
 
@@ -121,18 +137,22 @@ def cmd_evaluate(args):
     name = args.name or Path(args.model).name
     _say(markdown_table({name: metrics}))
     if args.out:
+
         def write() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({name: metrics}, indent=2, sort_keys=True))
+
         distributed.on_main(write)
 
 
 def _unlearn_config(args: argparse.Namespace):
+    """The driver's config from the arguments of the same names (the rest keep their defaults)."""
+    import dataclasses
+
     from ..train.unlearn import UnlearnConfig
 
-    return UnlearnConfig(method=args.method, scope=args.scope, subspace=args.subspace, rank=args.rank,
-                         lora_alpha=args.lora_alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                         ivr_level=args.ivr_level, seed=args.seed, cache_dir=args.cache_dir)
+    names = {f.name for f in dataclasses.fields(UnlearnConfig)}
+    return UnlearnConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def cmd_unlearn(args):
@@ -153,8 +173,9 @@ def cmd_unlearn(args):
     data = _prepare(args, train=True, eval_cfg=eval_cfg if evaluates else None, outs=(args.out, args.cache_dir))
     lm = _load(args)
     if continual:
-        run_continual(lm, data, args.out, cfg, method_cfg, n_tasks=args.tasks, eval_cfg=eval_cfg,
-                      replay=not args.no_replay)
+        run_continual(
+            lm, data, args.out, cfg, method_cfg, n_tasks=args.tasks, eval_cfg=eval_cfg, replay=not args.no_replay
+        )
         _say(f"wrote {args.out}/matrix.json, heatmap.png, curves.png")
         return
     lm, history = unlearn(lm, data, cfg, method_cfg)
@@ -162,8 +183,9 @@ def cmd_unlearn(args):
     if evaluates:
         metrics = evaluate(lm, data, eval_cfg)
         _say(markdown_table({args.method: metrics}))
-    record = run_record(cfg, method_cls(method_cfg), history, model=args.model, data=args.data,
-                        forget=args.forget, metrics=metrics)
+    record = run_record(
+        cfg, method_cls(method_cfg), history, model=args.model, data=args.data, forget=args.forget, metrics=metrics
+    )
     # a method that edits base weights (MANU) is carried only by the merged model
     _say(f"wrote {save_run(lm, args.out, record, merge=args.merge or not method_cls.trains)}")
 
@@ -187,6 +209,7 @@ def cmd_demo(args):
     cfg = DemoConfig(seed=args.seed, forget=args.forget)
     if args.methods == "all":
         from ..methods import available_methods
+
         cfg.methods = ("vanilla", *[m for m in available_methods() if m != "cvf_ncu"], "cvf_ncu")
     elif args.methods:
         cfg.methods = tuple(m.strip() for m in args.methods.split(","))
@@ -201,8 +224,12 @@ _SCOPES = ["llm", "visual", "projector", "all"]
 
 def _data_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--data", required=True, help="benchmark folder (its parquet split folders)")
-    sp.add_argument("--benchmark", default="mllmu", choices=["mllmu", "clear", "umu"],
-                    help="layout of --data: MLLMU-Bench (and the synthetic world), CLEAR or UMU-Bench")
+    sp.add_argument(
+        "--benchmark",
+        default="mllmu",
+        choices=["mllmu", "clear", "umu"],
+        help="layout of --data: MLLMU-Bench (and the synthetic world), CLEAR or UMU-Bench",
+    )
     sp.add_argument("--forget", default=None, help="forget split folder (default: forget_10; CLEAR: forget05)")
 
 
@@ -210,27 +237,43 @@ def _model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--model", required=True, help="local path or hub id")
     sp.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own code")
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    sp.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES),
-                    help="weights' dtype (bf16 for 7B models on a GPU)")
-    sp.add_argument("--image-size", type=int, default=None,
-                    help="Qwen2-VL/2.5-VL: resize images to this square (e.g. 448) so that every image "
-                         "gives the same number of visual tokens, as CVF-NCU needs")
+    sp.add_argument(
+        "--dtype", default="fp32", choices=sorted(_DTYPES), help="weights' dtype (bf16 for 7B models on a GPU)"
+    )
+    sp.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="Qwen2-VL/2.5-VL: resize images to this square (e.g. 448) so that every image "
+        "gives the same number of visual tokens, as CVF-NCU needs",
+    )
 
 
 def _unlearn_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--scope", default=None, choices=_SCOPES,
-                    help="update scope (default: the method's: visual for cvf_ncu, llm for baselines)")
-    sp.add_argument("--subspace", default=None, choices=["null", "random", "none"],
-                    help="LoRA A: null-space basis (NCU), random orthonormal, or trained (plain LoRA)")
+    sp.add_argument(
+        "--scope",
+        default=None,
+        choices=_SCOPES,
+        help="update scope (default: the method's: visual for cvf_ncu, llm for baselines)",
+    )
+    sp.add_argument(
+        "--subspace",
+        default=None,
+        choices=["null", "random", "none"],
+        help="LoRA A: null-space basis (NCU), random orthonormal, or trained (plain LoRA)",
+    )
     sp.add_argument("--rank", type=int, default=8)
     sp.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
     sp.add_argument("--steps", type=int, default=200)
     sp.add_argument("--lr", type=float, default=None, help="default: the method's")
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--ivr-level", default="projector")
-    sp.add_argument("--cache-dir", default=None,
-                    help="NCU covariance cache (default: $MLLM_UNLEARN_CACHE, else $XDG_CACHE_HOME/mllm-unlearn/ncu, "
-                         "else ~/.cache/mllm-unlearn/ncu)")
+    sp.add_argument(
+        "--cache-dir",
+        default=None,
+        help="NCU covariance cache (default: $MLLM_UNLEARN_CACHE, else $XDG_CACHE_HOME/mllm-unlearn/ncu, "
+        "else ~/.cache/mllm-unlearn/ncu)",
+    )
     sp.add_argument("--mcq-mode", default="likelihood", choices=_MCQ_MODES)
     sp.add_argument("--seed", type=int, default=0)
 
@@ -290,12 +333,24 @@ def _add_unlearn(sub) -> None:
     sp.add_argument("--method", default="cvf_ncu")
     sp.add_argument("--out", required=True, help="run folder: adapter/ (PEFT), run.json, merged/ with --merge")
     _unlearn_args(sp)
-    sp.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                    help="method option, e.g. --opt alpha=1 --opt push=nmse (repeatable)")
-    sp.add_argument("--tasks", type=int, default=1,
-                    help="continual unlearning: split the forget set into this many sequential requests")
-    sp.add_argument("--no-replay", action="store_true",
-                    help="continual: stage t trains on task t only (the paper's protocol) instead of tasks 1..t")
+    sp.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. --opt alpha=1 --opt push=nmse (repeatable)",
+    )
+    sp.add_argument(
+        "--tasks",
+        type=int,
+        default=1,
+        help="continual unlearning: split the forget set into this many sequential requests",
+    )
+    sp.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="continual: stage t trains on task t only (the paper's protocol) instead of tasks 1..t",
+    )
     sp.add_argument("--no-eval", action="store_true")
     sp.add_argument("--merge", action="store_true", help="also write the merged model")
     sp.set_defaults(fn=cmd_unlearn)
@@ -312,11 +367,17 @@ def _add_demo(sub) -> None:
     sp = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic world")
     sp.add_argument("--out", required=True)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--forget", default="forget_15",
-                    help="forget split (default forget_15: 8 of 50 people, 40 image MCQs; forget_10's 25 "
-                         "items measure accuracy only to about +-0.09)")
-    sp.add_argument("--methods", default=None,
-                    help="comma-separated rows, 'all' for every registered method (default: vanilla,cvf_ncu)")
+    sp.add_argument(
+        "--forget",
+        default="forget_15",
+        help="forget split (default forget_15: 8 of 50 people, 40 image MCQs; forget_10's 25 "
+        "items measure accuracy only to about +-0.09)",
+    )
+    sp.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated rows, 'all' for every registered method (default: vanilla,cvf_ncu)",
+    )
     sp.set_defaults(fn=cmd_demo)
 
 
@@ -324,8 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mllm-unlearn", description=__doc__)
     p.add_argument("--threads", type=int, default=None, help=f"torch threads (default: ${_THREADS_ENV} or 1)")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_make_world, _add_make_tiny_model, _add_finetune, _add_evaluate, _add_unlearn,
-                _add_ablations, _add_demo):
+    for add in (
+        _add_make_world,
+        _add_make_tiny_model,
+        _add_finetune,
+        _add_evaluate,
+        _add_unlearn,
+        _add_ablations,
+        _add_demo,
+    ):
         add(sub)
     return p
 

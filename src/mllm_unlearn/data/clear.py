@@ -83,13 +83,21 @@ class _ClearRow(Row):
 
     def has_image(self) -> bool:
         value = self.values.get("image")
-        return value is not None and not (isinstance(value, dict) and value.get("bytes") is None
-                                          and value.get("path") is None)
+        return value is not None and not (
+            isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None
+        )
 
 
-def read_clear(root: str | Path, forget: str = "forget05", retain: str | None = None, *,
-               seed: int = 0, n_options: int | None = None, images_per_person: int | None = None,
-               real: Sequence[str] = REAL_CONFIGS) -> BenchmarkData:
+def read_clear(
+    root: str | Path,
+    forget: str = "forget05",
+    retain: str | None = None,
+    *,
+    seed: int = 0,
+    n_options: int | None = None,
+    images_per_person: int | None = None,
+    real: Sequence[str] = REAL_CONFIGS,
+) -> BenchmarkData:
     """Read a CLEAR folder (one sub-folder per config) into a :class:`BenchmarkData`.
 
     ``forget`` is ``forget01``, ``forget05`` or ``forget10`` (a ``+tofu`` suffix is ignored: both
@@ -103,8 +111,9 @@ def read_clear(root: str | Path, forget: str = "forget05", retain: str | None = 
     if not root.is_dir():
         raise DataError(f"{root}: benchmark folder not found")
     forget = forget.removesuffix("+tofu")
-    retain = (retain or complement(root, forget, r"forget(\d+)", "retain{:02d}",
-                                  "forgetNN: forget01, forget05, forget10")).removesuffix("+tofu")
+    retain = (
+        retain or complement(root, forget, r"forget(\d+)", "retain{:02d}", "forgetNN: forget01, forget05, forget10")
+    ).removesuffix("+tofu")
     if n_options is not None and n_options < 2:
         raise ValueError(f"n_options must be at least 2, not {n_options}")
     for name in real:
@@ -114,8 +123,7 @@ def read_clear(root: str | Path, forget: str = "forget05", retain: str | None = 
     forget_images, forget_text = _config_rows(root, forget)
     retain_images, retain_text = _config_rows(root, retain)
     train_images, train_text = _config_rows(root, TRAIN_CONFIG)
-    perturbed = _perturbed_names(root, [f"{forget}_perturbed"],
-                                 [RETAIN_PERTURBED, f"{retain}_perturbed"])
+    perturbed = _perturbed_names(root, [f"{forget}_perturbed"], [RETAIN_PERTURBED, f"{retain}_perturbed"])
     forget_people = _people(forget_images)
     retain_people = _people(retain_images)
     everyone = sorted({r.person for r in train_images} | set(forget_people) | set(retain_people))
@@ -129,8 +137,12 @@ def read_clear(root: str | Path, forget: str = "forget05", retain: str | None = 
     if not test_items:  # one photo per forget person: no other photo to test on
         test_items = [s for s in forget_items if s.modality == "vqa"]
     forget_items += _text_items(forget_text, f"{forget}+tofu", forget_people)
-    retain_items = [s for rows in retain_people.values()
-                    for k, row in enumerate(_cap(rows, images_per_person)) for s in _image_items(row, retain, k, mcq)]
+    retain_items = [
+        s
+        for rows in retain_people.values()
+        for k, row in enumerate(_cap(rows, images_per_person))
+        for s in _image_items(row, retain, k, mcq)
+    ]
     retain_items += _text_items(retain_text, f"{retain}+tofu", retain_people)
 
     splits = {"forget": forget_items, "retain": retain_items}
@@ -148,6 +160,7 @@ def read_clear(root: str | Path, forget: str = "forget05", retain: str | None = 
 
 
 # ---------------------------------------------------------------- reading
+
 
 def _read_rows(folder: Path, required: tuple[str, ...], wanted: tuple[str, ...] = ()) -> list[_ClearRow]:
     """The rows of a CLEAR config folder, reading only the ``required`` and ``wanted`` columns."""
@@ -221,8 +234,10 @@ def _cap(rows: list, n: int | None) -> list:
 
 # ---------------------------------------------------------------- items
 
-def _insert_gold(gold: str, distractors: Iterable[str], key: str, seed: int,
-                 limit: int | None = None) -> tuple[dict[str, str], str]:
+
+def _insert_gold(
+    gold: str, distractors: Iterable[str], key: str, seed: int, limit: int | None = None
+) -> tuple[dict[str, str], str]:
     """Options ``A, B, ...``: the distinct distractors in order with ``gold`` inserted at a seeded
     position (the seed and ``key`` fix it); returns (options, gold letter)."""
     gold = gold.strip()
@@ -276,11 +291,21 @@ def _tofu_person(row: _ClearRow, people: Iterable[str]) -> str:
     return max(found, key=len) if found else ""
 
 
-def _text_items(rows: list[_ClearRow], config: str, people: Iterable[str]) -> list[Sample]:
+def _tofu_items(rows: list[_ClearRow], id_prefix: str, task: str, people: Iterable[str]) -> list[Sample]:
+    """TOFU's text-only question/answer rows as ``task`` items ``{id_prefix}/{k}/{task}-qa``."""
     people = list(people)
-    return [Sample(f"{config}/{k}/gen-qa", _tofu_person(row, people), "gen", "qa",
-                   row.values["question"].strip(), row.values["answer"].strip())
-            for k, row in enumerate(rows)]
+    return [
+        Sample(f"{id_prefix}/{k}/{task}-qa", _tofu_person(row, people), task, "qa", *_question_answer(row))
+        for k, row in enumerate(rows)
+    ]
+
+
+def _question_answer(row: _ClearRow) -> tuple[str, str]:
+    return row.values["question"].strip(), row.values["answer"].strip()
+
+
+def _text_items(rows: list[_ClearRow], config: str, people: Iterable[str]) -> list[Sample]:
+    return _tofu_items(rows, config, "gen", people)
 
 
 def _train_pairs(images: list[_ClearRow], text: list[_ClearRow], people: set[str]) -> list[Sample]:
@@ -288,12 +313,19 @@ def _train_pairs(images: list[_ClearRow], text: list[_ClearRow], people: set[str
     for k, row in enumerate(images):
         image = row.image("image")
         base = f"{TRAIN_CONFIG}/{row.person}/{k}"
-        pairs.append(Sample(f"{base}/qa-vqa/caption", row.person, "qa", "vqa", CAPTION_QUESTION,
-                            row.values["caption"].strip(), image))
+        pairs.append(
+            Sample(
+                f"{base}/qa-vqa/caption",
+                row.person,
+                "qa",
+                "vqa",
+                CAPTION_QUESTION,
+                row.values["caption"].strip(),
+                image,
+            )
+        )
         pairs.append(Sample(f"{base}/qa-vqa/name", row.person, "qa", "vqa", NAME_QUESTION, row.person, image))
-    pairs += [Sample(f"{TRAIN_CONFIG}+tofu/{k}/qa-qa", _tofu_person(row, people), "qa", "qa",
-                     row.values["question"].strip(), row.values["answer"].strip())
-              for k, row in enumerate(text)]
+    pairs += _tofu_items(text, f"{TRAIN_CONFIG}+tofu", "qa", people)
     return pairs
 
 
@@ -318,6 +350,7 @@ def _real_items(folder: Path, config: str, seed: int) -> list[Sample]:
         image: ImageRef | None = row.image("image") if row.has_image() else None
         modality = "vqa" if image is not None else "qa"
         person = answer if config == "real_faces" else ""
-        items.append(Sample(f"{key}/mcq-{modality}", person, "mcq", modality, question.strip(), answer, image,
-                            options, letter))
+        items.append(
+            Sample(f"{key}/mcq-{modality}", person, "mcq", modality, question.strip(), answer, image, options, letter)
+        )
     return items

@@ -39,8 +39,9 @@ _TASK_COLUMNS = ("Classification_Task", "Generation_Task", "Mask_Task")
 _MODALITY = {"Image_Textual": "vqa", "Pure_Text": "qa"}
 
 
-def read_mllmu(root: str | Path, forget: str = "forget_10", retain: str | None = None,
-               train_splits: Iterable[str] | None = None) -> BenchmarkData:
+def read_mllmu(
+    root: str | Path, forget: str = "forget_10", retain: str | None = None, train_splits: Iterable[str] | None = None
+) -> BenchmarkData:
     """Read an MLLMU-Bench folder.
 
     ``retain`` defaults to the complement of ``forget`` (``forget_N`` -> ``retain_{100-N}``);
@@ -69,9 +70,13 @@ def read_mllmu(root: str | Path, forget: str = "forget_10", retain: str | None =
             "forget": _split_samples(forget_rows, forget),
             "retain": _split_samples(retain_rows, retain),
             "real": _split_samples(real_rows, REAL_FOLDER),
-            "test": [sample for row in test_rows if row.person in forget_people
-                     for sample in _profile_samples(row, TEST_FOLDER, row.image("images", first=True))
-                     if sample.modality == "vqa"],
+            "test": [
+                sample
+                for row in test_rows
+                if row.person in forget_people
+                for sample in _profile_samples(row, TEST_FOLDER, row.image("images", first=True))
+                if sample.modality == "vqa"
+            ],
         },
         forget_people=forget_people,
         retain_people=frozenset(row.person for row in retain_rows),
@@ -95,28 +100,50 @@ def _profile_samples(row: Row, folder: str, image: ImageRef) -> list[Sample]:
     def add(task: str, modality: str, question: str, answer: str, **mcq: Any) -> None:
         key = f"{task}-{modality}"
         counts[key] = counts.get(key, 0) + 1
-        samples.append(Sample(id=f"{folder}/{row.person}/{key}/{counts[key] - 1}", person=row.person, task=task,
-                              modality=modality, question=question, answer=answer,
-                              image=image if modality == "vqa" else None, **mcq))
+        samples.append(
+            Sample(
+                id=f"{folder}/{row.person}/{key}/{counts[key] - 1}",
+                person=row.person,
+                task=task,
+                modality=modality,
+                question=question,
+                answer=answer,
+                image=image if modality == "vqa" else None,
+                **mcq,
+            )
+        )
 
     tasks = row.need(row.values, "Classification_Task", "Classification_Task", dict)
     for group, modality in (("Image_Textual_Questions", "vqa"), ("Pure_Text_Questions", "qa")):
         path = f"Classification_Task.{group}"
         for k, item in enumerate(row.need(tasks, group, path, list)):
             at = f"{path}[{k}]"
-            options = {letter: text for letter, text in row.need(item, "Options", f"{at}.Options", dict).items()
-                       if text is not None}
+            options = {
+                letter: text
+                for letter, text in row.need(item, "Options", f"{at}.Options", dict).items()
+                if text is not None
+            }
             correct = row.need(item, "Correct_Answer", f"{at}.Correct_Answer", str).strip()
             if correct not in options:
                 raise row.fail(f"{at}.Correct_Answer", f"{correct!r} is not one of the options {sorted(options)}")
-            add("mcq", modality, row.need(item, "Question", f"{at}.Question", str), options[correct],
-                options=options, correct=correct)
+            add(
+                "mcq",
+                modality,
+                row.need(item, "Question", f"{at}.Question", str),
+                options[correct],
+                options=options,
+                correct=correct,
+            )
     for column, task in (("Generation_Task", "gen"), ("Mask_Task", "cloze")):
         for k, item in enumerate(row.need(row.values, column, column, list)):
             at = f"{column}[{k}]"
             modality = _modality(row, row.need(item, "Type", f"{at}.Type", str), f"{at}.Type")
-            add(task, modality, row.need(item, "Question", f"{at}.Question", str),
-                row.need(item, "Ground_Truth", f"{at}.Ground_Truth", str))
+            add(
+                task,
+                modality,
+                row.need(item, "Question", f"{at}.Question", str),
+                row.need(item, "Ground_Truth", f"{at}.Ground_Truth", str),
+            )
     return samples
 
 
@@ -148,9 +175,15 @@ def _training_samples(folder: Path) -> list[Sample]:
             if not isinstance(item, dict):
                 raise row.fail(at, f"expected a JSON object, got {type(item).__name__}")
             modality = _modality(row, item.get("Type", "Image_Textual"), f"{at}.Type")
-            samples.append(Sample(
-                id=f"{folder.name}/{number}/qa-{modality}/{k}", person=row.person, task="qa", modality=modality,
-                question=row.need(item, "Question", f"{at}.Question", str),
-                answer=row.need(item, "Answer", f"{at}.Answer", str),
-                image=image if modality == "vqa" else None))
+            samples.append(
+                Sample(
+                    id=f"{folder.name}/{number}/qa-{modality}/{k}",
+                    person=row.person,
+                    task="qa",
+                    modality=modality,
+                    question=row.need(item, "Question", f"{at}.Question", str),
+                    answer=row.need(item, "Answer", f"{at}.Answer", str),
+                    image=image if modality == "vqa" else None,
+                )
+            )
     return samples

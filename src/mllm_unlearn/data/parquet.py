@@ -63,8 +63,13 @@ class Row:
 R = TypeVar("R", bound=Row)
 
 
-def read_rows(folder: Path, required: tuple[str, ...], wanted: tuple[str, ...] | None = None,
-              row_class: type[R] = Row, what: str = "split") -> list[R]:
+def read_rows(
+    folder: Path,
+    required: tuple[str, ...],
+    wanted: tuple[str, ...] | None = None,
+    row_class: type[R] = Row,
+    what: str = "split",
+) -> list[R]:
     """The rows of every ``*.parquet`` under ``folder`` (sorted, subfolders too). Every file must have
     the ``required`` columns; only those and the ``wanted`` ones are read (``wanted=None``: all)."""
     if not folder.is_dir():
@@ -100,11 +105,13 @@ def unique_profiles(rows: list[R], folder: Path) -> list[R]:
     return rows
 
 
-def complement(root: Path, forget: str, pattern: str = r"forget_(\d+)", template: str = "retain_{}",
-               expected: str = "forget_NN") -> str:
+def complement(
+    root: Path, forget: str, pattern: str = r"forget_(\d+)", template: str = "retain_{}", expected: str = "forget_NN"
+) -> str:
     """The retain split that complements ``forget`` (``forget_10`` -> ``retain_90``)."""
     match = re.fullmatch(pattern, forget)
     if match is None:
-        raise DataError(f"{root / forget}: cannot infer the retain folder from {forget!r} (expected {expected}); "
-                        "pass retain=")
+        raise DataError(
+            f"{root / forget}: cannot infer the retain folder from {forget!r} (expected {expected}); pass retain="
+        )
     return template.format(100 - int(match.group(1)))

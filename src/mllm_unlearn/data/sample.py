@@ -75,8 +75,9 @@ class Sample:
 
     def without_image(self) -> Sample:
         """The same question asked text-only."""
-        return Sample(self.id, self.person, self.task, "qa", self.question, self.answer, None,
-                      self.options, self.correct)
+        return Sample(
+            self.id, self.person, self.task, "qa", self.question, self.answer, None, self.options, self.correct
+        )
 
 
 @dataclass
@@ -101,8 +102,11 @@ class BenchmarkData:
                 raise DataError(f"{self.name}: split {split!r} is empty")
 
     def items(self, split: str, task: str | None = None, modality: str | None = None) -> list[Sample]:
-        return [s for s in self.splits.get(split, [])
-                if (task is None or s.task == task) and (modality is None or s.modality == modality)]
+        return [
+            s
+            for s in self.splits.get(split, [])
+            if (task is None or s.task == task) and (modality is None or s.modality == modality)
+        ]
 
 
 def check_images(data: BenchmarkData, *, train: bool = True, splits: Iterable[str] | None = None) -> int:

@@ -51,8 +51,9 @@ MODALITY_KEYS = {"unimodal": "qa", "muitimodal": "vqa", "multimodal": "vqa"}
 _ANSWER_LETTER = re.compile(r"\s*\(?([A-Z])\s*(?:[.:)]|$)\s*(.*)", re.DOTALL)
 
 
-def read_umu(root: str | Path, forget: str = "forget_10", retain: str | None = None, *,
-             train_real: bool = False) -> BenchmarkData:
+def read_umu(
+    root: str | Path, forget: str = "forget_10", retain: str | None = None, *, train_real: bool = False
+) -> BenchmarkData:
     """Read a UMU-Bench folder; ``retain`` defaults to the complement of ``forget``
     (``forget_N`` -> ``retain_{100-N}``)."""
     root = Path(root)
@@ -100,6 +101,7 @@ def parse_literal(row: Row, column: str) -> dict:
 
 # ---------------------------------------------------------------- reading
 
+
 def _read_profiles(folder: Path, required: tuple[str, ...]) -> list[Row]:
     """One row per profile (each ID once) from every ``*.parquet`` under ``folder``."""
     return unique_profiles(read_rows(folder, required, wanted=()), folder)
@@ -127,6 +129,7 @@ def _text(row: Row, container: Any, key: Any, path: str) -> str:
 
 # ---------------------------------------------------------------- items
 
+
 def _training_pairs(row: Row, folder: str) -> list[Sample]:
     pairs = []
     image = row.image("image")
@@ -135,16 +138,24 @@ def _training_pairs(row: Row, folder: str) -> list[Sample]:
         questions, answers = _get(qa, "question"), _get(qa, "answer")
         for part, value in (("question", questions), ("answer", answers)):
             if not isinstance(value, dict):
-                raise row.fail(f"{column}.{part}", "missing" if value is None else
-                               f"expected a dict {{k: text}}, got {type(value).__name__}")
+                raise row.fail(
+                    f"{column}.{part}",
+                    "missing" if value is None else f"expected a dict {{k: text}}, got {type(value).__name__}",
+                )
         for k in questions:
             if k not in answers:
                 raise row.fail(f"{column}.answer[{k!r}]", "missing (the question has no answer)")
-            pairs.append(Sample(
-                f"{folder}/{row.person}/qa-{modality}/{k}", row.person, "qa", modality,
-                _text(row, {k: questions[k]}, k, f"{column}.question[{k!r}]"),
-                _text(row, {k: answers[k]}, k, f"{column}.answer[{k!r}]"),
-                image if modality == "vqa" else None))
+            pairs.append(
+                Sample(
+                    f"{folder}/{row.person}/qa-{modality}/{k}",
+                    row.person,
+                    "qa",
+                    modality,
+                    _text(row, {k: questions[k]}, k, f"{column}.question[{k!r}]"),
+                    _text(row, {k: answers[k]}, k, f"{column}.answer[{k!r}]"),
+                    image if modality == "vqa" else None,
+                )
+            )
     return pairs
 
 
@@ -205,6 +216,16 @@ def _profile_items(row: Row, folder: str) -> list[Sample]:
                         match = _ANSWER_LETTER.fullmatch(answer)
                         if match and match.group(1) in options and match.group(2):
                             answer = options[match.group(1)]
-                samples.append(Sample(f"{folder}/{row.person}/{task}-{modality}/{k}", row.person, task, modality,
-                                      question, answer, image if modality == "vqa" else None, **mcq))
+                samples.append(
+                    Sample(
+                        f"{folder}/{row.person}/{task}-{modality}/{k}",
+                        row.person,
+                        task,
+                        modality,
+                        question,
+                        answer,
+                        image if modality == "vqa" else None,
+                        **mcq,
+                    )
+                )
     return samples

@@ -70,16 +70,17 @@ class ItemResult:
 
 def _chunks(items: Sequence, n: int) -> Iterable[Sequence]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 @torch.no_grad()
 def generate(lm: LoadedModel, samples: Sequence[Sample], bodies: Sequence[str], max_new_tokens: int) -> list[str]:
     """Greedy replies, one per sample (left-padded batch)."""
     batch = lm.arch.encode(lm.processor, samples, bodies, padding_side="left").to(lm.model.device)
-    out = lm.model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=lm.processor.tokenizer.pad_token_id)
-    new = out[:, batch.inputs["input_ids"].shape[1]:]
+    out = lm.model.generate(
+        **batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.processor.tokenizer.pad_token_id
+    )
+    new = out[:, batch.inputs["input_ids"].shape[1] :]
     return [t.strip() for t in lm.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
@@ -91,19 +92,22 @@ def _score_mcq_letter(lm, split, items, cfg) -> list[ItemResult]:
     else:
         replies = generate(lm, items, [format_mcq(s.question, s.options) for s in items], cfg.max_new_tokens)
         picks = [parse_choice(r, "".join(sorted(s.options))) for s, r in zip(items, replies)]
-    return [ItemResult(s.id, s.person, split, s.task, s.modality, "letter", float(p == s.correct), r)
-            for s, r, p in zip(items, replies, picks)]
+    return [
+        ItemResult(s.id, s.person, split, s.task, s.modality, "letter", float(p == s.correct), r)
+        for s, r, p in zip(items, replies, picks)
+    ]
 
 
 def _score_mcq_likelihood(lm, split, items, cfg) -> list[ItemResult]:
     flat = [(s, letter, text) for s in items for letter, text in sorted(s.options.items())]
     with torch.no_grad():
-        lp = answer_logprobs(lm, [f[0] for f in flat], [f[0].question for f in flat], [f[2] for f in flat],
-                             length_norm=cfg.length_norm).cpu()
+        lp = answer_logprobs(
+            lm, [f[0] for f in flat], [f[0].question for f in flat], [f[2] for f in flat], length_norm=cfg.length_norm
+        ).cpu()
     results, i = [], 0
     for s in items:
         k = len(s.options)
-        best = sorted(s.options)[int(lp[i:i + k].argmax())]
+        best = sorted(s.options)[int(lp[i : i + k].argmax())]
         results.append(ItemResult(s.id, s.person, split, s.task, s.modality, "lik", float(best == s.correct), best))
         i += k
     return results
@@ -111,8 +115,10 @@ def _score_mcq_likelihood(lm, split, items, cfg) -> list[ItemResult]:
 
 def _score_cloze(lm, split, items, cfg) -> list[ItemResult]:
     replies = generate(lm, items, [format_cloze(s.question) for s in items], cfg.max_new_tokens)
-    return [ItemResult(s.id, s.person, split, s.task, s.modality, "cloze", float(cloze_correct(r, s.answer)), r)
-            for s, r in zip(items, replies)]
+    return [
+        ItemResult(s.id, s.person, split, s.task, s.modality, "cloze", float(cloze_correct(r, s.answer)), r)
+        for s, r in zip(items, replies)
+    ]
 
 
 def _score_gen(lm, split, items, cfg) -> list[ItemResult]:
@@ -124,18 +130,29 @@ def _score_gen(lm, split, items, cfg) -> list[ItemResult]:
     return out
 
 
-def score_items(lm: LoadedModel, split: str, samples: Sequence[Sample], cfg: EvalConfig,
-                desc: str | None = None) -> list[ItemResult]:
+def score_items(
+    lm: LoadedModel, split: str, samples: Sequence[Sample], cfg: EvalConfig, desc: str | None = None
+) -> list[ItemResult]:
     """Score every sample of one split, batched, with a progress bar."""
-    scorers = {"cloze": [_score_cloze], "gen": [_score_gen],
-               "mcq": {"generate": [_score_mcq_letter], "likelihood": [_score_mcq_likelihood],
-                       "both": [_score_mcq_letter, _score_mcq_likelihood]}[cfg.mcq_mode]}
+    scorers = {
+        "cloze": [_score_cloze],
+        "gen": [_score_gen],
+        "mcq": {
+            "generate": [_score_mcq_letter],
+            "likelihood": [_score_mcq_likelihood],
+            "both": [_score_mcq_letter, _score_mcq_likelihood],
+        }[cfg.mcq_mode],
+    }
     # group so that a batch shares task and modality (similar lengths, one kind of input)
     groups: dict[tuple[str, str], list[Sample]] = defaultdict(list)
     for s in samples:
         groups[(s.task, s.modality)].append(s)
-    jobs = [(fn, chunk) for key in sorted(groups) for fn in scorers[key[0]]
-            for chunk in _chunks(groups[key], cfg.batch_size)]
+    jobs = [
+        (fn, chunk)
+        for key in sorted(groups)
+        for fn in scorers[key[0]]
+        for chunk in _chunks(groups[key], cfg.batch_size)
+    ]
     results: list[ItemResult] = []
     with eval_mode(lm.model):
         for fn, chunk in tqdm(jobs, desc=desc or f"eval {split}", dynamic_ncols=True, leave=False):
@@ -164,8 +181,9 @@ def summarize(results: Iterable[ItemResult], mcq_mode: str = "generate") -> dict
     return dict(sorted(metrics.items()))
 
 
-def evaluate(lm: LoadedModel, data: BenchmarkData, cfg: EvalConfig = EvalConfig(),
-             predictions_file: Path | None = None) -> dict[str, float]:
+def evaluate(
+    lm: LoadedModel, data: BenchmarkData, cfg: EvalConfig = EvalConfig(), predictions_file: Path | None = None
+) -> dict[str, float]:
     """Run the protocol on every configured split of ``data``; optionally write per-item predictions."""
     results: list[ItemResult] = []
     for split in cfg.splits:
@@ -196,11 +214,19 @@ def cross_modal_metrics(results: Iterable[ItemResult], metric: str) -> dict[str,
 
 
 #: columns of the readable table, in order: (metric key, header)
-TABLE_COLUMNS = [("forget_vqa", "Forget VQA ↓"), ("forget_qa", "Forget QA ↑"), ("retain_vqa", "Retain VQA ↑"),
-                 ("retain_qa", "Retain QA ↑"), ("real_vqa", "Real VQA ↑"), ("real_qa", "Real QA ↑"),
-                 ("test_vqa", "Test VQA ↓"), ("forget_vqa_rougeL", "Forget gen R-L ↓"),
-                 ("retain_vqa_rougeL", "Retain gen R-L ↑"), ("forget_vqa_cloze", "Forget cloze ↓"),
-                 ("retain_vqa_cloze", "Retain cloze ↑")]
+TABLE_COLUMNS = [
+    ("forget_vqa", "Forget VQA ↓"),
+    ("forget_qa", "Forget QA ↑"),
+    ("retain_vqa", "Retain VQA ↑"),
+    ("retain_qa", "Retain QA ↑"),
+    ("real_vqa", "Real VQA ↑"),
+    ("real_qa", "Real QA ↑"),
+    ("test_vqa", "Test VQA ↓"),
+    ("forget_vqa_rougeL", "Forget gen R-L ↓"),
+    ("retain_vqa_rougeL", "Retain gen R-L ↑"),
+    ("forget_vqa_cloze", "Forget cloze ↓"),
+    ("retain_vqa_cloze", "Retain cloze ↑"),
+]
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:

@@ -7,7 +7,9 @@ from functools import lru_cache
 
 _CHOICE = re.compile(
     r"^\s*(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)?\s*(?:is)?\s*[:\-]?\s*"
-    r"[\(\[]?(?P<letter>[A-Za-z])[\)\]]?(?P<after>.?)", re.IGNORECASE | re.DOTALL)
+    r"[\(\[]?(?P<letter>[A-Za-z])[\)\]]?(?P<after>.?)",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 def parse_choice(reply: str, letters: str = "ABCD") -> str | None:
@@ -39,6 +41,7 @@ def cloze_correct(reply: str, gold: str) -> bool:
 @lru_cache(maxsize=1)
 def _scorer():
     from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 

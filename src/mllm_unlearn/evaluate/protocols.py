@@ -51,14 +51,19 @@ def match_option_text(reply: str, options: Mapping[str, str], fuzzy: bool) -> st
         return None
     texts = {letter: _norm(text) for letter, text in sorted(options.items())}
     if fuzzy:
-        best = max(texts, key=lambda letter: (difflib.SequenceMatcher(None, said, texts[letter]).ratio(),
-                                              -ord(letter[0])))
+        best = max(
+            texts, key=lambda letter: (difflib.SequenceMatcher(None, said, texts[letter]).ratio(), -ord(letter[0]))
+        )
         return best
-    found = {letter: text for letter, text in texts.items()
-             if text and re.search(rf"(?<!\w){re.escape(text)}(?!\w)", said)}
+    found = {
+        letter: text for letter, text in texts.items() if text and re.search(rf"(?<!\w){re.escape(text)}(?!\w)", said)
+    }
     # an option found only as part of another found option ("York" in "New York City") does not count
-    kept = {letter: text for letter, text in found.items()
-            if not any(other != text and text in other for other in found.values())}
+    kept = {
+        letter: text
+        for letter, text in found.items()
+        if not any(other != text and text in other for other in found.values())
+    }
     return next(iter(kept)) if len(set(kept.values())) == 1 else None
 
 
@@ -68,8 +73,10 @@ def cross_modal(pairs: Sequence[tuple[bool, bool]]) -> dict[str, float]:
     if not pairs:
         raise ValueError("cross_modal needs at least one (unimodal, multimodal) pair")
     n = len(pairs)
-    return {"both_right": sum(bool(a) and bool(b) for a, b in pairs) / n,
-            "both_wrong": sum(not a and not b for a, b in pairs) / n}
+    return {
+        "both_right": sum(bool(a) and bool(b) for a, b in pairs) / n,
+        "both_wrong": sum(not a and not b for a, b in pairs) / n,
+    }
 
 
 def pair_modalities(correct: Mapping[str, bool | float]) -> list[tuple[bool, bool]]:

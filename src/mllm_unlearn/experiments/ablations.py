@@ -30,9 +30,14 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def run_ablations(load: Callable[[], LoadedModel], data: BenchmarkData, out_dir: str | Path, cfg: UnlearnConfig,
-                  eval_cfg: EvalConfig = EvalConfig(mcq_mode="likelihood"),
-                  rows: list[str] | None = None) -> dict[str, dict[str, float]]:
+def run_ablations(
+    load: Callable[[], LoadedModel],
+    data: BenchmarkData,
+    out_dir: str | Path,
+    cfg: UnlearnConfig,
+    eval_cfg: EvalConfig = EvalConfig(mcq_mode="likelihood"),
+    rows: list[str] | None = None,
+) -> dict[str, dict[str, float]]:
     """Evaluate the vanilla model and every ablation row; write results.json / results.md to ``out_dir``.
     ``load()`` returns a fresh copy of the vanilla model for each row."""
     out = refuse_existing(out_dir)

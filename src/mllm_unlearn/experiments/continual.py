@@ -58,6 +58,7 @@ def _stage_metrics(lm: LoadedModel, data: BenchmarkData, tasks: list[list[str]],
 def plot(matrix: dict[str, Any], out: Path) -> None:
     """Fig. 3 (stage x task heatmap of Forget VQA) and Fig. 2 (per-stage curves)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -82,9 +83,11 @@ def plot(matrix: dict[str, Any], out: Path) -> None:
     x = list(range(1, len(stages) + 1))
     cumulative = [sum(s["forget_vqa_per_task"][: i + 1]) / (i + 1) for i, s in enumerate(stages)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    panels = [(cumulative, "forget", "(a) Forget VQA, tasks so far"),
-              ([s["retain_vqa"] for s in stages], "retain", "(b) Retain VQA"),
-              ([s["real_vqa"] for s in stages], "real", "(c) Real-world VQA")]
+    panels = [
+        (cumulative, "forget", "(a) Forget VQA, tasks so far"),
+        ([s["retain_vqa"] for s in stages], "retain", "(b) Retain VQA"),
+        ([s["real_vqa"] for s in stages], "real", "(c) Real-world VQA"),
+    ]
     for ax, (ys, split, title) in zip(axes, panels):
         ax.plot(x, [100 * y for y in ys], marker="o", label=matrix["method"])
         ax.axhline(100 * matrix["before"][f"{split}_vqa"], ls="--", color="grey", label="before")
@@ -112,9 +115,17 @@ def _save_final(state: dict[str, Any], out: Path) -> None:
     plot(state, out)
 
 
-def run_continual(lm: LoadedModel, data: BenchmarkData, out_dir: str | Path, cfg: UnlearnConfig,
-                  method_cfg: Any = None, *, n_tasks: int = 5, eval_cfg: EvalConfig | None = None,
-                  replay: bool = True) -> dict[str, Any]:
+def run_continual(
+    lm: LoadedModel,
+    data: BenchmarkData,
+    out_dir: str | Path,
+    cfg: UnlearnConfig,
+    method_cfg: Any = None,
+    *,
+    n_tasks: int = 5,
+    eval_cfg: EvalConfig | None = None,
+    replay: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) the K-stage continual unlearning experiment into ``out_dir``."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -133,22 +144,32 @@ def run_continual(lm: LoadedModel, data: BenchmarkData, out_dir: str | Path, cfg
     before = None if state else _stage_metrics(lm, data, tasks, eval_cfg)
     lm = attach_adapters(lm, retain, cfg, method_cls)
     state = state or {
-        "method": cfg.method, "tasks": tasks, "config": asdict(cfg), "replay": replay, "stages": [],
-        "before": {"forget_vqa": sum(before["forget_vqa_per_task"]) / n_tasks,
-                   "retain_vqa": before["retain_vqa"], "real_vqa": before["real_vqa"]}}
+        "method": cfg.method,
+        "tasks": tasks,
+        "config": asdict(cfg),
+        "replay": replay,
+        "stages": [],
+        "before": {
+            "forget_vqa": sum(before["forget_vqa_per_task"]) / n_tasks,
+            "retain_vqa": before["retain_vqa"],
+            "real_vqa": before["real_vqa"],
+        },
+    }
     if state["stages"]:  # resume: B of the last completed stage
         last = out / f"stage-{len(state['stages'])}" / "adapter_model.safetensors"
         set_peft_model_state_dict(lm.model, load_file(last))
     for t in range(len(state["stages"]), n_tasks):
-        requested = {p for task in (tasks[: t + 1] if replay else tasks[t:t + 1]) for p in task}
+        requested = {p for task in (tasks[: t + 1] if replay else tasks[t : t + 1]) for p in task}
         forget = [s for s in data.train if s.person in requested]
         method = method_cls(method_cfg)
         unlearn_stage(lm, method, forget, retain, cfg, desc=f"stage {t + 1}/{n_tasks}")
         metrics = _stage_metrics(lm, data, tasks, eval_cfg)
         state["stages"].append(metrics)
         distributed.on_main(_save_stage, lm, out / f"stage-{t + 1}", state, state_file)
-        distributed.main_print(f"stage {t + 1}: forget VQA per task "
-                               f"{[round(v, 2) for v in metrics['forget_vqa_per_task']]}, "
-                               f"retain VQA {metrics['retain_vqa']:.3f}, real VQA {metrics['real_vqa']:.3f}")
+        distributed.main_print(
+            f"stage {t + 1}: forget VQA per task "
+            f"{[round(v, 2) for v in metrics['forget_vqa_per_task']]}, "
+            f"retain VQA {metrics['retain_vqa']:.3f}, real VQA {metrics['real_vqa']:.3f}"
+        )
     distributed.on_main(_save_final, state, out)
     return state

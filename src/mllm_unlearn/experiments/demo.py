@@ -33,8 +33,7 @@ class DemoConfig:
     seed: int = 0
     forget: str = "forget_15"
     world: WorldConfig = field(default_factory=WorldConfig)
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-3, batch_size=32,
-                                                                      warmup=50))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-3, batch_size=32, warmup=50))
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(mcq_mode="likelihood", max_new_tokens=24))
     methods: tuple[str, ...] = ("vanilla", "cvf_ncu")
@@ -72,13 +71,15 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, d
             t0 = time.perf_counter()
             lm = load_model(work / "vanilla")
             if method != "vanilla":
-                run_cfg = UnlearnConfig(**{**cfg.unlearn.__dict__, "method": method, "seed": cfg.seed,
-                                           "cache_dir": str(work / "ncu_cache")})
+                run_cfg = UnlearnConfig(
+                    **{**cfg.unlearn.__dict__, "method": method, "seed": cfg.seed, "cache_dir": str(work / "ncu_cache")}
+                )
                 lm, history = unlearn(lm, data, run_cfg)
                 timings[f"unlearn_{method}_s"] = time.perf_counter() - t0
                 method_cls = get_method(method)
-                save_run(lm, work / "runs" / method, run_record(run_cfg, method_cls(), history),
-                         merge=not method_cls.trains)
+                save_run(
+                    lm, work / "runs" / method, run_record(run_cfg, method_cls(), history), merge=not method_cls.trains
+                )
             t0 = time.perf_counter()
             results[method] = evaluate(lm, data, cfg.eval, predictions_file=work / f"predictions_{method}.jsonl")
             timings[f"evaluate_{method}_s"] = time.perf_counter() - t0

@@ -60,8 +60,9 @@ class UnlearnContext:
             pool = list(items())
             if not pool:
                 raise ValueError(f"stream {name!r} has no samples")
-            self._streams[name] = batches(pool, min(batch_size or self.batch_size, len(pool)),
-                                          zlib.crc32(name.encode()) % 10_000 + self.seed)
+            self._streams[name] = batches(
+                pool, min(batch_size or self.batch_size, len(pool)), zlib.crc32(name.encode()) % 10_000 + self.seed
+            )
         return shard(next(self._streams[name]))
 
     # -- common quantities ---------------------------------------------------------------------

@@ -84,8 +84,12 @@ class CVFNCU(UnlearningMethod):
         if not retain_images or not distinct_images(ctx.forget):
             raise ValueError("CVF needs images in both the forget and the retain set")
         with torch.no_grad():
-            pooled = torch.cat([self._ivr(ctx.visual_tokens(retain_images[i:i + 32], reference=True))
-                                for i in range(0, len(retain_images), 32)])
+            pooled = torch.cat(
+                [
+                    self._ivr(ctx.visual_tokens(retain_images[i : i + 32], reference=True))
+                    for i in range(0, len(retain_images), 32)
+                ]
+            )
         self.center = pooled.mean(0) if cfg.center else torch.zeros_like(pooled[0])
         # the queue starts full of retain reference IVRs so that Eq. 4 is defined from step 0
         if cfg.queue_source == "retain":
@@ -105,8 +109,7 @@ class CVFNCU(UnlearningMethod):
     def loss(self, ctx: UnlearnContext, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         forget = ctx.stream("forget_images", lambda: distinct_images(ctx.forget))
-        retain = ctx.stream("retain_vqa", lambda: [s for s in ctx.retain if s.image is not None],
-                            cfg.retain_batch_size)
+        retain = ctx.stream("retain_vqa", lambda: [s for s in ctx.retain if s.image is not None], cfg.retain_batch_size)
         h_fu = ctx.visual_tokens(forget)  # Eq. 1, unlearned model
         z_fu, z_fr = self._ivr(h_fu), self._ivr(ctx.visual_tokens(forget, reference=True))  # Eq. 2
         h_ru = ctx.visual_tokens(retain)  # Eq. 8

@@ -47,7 +47,10 @@ class KLMin(Baseline):
         logits, targets, _ = ctx.lm.arch.answer_logits(ctx.lm.model, batch)
         ref_logits, _, _ = self.reference_logits(ctx, batch)
         nll_r = F.cross_entropy(logits.float(), targets)
-        kl = (kl_divergence(ref_logits, logits) if self.cfg.kl_direction == "ref_theta"
-              else kl_divergence(logits, ref_logits))
+        kl = (
+            kl_divergence(ref_logits, logits)
+            if self.cfg.kl_direction == "ref_theta"
+            else kl_divergence(logits, ref_logits)
+        )
         loss = ga_loss(nll_f) + self.cfg.retain_weight * nll_r + self.cfg.kl_weight * kl
         return loss, {"forget_nll": nll_f.item(), "retain_nll": nll_r.item(), "kl": kl.item()}

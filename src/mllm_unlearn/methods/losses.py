@@ -62,8 +62,9 @@ def retention_mse(h_u: torch.Tensor, h_r: torch.Tensor) -> torch.Tensor:
     return ((h_u - h_r) ** 2).sum(-1).mean()
 
 
-def total_loss(l_cvf: torch.Tensor, l_ret: torch.Tensor, l_gum: torch.Tensor, alpha: float,
-               ret_weight: float) -> torch.Tensor:
+def total_loss(
+    l_cvf: torch.Tensor, l_ret: torch.Tensor, l_gum: torch.Tensor, alpha: float, ret_weight: float
+) -> torch.Tensor:
     """Eq. 11: alpha * L_CVF + beta * L_RET + L_GUM, ``ret_weight`` = beta (L_GUM, Eq. 10, is the
     retain answer NLL)."""
     return alpha * l_cvf + ret_weight * l_ret + l_gum
@@ -88,8 +89,9 @@ def simnpo_loss(nll_sum: torch.Tensor, lengths: torch.Tensor, beta: float, delta
     return -(2.0 / beta) * F.logsigmoid(beta * (nll_sum / lengths - delta)).mean()
 
 
-def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor,
-                  vocab_keep: torch.Tensor | None = None) -> torch.Tensor:
+def kl_divergence(
+    logits_p: torch.Tensor, logits_q: torch.Tensor, vocab_keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(p || q) = sum_v p (log p - log q) per row (answer position), averaged over rows
     (= ``F.kl_div(log q, p, reduction="batchmean")`` on (positions, vocab)); KL_Min's retain term
     (Nguyen et al. 2020) and SIU's dual-masked KL (Li et al. 2024).
@@ -114,8 +116,12 @@ def fisher_mask(f_forget: torch.Tensor, f_preserve: torch.Tensor, threshold: flo
 MANU_STATS = ("mean_abs", "std", "rms", "freq")
 
 
-def manu_scores(forget: Mapping[str, torch.Tensor], retain: Mapping[str, torch.Tensor],
-                weights: Mapping[str, float], eps: float = 1e-5) -> torch.Tensor:
+def manu_scores(
+    forget: Mapping[str, torch.Tensor],
+    retain: Mapping[str, torch.Tensor],
+    weights: Mapping[str, float],
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """MANU's neuron score (Liu et al. 2025, "Modality-aware neuron pruning for unlearning in MLLMs"):
     sum_s w_s * (I_s(D_f) / (I_s(D_r) + eps) - 1) over the activation statistics s of :data:`MANU_STATS`."""
     score = torch.zeros_like(forget[MANU_STATS[0]])

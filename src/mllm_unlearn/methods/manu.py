@@ -37,13 +37,18 @@ class _ActivationStats:
         if self.n == 0:
             raise ValueError("no activations recorded")
         mean, msq = self.sum / self.n, self.sq / self.n
-        return {"mean_abs": self.abs / self.n, "std": (msq - mean ** 2).clamp_min(0).sqrt(),
-                "rms": msq.sqrt(), "freq": self.freq / self.n}
+        return {
+            "mean_abs": self.abs / self.n,
+            "std": (msq - mean**2).clamp_min(0).sqrt(),
+            "rms": msq.sqrt(),
+            "freq": self.freq / self.n,
+        }
 
 
 @torch.no_grad()
-def prune_rows(model: torch.nn.Module, rows: Mapping[str, Sequence[int] | torch.Tensor],
-               zero_bias: bool = False) -> None:
+def prune_rows(
+    model: torch.nn.Module, rows: Mapping[str, Sequence[int] | torch.Tensor], zero_bias: bool = False
+) -> None:
     """Zero the weight rows (output neurons) ``rows[path]`` of the Linears at those module paths
     (paths of the plain model; LoRA-wrapped layers are edited in their base layer)."""
     layers = target_linears(model, "|".join(map(re.escape, rows)))
@@ -97,18 +102,21 @@ class MANU(Baseline):
     def _limit(self, ctx: UnlearnContext, samples: Sequence[Sample]) -> list[Sample]:
         return subsample(samples, self.cfg.max_samples, ctx.seed)
 
-    def _measure(self, ctx: UnlearnContext, layers: Mapping[str, torch.nn.Linear], samples: Sequence[Sample],
-                 images: bool) -> dict[str, dict[str, torch.Tensor]]:
+    def _measure(
+        self, ctx: UnlearnContext, layers: Mapping[str, torch.nn.Linear], samples: Sequence[Sample], images: bool
+    ) -> dict[str, dict[str, torch.Tensor]]:
         lm = ctx.lm
         if not samples:
-            raise ValueError(f"MANU needs {'images' if images else 'text-only pairs'} of both the forget "
-                             "and the retain people")
+            raise ValueError(
+                f"MANU needs {'images' if images else 'text-only pairs'} of both the forget and the retain people"
+            )
         stats = {n: _ActivationStats(layer.out_features, self.cfg.freq_threshold) for n, layer in layers.items()}
         token_mask: list[torch.Tensor | None] = [None]
 
         def hook_for(name: str):
             def hook(module, args, out):
                 stats[name].add(out if token_mask[0] is None else out[token_mask[0]])
+
             return hook
 
         handles = [layer.register_forward_hook(hook_for(n)) for n, layer in layers.items()]
@@ -118,7 +126,7 @@ class MANU(Baseline):
                     lm.arch.image_features(lm.model, inputs)
             else:
                 for i in range(0, len(samples), ctx.batch_size):
-                    batch = encode_pairs(lm, samples[i:i + ctx.batch_size])
+                    batch = encode_pairs(lm, samples[i : i + ctx.batch_size])
                     token_mask[0] = batch.inputs["attention_mask"].bool()
                     lm.model.get_base_model().model(**batch.inputs)
         finally:
@@ -126,8 +134,14 @@ class MANU(Baseline):
                 h.remove()
         return {n: s.result() for n, s in stats.items()}
 
-    def _scores(self, ctx: UnlearnContext, layers: Mapping[str, torch.nn.Linear], forget: Sequence[Sample],
-                retain: Sequence[Sample], images: bool) -> dict[str, torch.Tensor]:
+    def _scores(
+        self,
+        ctx: UnlearnContext,
+        layers: Mapping[str, torch.nn.Linear],
+        forget: Sequence[Sample],
+        retain: Sequence[Sample],
+        images: bool,
+    ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         weights = {"mean_abs": cfg.w_mean_abs, "std": cfg.w_std, "rms": cfg.w_rms, "freq": cfg.w_freq}
         sf, sr = self._measure(ctx, layers, forget, images), self._measure(ctx, layers, retain, images)
@@ -149,8 +163,9 @@ class MANU(Baseline):
                 r_img = self._limit(ctx, distinct_images(ctx.retain))
                 probe = encode_images(lm, r_img[:4]).inputs
                 with torch.enable_grad():
-                    dead = set(unused_layers(lm.model, vision, probe,
-                                             features=lambda m, x: lm.arch.image_features(m, dict(x))))
+                    dead = set(
+                        unused_layers(lm.model, vision, probe, features=lambda m, x: lm.arch.image_features(m, dict(x)))
+                    )
                 vision = {n: m for n, m in vision.items() if n not in dead}
                 self.scores.update(self._scores(ctx, vision, f_img, r_img, True))
             if text:
@@ -161,5 +176,8 @@ class MANU(Baseline):
         prune_rows(lm.model, rows, cfg.zero_bias)
         self.pruned = {n: r.tolist() for n, r in rows.items()}
         n_pruned = sum(len(r) for r in rows.values())
-        return {"pruned": float(n_pruned), "layers_pruned": float(len(rows)),
-                "min_pruned_score": float(min(self.scores[n][r].min().item() for n, r in rows.items()))}
+        return {
+            "pruned": float(n_pruned),
+            "layers_pruned": float(len(rows)),
+            "min_pruned_score": float(min(self.scores[n][r].min().item() for n, r in rows.items())),
+        }

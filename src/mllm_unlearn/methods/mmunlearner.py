@@ -62,14 +62,16 @@ class MMUnlearner(Baseline):
         forget_text = self.cfg.preserve_forget_text and not self.visual_only
         return self.pairs(ctx.retain) + (select(ctx.forget, "qa") if forget_text else [])
 
-    def _fisher(self, ctx: UnlearnContext, params: dict[str, torch.nn.Parameter],
-                samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    def _fisher(
+        self, ctx: UnlearnContext, params: dict[str, torch.nn.Parameter], samples: Sequence[Sample]
+    ) -> dict[str, torch.Tensor]:
         samples = subsample(samples, self.cfg.fisher_samples, ctx.seed)
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         n_batches = 0
         for i in range(0, len(samples), ctx.batch_size):
-            grads = torch.autograd.grad(ctx.nll(samples[i:i + ctx.batch_size]), list(params.values()),
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                ctx.nll(samples[i : i + ctx.batch_size]), list(params.values()), allow_unused=True
+            )
             for n, g in zip(params, grads):
                 if g is not None:
                     fisher[n] += g.detach() ** 2
@@ -86,12 +88,14 @@ class MMUnlearner(Baseline):
         forget = self.pairs(ctx.forget, self.cfg.forget_modality)
         f_forget = self._fisher(ctx, params, forget)
         f_preserve = self._fisher(ctx, params, self.preserve(ctx))
-        self.masks = {n: fisher_mask(f_forget[n], f_preserve[n], self.cfg.threshold).to(p.dtype)
-                      for n, p in params.items()}
+        self.masks = {
+            n: fisher_mask(f_forget[n], f_preserve[n], self.cfg.threshold).to(p.dtype) for n, p in params.items()
+        }
         for n, p in params.items():
             self._handles.append(p.register_hook(lambda g, m=self.masks[n]: g * m if self._masking else g))
-        self.mask_fraction = (sum(m.sum().item() for m in self.masks.values())
-                              / sum(m.numel() for m in self.masks.values()))
+        self.mask_fraction = sum(m.sum().item() for m in self.masks.values()) / sum(
+            m.numel() for m in self.masks.values()
+        )
 
     def loss(self, ctx: UnlearnContext, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         self._masking = step % 2 == 0  # read by the hooks during the loop's backward of this loss

@@ -51,5 +51,8 @@ class NPO(Baseline):
         logp_ref, _ = sequence_logprob(*self.reference_logits(ctx, batch), len(forget))
         forget_term = npo_loss(logp, logp_ref, self.cfg.beta)
         retain_term = self.retain_term(ctx, self.cfg.retain_weight)
-        return forget_term + retain_term, {"npo": forget_term.item(), "retain_nll": retain_term.item(),
-                                           "logratio": (logp - logp_ref).mean().item()}
+        return forget_term + retain_term, {
+            "npo": forget_term.item(),
+            "retain_nll": retain_term.item(),
+            "logratio": (logp - logp_ref).mean().item(),
+        }

@@ -33,8 +33,9 @@ class SimNPO(Baseline):
 
     def loss(self, ctx: UnlearnContext, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         forget = self.forget_batch(ctx)
-        logp, lengths = sequence_logprob(*ctx.lm.arch.answer_logits(ctx.lm.model, encode_pairs(ctx.lm, forget)),
-                                         len(forget))
+        logp, lengths = sequence_logprob(
+            *ctx.lm.arch.answer_logits(ctx.lm.model, encode_pairs(ctx.lm, forget)), len(forget)
+        )
         forget_term = simnpo_loss(-logp, lengths, self.cfg.beta, self.cfg.delta)
         retain_term = self.retain_term(ctx, self.cfg.retain_weight)
         return forget_term + retain_term, {"simnpo": forget_term.item(), "retain_nll": retain_term.item()}

@@ -27,6 +27,7 @@ def person_names(samples: Sequence[Sample], min_fraction: float = 0.5) -> dict[s
     """Each person's name words, found in the data: capitalised words that occur in at least
     ``min_fraction`` of that person's text-only questions and in no question of anyone else
     (text-only questions name the person: "What is Ana Lind's job?"), in order of appearance."""
+
     def words(s: Sample) -> list[str]:
         return list(dict.fromkeys(_CAPITALISED.findall(s.question.replace("'s", ""))))
 
@@ -131,8 +132,9 @@ class SIU(Baseline):
         if self.cfg.identity == "fixed":
             return self.cfg.fixed_answer.format(name=self.cfg.unseen_name)
         qw = _question_words(s.question)
-        match = max(donor, key=lambda r: len(qw & _question_words(r.question))
-                    / max(1, len(qw | _question_words(r.question))))
+        match = max(
+            donor, key=lambda r: len(qw & _question_words(r.question)) / max(1, len(qw | _question_words(r.question)))
+        )
         return _rename(match.answer, donor_name, self.cfg.unseen_name)
 
     def setup(self, ctx: UnlearnContext) -> None:
@@ -150,11 +152,13 @@ class SIU(Baseline):
         self.relabelled, self.original_tokens = [], {}
         for s in forget_vqa:
             d = donors[s.person]
-            new = dataclasses.replace(s, id=f"{s.id}/siu",
-                                      answer=self._new_answer(s, retain_vqa.get(d, []), names.get(d, [])))
+            new = dataclasses.replace(
+                s, id=f"{s.id}/siu", answer=self._new_answer(s, retain_vqa.get(d, []), names.get(d, []))
+            )
             self.relabelled.append(new)
-            self.original_tokens[new.id] = set(tok(arch.answer_prefix + s.answer.strip(),
-                                                   add_special_tokens=False)["input_ids"])
+            self.original_tokens[new.id] = set(
+                tok(arch.answer_prefix + s.answer.strip(), add_special_tokens=False)["input_ids"]
+            )
             self.original_tokens[new.id].add(arch.eos_token_id(tok))
         name_ids = {name_token(tok, w) for p in {s.person for s in ctx.forget} for w in names.get(p, [])}
         vocab = ctx.lm.model.get_base_model().lm_head.out_features
@@ -172,9 +176,13 @@ class SIU(Baseline):
         keep = torch.ones_like(targets, dtype=torch.bool)
         for i, s in enumerate(a):  # token mask: the new tokens of the relabelled answers
             at = rows == i
-            keep[at] = torch.tensor([t in self.original_tokens[s.id] for t in targets[at].tolist()],
-                                    dtype=torch.bool, device=keep.device)
+            keep[at] = torch.tensor(
+                [t in self.original_tokens[s.id] for t in targets[at].tolist()], dtype=torch.bool, device=keep.device
+            )
         ce = F.cross_entropy(logits.float(), targets)
         dmk = kl_divergence(ref_logits[keep], logits[keep], self.vocab_keep)
-        return ce + self.cfg.kl_weight * dmk, {"ce": ce.item(), "dmk": dmk.item(),
-                                               "kl_positions": keep.float().mean().item()}
+        return ce + self.cfg.kl_weight * dmk, {
+            "ce": ce.item(),
+            "dmk": dmk.item(),
+            "kl_positions": keep.float().mean().item(),
+        }

@@ -16,6 +16,9 @@ import torch
 
 from ..data.sample import Sample
 
+#: prompt bodies or answers, one per sample
+Texts = Sequence[str]
+
 _REGISTRY: dict[str, ArchAdapter] = {}
 
 
@@ -43,16 +46,19 @@ def pad(seqs: Sequence[Sequence[int]], value: int, side: str) -> torch.Tensor:
     """Rows of different lengths as one rectangular int64 tensor, filled up with ``value`` on ``side``
     (``"right"`` to train and score, ``"left"`` to generate)."""
     width = max(len(s) for s in seqs)
-    rows = [list(s) + [value] * (width - len(s)) if side == "right" else [value] * (width - len(s)) + list(s)
-            for s in seqs]
+    rows = [
+        list(s) + [value] * (width - len(s)) if side == "right" else [value] * (width - len(s)) + list(s) for s in seqs
+    ]
     return torch.tensor(rows, dtype=torch.long)
 
 
 def decoder_pattern(prefix: str) -> str:
     r"""Anchored regex over the attention and MLP Linears of a Llama-style decoder whose layers are
     ``{prefix}.layers.N`` (``prefix`` itself a regex, e.g. ``r"model\.language_model"``)."""
-    return (rf"{prefix}\.layers\.\d+\."
-            r"(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj))")
+    return (
+        rf"{prefix}\.layers\.\d+\."
+        r"(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj))"
+    )
 
 
 @dataclass
@@ -98,8 +104,9 @@ class ArchAdapter:
         return tokenizer.eos_token_id
 
     # -- batches -------------------------------------------------------------------------------
-    def encode(self, processor: Any, samples: Sequence[Sample], bodies: Sequence[str],
-               answers: Sequence[str] | None = None, *, padding_side: str = "right") -> Batch:
+    def encode(
+        self, processor, samples: Sequence[Sample], bodies: Texts, answers: Texts | None = None, *, padding_side="right"
+    ) -> Batch:
         """Tokenise prompts (and answers, with answer-only labels ending in EOS) into a batch."""
         raise NotImplementedError
 

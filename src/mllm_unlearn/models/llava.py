@@ -9,32 +9,37 @@ import numpy as np
 import torch
 
 from ..data.sample import Sample
-from .base import ArchAdapter, Batch, decoder_pattern, pad, register_arch
+from .base import ArchAdapter, Batch, Texts, decoder_pattern, pad, register_arch
 
 
 class LlavaAdapter(ArchAdapter):
     name = "llava"
     model_types = ("llava",)
     # transformers >= 5.6 drops CLIP's ``vision_model.`` level; match both namings.
-    vision_pattern = (r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.\d+\."
-                      r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc1|mlp\.fc2)")
+    vision_pattern = (
+        r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.\d+\."
+        r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc1|mlp\.fc2)"
+    )
     projector_pattern = r"model\.multi_modal_projector\.linear_[12]"
     llm_pattern = decoder_pattern(r"model\.language_model")
 
     def model_class(self) -> type:
         from transformers import LlavaForConditionalGeneration
+
         return LlavaForConditionalGeneration
 
     def processor_class(self) -> type:
         from transformers import LlavaProcessor
+
         return LlavaProcessor
 
     def prompt(self, body: str, has_image: bool) -> str:
         # MLLMU-Bench's evaluation and fine-tuning template for LLaVA-1.5.
         return f"USER: <image>\n{body}\nASSISTANT:" if has_image else f"USER: {body}\nASSISTANT:"
 
-    def encode(self, processor: Any, samples: Sequence[Sample], bodies: Sequence[str],
-               answers: Sequence[str] | None = None, *, padding_side: str = "right") -> Batch:
+    def encode(
+        self, processor, samples: Sequence[Sample], bodies: Texts, answers: Texts | None = None, *, padding_side="right"
+    ) -> Batch:
         tok = processor.tokenizer
         prompts = [self.prompt(b, s.image is not None) for s, b in zip(samples, bodies)]
         images = [s.image.load() for s in samples if s.image is not None]

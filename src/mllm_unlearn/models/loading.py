@@ -23,8 +23,12 @@ def looks_local(path_or_id: str | Path) -> bool:
     """True for what can only be a local path: it exists, starts with ``.``, ``/`` or ``~``, or has more
     than one ``/`` (a hub id is ``name`` or ``org/name``)."""
     text = str(path_or_id)
-    return (isinstance(path_or_id, Path) or text.startswith((".", "/", "~")) or text.count("/") > 1
-            or Path(text).expanduser().exists())
+    return (
+        isinstance(path_or_id, Path)
+        or text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or Path(text).expanduser().exists()
+    )
 
 
 def check_model_source(path_or_id: str | Path) -> str:
@@ -56,9 +60,14 @@ def check_model_source(path_or_id: str | Path) -> str:
     return str(folder)
 
 
-def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-               image_size: int | None = None) -> LoadedModel:
+def load_model(
+    path_or_id: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    image_size: int | None = None,
+) -> LoadedModel:
     """Load model and processor with ``from_pretrained``, picking the adapter by ``model_type``.
 
     A local folder is checked first (:func:`check_model_source`): a missing folder, a missing
@@ -73,10 +82,9 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu",
     config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
     arch = get_arch(config.model_type)
     model = arch.model_class().from_pretrained(
-        str(path_or_id), dtype=dtype or torch.float32, use_safetensors=True,
-        trust_remote_code=trust_remote_code)
+        str(path_or_id), dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
     extra = {"image_size": image_size} if image_size else {}
-    processor = arch.processor_class().from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code,
-                                                       **extra)
+    processor = arch.processor_class().from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code, **extra)
     processor.tokenizer.padding_side = "right"
     return LoadedModel(model.to(device), processor, arch)

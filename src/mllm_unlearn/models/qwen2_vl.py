@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..data.sample import Sample
-from .base import ArchAdapter, Batch, decoder_pattern, pad, register_arch
+from .base import ArchAdapter, Batch, Texts, decoder_pattern, pad, register_arch
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -39,10 +39,12 @@ def image_processor_class() -> type:
     if importlib.util.find_spec("torchvision") is None:
         try:
             from transformers import Qwen2VLImageProcessorPil
+
             return Qwen2VLImageProcessorPil
         except ImportError:  # older transformers: the class itself falls back or works
             pass
     from transformers import Qwen2VLImageProcessor
+
     return Qwen2VLImageProcessor
 
 
@@ -61,8 +63,7 @@ class QwenVLProcessor:
         self.image_size = image_size
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, image_size: int | None = None,
-                        **kwargs: Any) -> QwenVLProcessor:
+    def from_pretrained(cls, path_or_id: str | Path, image_size: int | None = None, **kwargs: Any) -> QwenVLProcessor:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path_or_id), **kwargs)
@@ -106,8 +107,10 @@ class QwenVLAdapter(ArchAdapter):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.vision_mlp:
-            cls.vision_pattern = (r"model\.visual\.blocks\.\d+\."
-                                  rf"(?:attn\.(?:qkv|proj)|mlp\.(?:{'|'.join(cls.vision_mlp)}))")
+            cls.vision_pattern = (
+                r"model\.visual\.blocks\.\d+\."
+                rf"(?:attn\.(?:qkv|proj)|mlp\.(?:{'|'.join(cls.vision_mlp)}))"
+            )
 
     def processor_class(self) -> type:
         return QwenVLProcessor
@@ -125,8 +128,9 @@ class QwenVLAdapter(ArchAdapter):
         return _token_id(tokenizer, IM_END)
 
     # -- batches -------------------------------------------------------------------------------
-    def encode(self, processor: Any, samples: Sequence[Sample], bodies: Sequence[str],
-               answers: Sequence[str] | None = None, *, padding_side: str = "right") -> Batch:
+    def encode(
+        self, processor, samples: Sequence[Sample], bodies: Texts, answers: Texts | None = None, *, padding_side="right"
+    ) -> Batch:
         """Prompts (and answers + ``<|im_end|>``) as ids, each ``<|image_pad|>`` expanded to the image's
         number of merged tokens; ``mm_token_type_ids`` is 1 on image tokens (M-RoPE needs it)."""
         if padding_side not in ("left", "right"):
@@ -140,8 +144,10 @@ class QwenVLAdapter(ArchAdapter):
         for s, row in zip(samples, ids):
             expected = int(s.image is not None)
             if row.count(image_id) != expected:
-                raise ValueError(f"sample {s.id}: its prompt holds {row.count(image_id)} {IMAGE_PAD} tokens, "
-                                 f"expected {expected} (does the question text contain {IMAGE_PAD}?)")
+                raise ValueError(
+                    f"sample {s.id}: its prompt holds {row.count(image_id)} {IMAGE_PAD} tokens, "
+                    f"expected {expected} (does the question text contain {IMAGE_PAD}?)"
+                )
         images = [s.image.load() for s in samples if s.image is not None]
         side = getattr(processor, "image_size", None)
         if side:
@@ -151,7 +157,7 @@ class QwenVLAdapter(ArchAdapter):
             ip = processor.image_processor
             enc = ip(images=images, return_tensors="pt")
             pixel = {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
-            counts = iter((enc["image_grid_thw"].prod(-1) // ip.merge_size ** 2).tolist())
+            counts = iter((enc["image_grid_thw"].prod(-1) // ip.merge_size**2).tolist())
             ids = [[t for i in row for t in ([image_id] * next(counts) if i == image_id else [i])] for row in ids]
         labels = None
         if answers is not None:
@@ -181,7 +187,8 @@ class QwenVLAdapter(ArchAdapter):
             raise ValueError(
                 f"images of different sizes in one batch give different numbers of visual tokens {lengths} "
                 f"(patch grids t,h,w: {grid.tolist()}); per-image features stack only for equal sizes: load the "
-                "model with image_size=N (CLI: --image-size N) to resize every image to one square")
+                "model with image_size=N (CLI: --image-size N) to resize every image to one square"
+            )
         return torch.stack(list(per_image))
 
     def image_features(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -203,7 +210,7 @@ class QwenVLAdapter(ArchAdapter):
         hidden = model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid).last_hidden_state
         order = self._vision_order(model, grid)
         if order is not None:
-            unit = model.config.vision_config.spatial_merge_size ** 2
+            unit = model.config.vision_config.spatial_merge_size**2
             hidden = hidden.reshape(-1, unit, hidden.shape[-1])[order.to(hidden.device)].reshape(hidden.shape)
         return self._stack(torch.split(hidden, grid.prod(-1).tolist()), grid)
 
@@ -215,6 +222,7 @@ class Qwen2VLAdapter(QwenVLAdapter):
 
     def model_class(self) -> type:
         from transformers import Qwen2VLForConditionalGeneration
+
         return Qwen2VLForConditionalGeneration
 
 
@@ -225,6 +233,7 @@ class Qwen25VLAdapter(QwenVLAdapter):
 
     def model_class(self) -> type:
         from transformers import Qwen2_5_VLForConditionalGeneration
+
         return Qwen2_5_VLForConditionalGeneration
 
     def _vision_order(self, model: Any, grid: torch.Tensor) -> torch.Tensor | None:
@@ -233,8 +242,9 @@ class Qwen25VLAdapter(QwenVLAdapter):
         from transformers.vision_utils import get_vision_window_index
 
         vc = model.config.vision_config
-        window_index, _ = get_vision_window_index(grid, spatial_merge_size=vc.spatial_merge_size,
-                                                  window_size=vc.window_size, patch_size=vc.patch_size)
+        window_index, _ = get_vision_window_index(
+            grid, spatial_merge_size=vc.spatial_merge_size, window_size=vc.window_size, patch_size=vc.patch_size
+        )
         return torch.argsort(window_index)
 
 

@@ -23,8 +23,9 @@ from .loading import LoadedModel
 
 def encode_pairs(lm: LoadedModel, samples: Sequence[Sample]) -> Batch:
     """Question + answer batch (labels on the answer tokens, closing EOS included), on the model's device."""
-    return lm.arch.encode(lm.processor, samples, [s.question for s in samples],
-                          [s.answer for s in samples]).to(lm.model.device)
+    return lm.arch.encode(lm.processor, samples, [s.question for s in samples], [s.answer for s in samples]).to(
+        lm.model.device
+    )
 
 
 def encode_images(lm: LoadedModel, samples: Sequence[Sample]) -> Batch:
@@ -34,11 +35,12 @@ def encode_images(lm: LoadedModel, samples: Sequence[Sample]) -> Batch:
 
 def image_batches(lm: LoadedModel, samples: Sequence[Sample], batch_size: int = 32) -> list[dict]:
     """:func:`encode_images` over ``samples`` in chunks, as model-input dicts (calibration, probes)."""
-    return [encode_images(lm, samples[i:i + batch_size]).inputs for i in range(0, len(samples), batch_size)]
+    return [encode_images(lm, samples[i : i + batch_size]).inputs for i in range(0, len(samples), batch_size)]
 
 
-def sequence_logprob(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
-                     n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprob(
+    logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence SUMMED log-probability of the answer tokens, and the answer lengths |y|.
     ``logits`` / ``targets`` / ``rows`` are answer positions as :meth:`ArchAdapter.answer_logits` gives them."""
     tok = -F.cross_entropy(logits.float(), targets, reduction="none")
@@ -56,8 +58,14 @@ def answer_nll(lm: LoadedModel, samples: Sequence[Sample]) -> torch.Tensor:
     return token_sum * distributed.world_size() / distributed.total(targets.numel())
 
 
-def answer_logprobs(lm: LoadedModel, samples: Sequence[Sample], bodies: Sequence[str], answers: Sequence[str],
-                    *, length_norm: bool = False) -> torch.Tensor:
+def answer_logprobs(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    bodies: Sequence[str],
+    answers: Sequence[str],
+    *,
+    length_norm: bool = False,
+) -> torch.Tensor:
     """Log-probability of each answer (its tokens and the closing EOS) given its prompt body, per
     sample; ``length_norm`` divides by the answer's token count. Differentiable: wrap in ``no_grad``
     to score."""

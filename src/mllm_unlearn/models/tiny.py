@@ -60,11 +60,36 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="right",
+    )
+
+
+def _text_sizes(sizes: TinySizes, tokenizer) -> dict:
+    """The decoder's size keywords, shared by every family's text config."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes.text_hidden,
+        intermediate_size=sizes.text_intermediate,
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.text_heads,
+        num_key_value_heads=sizes.text_heads,
+        max_position_embeddings=sizes.max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def build_tiny_llava(corpus: Iterable[str], sizes: TinySizes = TinySizes(), seed: int = 0):
@@ -79,30 +104,42 @@ def build_tiny_llava(corpus: Iterable[str], sizes: TinySizes = TinySizes(), seed
     )
 
     tokenizer = train_tokenizer(corpus, sizes.vocab_size)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=sizes.text_hidden,
-                       intermediate_size=sizes.text_intermediate, num_hidden_layers=sizes.text_layers,
-                       num_attention_heads=sizes.text_heads, num_key_value_heads=sizes.text_heads,
-                       max_position_embeddings=sizes.max_positions, tie_word_embeddings=False,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-    vision = CLIPVisionConfig(hidden_size=sizes.vision_hidden, intermediate_size=4 * sizes.vision_hidden,
-                              num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
-                              image_size=sizes.image_size, patch_size=sizes.patch_size,
-                              projection_dim=sizes.vision_hidden)
+    text = LlamaConfig(
+        **_text_sizes(sizes, tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=sizes.vision_hidden,
+        intermediate_size=4 * sizes.vision_hidden,
+        num_hidden_layers=sizes.vision_layers,
+        num_attention_heads=sizes.vision_heads,
+        image_size=sizes.image_size,
+        patch_size=sizes.patch_size,
+        projection_dim=sizes.vision_hidden,
+    )
     # vision_feature_layer=-1: unlike LLaVA-1.5 (-2), every CLIP layer feeds the LLM.
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1,
-                         tie_word_embeddings=False)
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    image_processor = CLIPImageProcessor(size={"shortest_edge": sizes.image_size},
-                                         crop_size={"height": sizes.image_size, "width": sizes.image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=sizes.patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA_CHAT_TEMPLATE)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": sizes.image_size}, crop_size={"height": sizes.image_size, "width": sizes.image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=sizes.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
     return model, processor
 
 
@@ -122,12 +159,20 @@ def train_qwen_tokenizer(corpus: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(QWEN_SPECIAL),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(QWEN_SPECIAL),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator((specials.sub("", text) for text in corpus), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
-                                        extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD},
-                                        padding_side="right")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD},
+        padding_side="right",
+    )
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
 
@@ -169,25 +214,39 @@ def _build_tiny_qwen(arch: str, corpus: Iterable[str], sizes: TinySizes, seed: i
 
     merge = 2
     if sizes.image_size % (sizes.patch_size * merge):
-        raise ValueError(f"image_size={sizes.image_size} must be a multiple of patch_size * merge size = "
-                         f"{sizes.patch_size * merge} for a tiny {arch}")
+        raise ValueError(
+            f"image_size={sizes.image_size} must be a multiple of patch_size * merge size = "
+            f"{sizes.patch_size * merge} for a tiny {arch}"
+        )
     if sizes.text_hidden % sizes.text_heads or (sizes.text_hidden // sizes.text_heads) % 2:
-        raise ValueError(f"text_hidden / text_heads must be an even whole number for M-RoPE, got "
-                         f"{sizes.text_hidden} / {sizes.text_heads}")
+        raise ValueError(
+            f"text_hidden / text_heads must be an even whole number for M-RoPE, got "
+            f"{sizes.text_hidden} / {sizes.text_heads}"
+        )
     tokenizer = train_qwen_tokenizer(corpus, sizes.vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)}
-    text = dict(vocab_size=len(tokenizer), hidden_size=sizes.text_hidden, intermediate_size=sizes.text_intermediate,
-                num_hidden_layers=sizes.text_layers, num_attention_heads=sizes.text_heads,
-                num_key_value_heads=sizes.text_heads, max_position_embeddings=sizes.max_positions,
-                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                                 "mrope_section": _mrope_section(sizes.text_hidden // sizes.text_heads)},
-                tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
-                eos_token_id=ids[IM_END])
-    common = dict(depth=sizes.vision_layers, num_heads=sizes.vision_heads, patch_size=sizes.patch_size,
-                  spatial_merge_size=merge, temporal_patch_size=2, in_channels=3)
-    token_ids = dict(image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
-                     vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
-                     tie_word_embeddings=False)
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0}
+    text = dict(
+        **_text_sizes(sizes, tokenizer),
+        rope_parameters={**rope, "mrope_section": _mrope_section(sizes.text_hidden // sizes.text_heads)},
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=ids[IM_END],
+    )
+    common = dict(
+        depth=sizes.vision_layers,
+        num_heads=sizes.vision_heads,
+        patch_size=sizes.patch_size,
+        spatial_merge_size=merge,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+    token_ids = dict(
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=False,
+    )
     if arch == "qwen2_vl":
         from transformers import Qwen2VLConfig
         from transformers import Qwen2VLForConditionalGeneration as model_class
@@ -199,17 +258,26 @@ def _build_tiny_qwen(arch: str, corpus: Iterable[str], sizes: TinySizes, seed: i
         from transformers import Qwen2_5_VLForConditionalGeneration as model_class
 
         # windows of 2x2 merged tokens (Qwen2.5-VL: 112 px = 4x4 at patch 14), full attention in the last block
-        vision = dict(hidden_size=sizes.vision_hidden, intermediate_size=4 * sizes.vision_hidden,
-                      out_hidden_size=sizes.text_hidden, window_size=2 * merge * sizes.patch_size,
-                      fullatt_block_indexes=[sizes.vision_layers - 1], **common)
+        vision = dict(
+            hidden_size=sizes.vision_hidden,
+            intermediate_size=4 * sizes.vision_hidden,
+            out_hidden_size=sizes.text_hidden,
+            window_size=2 * merge * sizes.patch_size,
+            fullatt_block_indexes=[sizes.vision_layers - 1],
+            **common,
+        )
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
     torch.manual_seed(seed)
     model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = ids[IM_END]
-    pixels = sizes.image_size ** 2  # min = max pixels: a square image becomes image_size x image_size
-    image_processor = image_processor_class()(size={"shortest_edge": pixels, "longest_edge": pixels},
-                                              patch_size=sizes.patch_size, merge_size=merge, temporal_patch_size=2)
+    pixels = sizes.image_size**2  # min = max pixels: a square image becomes image_size x image_size
+    image_processor = image_processor_class()(
+        size={"shortest_edge": pixels, "longest_edge": pixels},
+        patch_size=sizes.patch_size,
+        merge_size=merge,
+        temporal_patch_size=2,
+    )
     return model, QwenVLProcessor(image_processor, tokenizer)
 
 
@@ -228,8 +296,9 @@ def build_tiny_qwen2_5_vl(corpus: Iterable[str], sizes: TinySizes = TinySizes(),
 _BUILDERS = {"llava": build_tiny_llava, "qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl}
 
 
-def make_tiny_model(arch: str, out_dir: str | Path, corpus: Iterable[str], *, sizes: TinySizes = TinySizes(),
-                    seed: int = 0) -> Path:
+def make_tiny_model(
+    arch: str, out_dir: str | Path, corpus: Iterable[str], *, sizes: TinySizes = TinySizes(), seed: int = 0
+) -> Path:
     """Build a tiny model of ``arch`` and save it (safetensors) to ``out_dir``, atomically."""
     get_arch(arch)  # unknown names fail with the list of supported architectures
     if arch not in _BUILDERS:

@@ -10,18 +10,35 @@ model back for reference outputs.
 from .bases import check_rank, null_space_basis, random_basis, retain_energy
 from .cache import CovarianceCache, cache_key, cached_covariances, fingerprint_samples
 from .calibrate import (
-                        LayerStats,
-                        collect_covariances,
-                        default_image_features,
-                        full_forward,
-                        target_linears,
-                        unused_layers,
+    LayerStats,
+    collect_covariances,
+    default_image_features,
+    full_forward,
+    target_linears,
+    unused_layers,
 )
 from .lora import NCUConfig, attach_lora, lora_A_weights, lora_layers, reference_model, refreeze, trainable_parameters
 
 __all__ = [
-    "CovarianceCache", "LayerStats", "NCUConfig", "attach_lora", "cache_key", "cached_covariances",
-    "check_rank", "collect_covariances", "default_image_features", "fingerprint_samples", "full_forward",
-    "lora_A_weights", "lora_layers", "null_space_basis", "random_basis", "reference_model", "refreeze",
-    "retain_energy", "target_linears", "trainable_parameters", "unused_layers",
+    "CovarianceCache",
+    "LayerStats",
+    "NCUConfig",
+    "attach_lora",
+    "cache_key",
+    "cached_covariances",
+    "check_rank",
+    "collect_covariances",
+    "default_image_features",
+    "fingerprint_samples",
+    "full_forward",
+    "lora_A_weights",
+    "lora_layers",
+    "null_space_basis",
+    "random_basis",
+    "reference_model",
+    "refreeze",
+    "retain_energy",
+    "target_linears",
+    "trainable_parameters",
+    "unused_layers",
 ]

@@ -100,9 +100,16 @@ class CovarianceCache:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.root)
         os.close(fd)
         try:
-            save_file({"cov": stats.cov.detach().to("cpu", torch.float64).contiguous()}, tmp,
-                      metadata={"n_tokens": str(stats.n_tokens), "layer": layer, "model_id": model_id,
-                                "data_fingerprint": data_fingerprint})
+            save_file(
+                {"cov": stats.cov.detach().to("cpu", torch.float64).contiguous()},
+                tmp,
+                metadata={
+                    "n_tokens": str(stats.n_tokens),
+                    "layer": layer,
+                    "model_id": model_id,
+                    "data_fingerprint": data_fingerprint,
+                },
+            )
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -110,9 +117,17 @@ class CovarianceCache:
         return path
 
 
-def cached_covariances(model: torch.nn.Module, names: Sequence[str], inputs: Iterable[Inputs], *,
-                       cache: CovarianceCache, model_id: str, data_fingerprint: str,
-                       forward: ForwardFn = full_forward, progress: bool = True) -> dict[str, LayerStats]:
+def cached_covariances(
+    model: torch.nn.Module,
+    names: Sequence[str],
+    inputs: Iterable[Inputs],
+    *,
+    cache: CovarianceCache,
+    model_id: str,
+    data_fingerprint: str,
+    forward: ForwardFn = full_forward,
+    progress: bool = True,
+) -> dict[str, LayerStats]:
     """:func:`collect_covariances` through ``cache``: layers found there are read back; the rest are
     collected in one pass (``inputs`` is not iterated at all when every layer is cached) and stored."""
     stats: dict[str, LayerStats] = {}

@@ -87,8 +87,14 @@ def _on_device(inputs: Inputs, device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
-def collect_covariances(model: torch.nn.Module, names: Iterable[str], inputs: Iterable[Inputs], *,
-                        forward: ForwardFn = full_forward, progress: bool = True) -> dict[str, LayerStats]:
+def collect_covariances(
+    model: torch.nn.Module,
+    names: Iterable[str],
+    inputs: Iterable[Inputs],
+    *,
+    forward: ForwardFn = full_forward,
+    progress: bool = True,
+) -> dict[str, LayerStats]:
     """C_l = X_l^T X_l / n_l (Eq. 12-13) for each named Linear's input, in one pass over ``inputs``.
 
     ``inputs`` yields model-input dicts of the retain set (e.g. ``Batch.inputs``); each is moved to
@@ -113,6 +119,7 @@ def collect_covariances(model: torch.nn.Module, names: Iterable[str], inputs: It
             else:
                 sums[name] = x.T @ x
             counts[name] += x.shape[0]
+
         return hook
 
     handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
@@ -126,8 +133,10 @@ def collect_covariances(model: torch.nn.Module, names: Iterable[str], inputs: It
             handle.remove()
     silent = [n for n, c in counts.items() if c == 0]
     if silent:
-        raise RuntimeError(f"calibration saw no input tokens at layer(s) {silent}: they never ran in the "
-                           "calibration forward (wrong forward function, or no data)")
+        raise RuntimeError(
+            f"calibration saw no input tokens at layer(s) {silent}: they never ran in the "
+            "calibration forward (wrong forward function, or no data)"
+        )
     return {n: LayerStats(cov=(sums[n] / counts[n]).cpu(), n_tokens=counts[n]) for n in layers}
 
 
@@ -136,8 +145,9 @@ def default_image_features(model: torch.nn.Module, inputs: Inputs) -> torch.Tens
     return get_arch(model.config.model_type).image_features(model, dict(inputs))
 
 
-def unused_layers(model: torch.nn.Module, names: Iterable[str], inputs: Inputs, *,
-                  features: ForwardFn = default_image_features) -> list[str]:
+def unused_layers(
+    model: torch.nn.Module, names: Iterable[str], inputs: Inputs, *, features: ForwardFn = default_image_features
+) -> list[str]:
     """The named Linears whose output does not influence the image features (backward probe).
 
     Runs ``features`` (default: the adapter's projector outputs) on one batch, backpropagates a

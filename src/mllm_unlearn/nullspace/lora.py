@@ -61,15 +61,18 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     return {name.removeprefix(PEFT_PREFIX): m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def _bases(layers: Mapping[str, torch.nn.Linear], cfg: NCUConfig,
-           covariances: Mapping[str, LayerStats] | None) -> dict[str, torch.Tensor]:
+def _bases(
+    layers: Mapping[str, torch.nn.Linear], cfg: NCUConfig, covariances: Mapping[str, LayerStats] | None
+) -> dict[str, torch.Tensor]:
     """The frozen A of each layer (Eq. 17 or the random ablation); empty for ``subspace="none"``."""
     if cfg.subspace == "none":
         return {}
     if cfg.subspace == "random":
         generator = torch.Generator().manual_seed(cfg.seed)
-        return {name: random_basis(layer.in_features, cfg.rank, generator, layer=name)
-                for name, layer in sorted(layers.items())}
+        return {
+            name: random_basis(layer.in_features, cfg.rank, generator, layer=name)
+            for name, layer in sorted(layers.items())
+        }
     covariances = covariances or {}
     missing = [name for name in layers if name not in covariances]
     if missing:
@@ -78,15 +81,21 @@ def _bases(layers: Mapping[str, torch.nn.Linear], cfg: NCUConfig,
     for name, layer in layers.items():
         cov = covariances[name].cov
         if tuple(cov.shape) != (layer.in_features, layer.in_features):
-            raise ValueError(f"covariance of layer {name} has shape {tuple(cov.shape)}, but its input "
-                             f"width is {layer.in_features}")
+            raise ValueError(
+                f"covariance of layer {name} has shape {tuple(cov.shape)}, but its input width is {layer.in_features}"
+            )
         bases[name] = null_space_basis(cov, cfg.rank, layer=name)
     return bases
 
 
-def attach_lora(model: torch.nn.Module, pattern: str, cfg: NCUConfig,
-                covariances: Mapping[str, LayerStats] | None = None, *,
-                exclude: Iterable[str] = ()) -> PeftModel:
+def attach_lora(
+    model: torch.nn.Module,
+    pattern: str,
+    cfg: NCUConfig,
+    covariances: Mapping[str, LayerStats] | None = None,
+    *,
+    exclude: Iterable[str] = (),
+) -> PeftModel:
     """Wrap ``model`` in a PeftModel with LoRA on every Linear matching ``pattern`` (minus ``exclude``).
 
     ``pattern`` is passed to PEFT as the ``target_modules`` string (re.fullmatch on module paths);
@@ -110,13 +119,22 @@ def attach_lora(model: torch.nn.Module, pattern: str, cfg: NCUConfig,
         check_rank(cfg.rank, layer.in_features, name)
     bases = _bases(layers, cfg, covariances)
 
-    peft_model = get_peft_model(model, LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=pattern,
-        exclude_modules=sorted(exclude) or None, lora_dropout=0.0, init_lora_weights=True))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=pattern,
+            exclude_modules=sorted(exclude) or None,
+            lora_dropout=0.0,
+            init_lora_weights=True,
+        ),
+    )
     wrapped = lora_layers(peft_model)
     if set(wrapped) != set(layers):
-        raise RuntimeError(f"PEFT wrapped {sorted(set(wrapped) ^ set(layers))} differently from the "
-                           f"Linears matched by {pattern!r}")
+        raise RuntimeError(
+            f"PEFT wrapped {sorted(set(wrapped) ^ set(layers))} differently from the Linears matched by {pattern!r}"
+        )
     adapter = peft_model.active_adapter
     frozen = set()
     with torch.no_grad():
@@ -161,5 +179,6 @@ def reference_model(model: PeftModel) -> Iterator[PeftModel]:
 
 def lora_A_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the active adapter's A matrices, keyed by plain-model layer path."""
-    return {name: layer.lora_A[model.active_adapter].weight.detach().clone()
-            for name, layer in lora_layers(model).items()}
+    return {
+        name: layer.lora_A[model.active_adapter].weight.detach().clone() for name, layer in lora_layers(model).items()
+    }

@@ -18,8 +18,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batches(items: Sequence[T], batch_size: int, seed: int, start_step: int = 0,
-            lengths: Sequence[int] | None = None, group: int = 32) -> Iterator[list[T]]:
+def batches(
+    items: Sequence[T],
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    lengths: Sequence[int] | None = None,
+    group: int = 32,
+) -> Iterator[list[T]]:
     """Endless mini-batches, reshuffled every epoch; batch t is a function of (seed, t) alone,
     so a resumed run sees exactly the batches an uninterrupted one would have.
 
@@ -39,9 +45,10 @@ def batches(items: Sequence[T], batch_size: int, seed: int, start_step: int = 0,
             order = rng.permutation(len(items))[: per_epoch * batch_size]
             if lengths is not None:
                 window = group * batch_size
-                order = np.concatenate([sorted(order[i:i + window], key=lambda j: lengths[j])
-                                        for i in range(0, len(order), window)])
-            chunks = [order[i * batch_size:(i + 1) * batch_size] for i in range(per_epoch)]
+                order = np.concatenate(
+                    [sorted(order[i : i + window], key=lambda j: lengths[j]) for i in range(0, len(order), window)]
+                )
+            chunks = [order[i * batch_size : (i + 1) * batch_size] for i in range(per_epoch)]
             if lengths is not None:
                 chunks = [chunks[i] for i in rng.permutation(per_epoch)]
             epoch_batches = (epoch, chunks)

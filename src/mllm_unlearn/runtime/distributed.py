@@ -58,8 +58,7 @@ def launched() -> bool:
     """True when started as one of several processes, or with a DeepSpeed / FSDP accelerate config."""
     env = os.environ
     size = max(int(env.get(k, "1") or 1) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    return size > 1 or any(env.get(k, "").lower() in _TRUE
-                           for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
+    return size > 1 or any(env.get(k, "").lower() in _TRUE for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
 
 
 def accelerator():
@@ -79,7 +78,8 @@ def accelerator():
         threads = torch.get_num_threads()  # accelerate resets it for CPU processes; keep the CLI's choice
         _accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
         torch.set_num_threads(threads)
         atexit.register(_end)
     return _accelerator
@@ -135,16 +135,21 @@ def shard(batch: Sequence[T]) -> Sequence[T]:
         return batch
     n = len(batch)
     if n < size:
-        raise ValueError(f"a batch of {n} sample(s) cannot be shared by {size} processes: use fewer "
-                         "processes, a larger batch size, or more samples in the set it is drawn from")
+        raise ValueError(
+            f"a batch of {n} sample(s) cannot be shared by {size} processes: use fewer "
+            "processes, a larger batch size, or more samples in the set it is drawn from"
+        )
     if n % size:
-        warnings.warn(f"a batch of {n} samples is split unevenly over {size} processes: DDP then weighs "
-                      "samples unequally and the step differs from a one-process step; use a batch size "
-                      f"that is a multiple of {size}", stacklevel=2)
+        warnings.warn(
+            f"a batch of {n} samples is split unevenly over {size} processes: DDP then weighs "
+            "samples unequally and the step differs from a one-process step; use a batch size "
+            f"that is a multiple of {size}",
+            stacklevel=2,
+        )
     per, extra = divmod(n, size)
     r = rank()
     start = r * per + min(r, extra)
-    return batch[start:start + per + (r < extra)]
+    return batch[start : start + per + (r < extra)]
 
 
 class LossStep(torch.nn.Module):
@@ -313,8 +318,7 @@ def sharded() -> bool:
 
     if acc.distributed_type == DistributedType.FSDP:
         return True
-    return (acc.distributed_type == DistributedType.DEEPSPEED
-            and acc.state.deepspeed_plugin.zero_stage == 3)
+    return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

@@ -48,16 +48,29 @@ SETTINGS_FILE = "finetune_config.json"  # what the run was asked to do; a resume
 LOG_FILE = "log.jsonl"
 
 
-def finetune(lm: LoadedModel, train: Sequence[Sample], cfg: TrainConfig, out_dir: str | Path, *,
-             lora_rank: int = 0, scope: str = "all", checkpoint_every: int = 0) -> Path:
+def finetune(
+    lm: LoadedModel,
+    train: Sequence[Sample],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    lora_rank: int = 0,
+    scope: str = "all",
+    checkpoint_every: int = 0,
+) -> Path:
     """Fine-tune ``lm`` on ``train`` and save the result (model + processor) to ``out_dir``."""
     out = refuse_existing(out_dir)
     _check_request(train, lora_rank, checkpoint_every)
     work = out.with_name(out.name + ".partial")
     # everything that decides the weights (and log_every, or the log would mix two spacings); a
     # resumed run must match all of it. checkpoint_every may change: it decides nothing.
-    settings = {**asdict(cfg), "lora_rank": lora_rank, "scope": scope, "n_train": len(train),
-                "train_fingerprint": fingerprint_samples(train)}
+    settings = {
+        **asdict(cfg),
+        "lora_rank": lora_rank,
+        "scope": scope,
+        "n_train": len(train),
+        "train_fingerprint": fingerprint_samples(train),
+    }
     distributed.on_main(_open_work_folder, work, settings)  # every process then reads what main left
     seed_everything(cfg.seed)
 
@@ -76,8 +89,17 @@ def finetune(lm: LoadedModel, train: Sequence[Sample], cfg: TrainConfig, out_dir
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
             distributed.on_main(_save_checkpoint, work, step, model, opt)
 
-    run(params, loss_fn, cfg, desc="finetune", log_file=work / LOG_FILE, start_step=start,
-        optimizer=optimizer, on_step=on_step, model=model)
+    run(
+        params,
+        loss_fn,
+        cfg,
+        desc="finetune",
+        log_file=work / LOG_FILE,
+        start_step=start,
+        optimizer=optimizer,
+        on_step=on_step,
+        model=model,
+    )
 
     model.eval()
     state = distributed.full_state_dict(model)  # None unless parameters are sharded (ZeRO-3, FSDP)
@@ -92,9 +114,11 @@ def _check_request(train: Sequence[Sample], lora_rank: int, checkpoint_every: in
     if not train:
         raise ValueError("the training set is empty")
     if distributed.sharded() and (lora_rank > 0 or checkpoint_every):  # ZeRO-3 / FSDP (untested)
-        raise ValueError("with sharded parameters (ZeRO-3 / FSDP) finetune supports neither --lora-rank "
-                         "(merging into sharded weights) nor checkpoints (pass --checkpoint-every 0); "
-                         "use a DDP or ZeRO-2 config for those")
+        raise ValueError(
+            "with sharded parameters (ZeRO-3 / FSDP) finetune supports neither --lora-rank "
+            "(merging into sharded weights) nor checkpoints (pass --checkpoint-every 0); "
+            "use a DDP or ZeRO-2 config for those"
+        )
 
 
 def _trainable_model(lm: LoadedModel, scope: str, lora_rank: int) -> torch.nn.Module:
@@ -104,6 +128,7 @@ def _trainable_model(lm: LoadedModel, scope: str, lora_rank: int) -> torch.nn.Mo
     pattern = lm.arch.scope_pattern(scope)
     if lora_rank > 0:
         from peft import LoraConfig, get_peft_model
+
         model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=pattern))
     else:
         rx = re.compile(pattern)
@@ -116,6 +141,7 @@ def _trainable_model(lm: LoadedModel, scope: str, lora_rank: int) -> torch.nn.Mo
 
 # -- the work folder: settings, checkpoints, log --------------------------------------------------
 
+
 def _open_work_folder(work: Path, settings: dict[str, Any]) -> None:
     """Start ``work`` with ``settings`` recorded, or ready it for resuming: the same settings only, no
     unreadable checkpoint, and the log cut back to the steps the newest checkpoint holds."""
@@ -124,8 +150,10 @@ def _open_work_folder(work: Path, settings: dict[str, Any]) -> None:
     if record.exists():
         _refuse_other_settings(json.loads(record.read_text()), settings, work)
     elif work.exists() and any(work.iterdir()):
-        raise ValueError(f"{work} holds an interrupted fine-tune without recorded settings (an older version "
-                         "of this package?): delete it to start over")
+        raise ValueError(
+            f"{work} holds an interrupted fine-tune without recorded settings (an older version "
+            "of this package?): delete it to start over"
+        )
     else:
         work.mkdir(parents=True, exist_ok=True)
         _write_atomically(record, json.dumps(settings, indent=2))
@@ -137,11 +165,16 @@ def _open_work_folder(work: Path, settings: dict[str, Any]) -> None:
 
 
 def _refuse_other_settings(old: dict[str, Any], new: dict[str, Any], work: Path) -> None:
-    changed = [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
-               if old.get(key) != new.get(key)]
+    changed = [
+        f"{key}: {old.get(key)!r} → {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
     if changed:
-        raise ValueError(f"{work} holds an interrupted fine-tune with other settings ({'; '.join(changed)}): "
-                         f"resume with the same settings, or delete {work} to start over")
+        raise ValueError(
+            f"{work} holds an interrupted fine-tune with other settings ({'; '.join(changed)}): "
+            f"resume with the same settings, or delete {work} to start over"
+        )
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -180,8 +213,9 @@ def _checkpoint_problem(folder: Path, steps: int) -> str | None:
     return None if state.get("step") == steps - 1 else f"it holds step {state.get('step')}, not {steps - 1}"
 
 
-def _resume(work: Path, model: torch.nn.Module, params: list[torch.nn.Parameter],
-            cfg: TrainConfig) -> tuple[int, torch.optim.Optimizer | None]:
+def _resume(
+    work: Path, model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: TrainConfig
+) -> tuple[int, torch.optim.Optimizer | None]:
     """Load the newest checkpoint into ``model`` and a new optimizer; ``(first step to run, optimizer)``,
     ``(0, None)`` without one. Batches are a function of (seed, step), so nothing else is needed."""
     found = _checkpoints(work)
@@ -207,8 +241,7 @@ def _save_checkpoint(work: Path, step: int, model: torch.nn.Module, opt: torch.o
     with atomic_dir(path) as tmp:
         trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trained, tmp / WEIGHTS_FILE)
-        torch.save({"optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
-                   tmp / STATE_FILE)
+        torch.save({"optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
     for _, old in _checkpoints(work):
         if old != path:
             shutil.rmtree(old)

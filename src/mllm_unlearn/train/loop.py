@@ -45,11 +45,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def run(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], tuple[torch.Tensor, dict]],
-        cfg: TrainConfig, *, desc: str = "train", log_file: Path | None = None, start_step: int = 0,
-        optimizer: torch.optim.Optimizer | None = None,
-        on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
-        model: torch.nn.Module | None = None) -> list[dict]:
+def run(
+    params: Iterable[torch.nn.Parameter],
+    loss_fn: Callable[[int], tuple[torch.Tensor, dict]],
+    cfg: TrainConfig,
+    *,
+    desc: str = "train",
+    log_file: Path | None = None,
+    start_step: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    model: torch.nn.Module | None = None,
+) -> list[dict]:
     """Optimise ``params`` for ``cfg.steps`` steps with AdamW; returns the logged rows.
 
     A non-finite loss stops the run with an error naming the step (nothing is saved by the loop).
@@ -72,24 +79,36 @@ def run(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], tuple[tor
         compute = lambda step: step_module(loss_fn, step)
     main = distributed.is_main()
     history: list[dict] = []
-    bar = tqdm(range(start_step, cfg.steps), desc=desc, initial=start_step, total=cfg.steps, dynamic_ncols=True,
-               disable=not main)
+    bar = tqdm(
+        range(start_step, cfg.steps),
+        desc=desc,
+        initial=start_step,
+        total=cfg.steps,
+        dynamic_ncols=True,
+        disable=not main,
+    )
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)
         loss, logs = compute(step)
         global_loss = distributed.mean(loss.detach())  # NaN on every process if NaN on any
         if not torch.isfinite(global_loss):
-            raise FloatingPointError(f"{desc}: loss is {global_loss.item()} at step {step} (terms: {logs}); "
-                                     "lower the learning rate or check the data")
+            raise FloatingPointError(
+                f"{desc}: loss is {global_loss.item()} at step {step} (terms: {logs}); "
+                "lower the learning rate or check the data"
+            )
         distributed.backward(loss)
         if cfg.grad_clip > 0:
             distributed.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            row = {"step": step, "lr": opt.param_groups[0]["lr"], "loss": global_loss.item(),
-                   **{k: float(v) for k, v in distributed.mean_logs(logs).items()}}
+            row = {
+                "step": step,
+                "lr": opt.param_groups[0]["lr"],
+                "loss": global_loss.item(),
+                **{k: float(v) for k, v in distributed.mean_logs(logs).items()},
+            }
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if log_file is not None and main:

@@ -84,11 +84,12 @@ class _CalibrationInputs:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(0, len(self.items), self.size):
-            yield self.encode(self.lm, self.items[i:i + self.size]).inputs
+            yield self.encode(self.lm, self.items[i : i + self.size]).inputs
 
 
-def attach_adapters(lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfig,
-                    method: type[UnlearningMethod]) -> LoadedModel:
+def attach_adapters(
+    lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfig, method: type[UnlearningMethod]
+) -> LoadedModel:
     """Wrap the model with LoRA on the update scope; for NCU, A = null-space basis of the retain set.
 
     Calibration (Eq. 12-13) runs once over the retain set: its images for a visual scope (only the
@@ -126,9 +127,15 @@ def attach_adapters(lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfi
         cache_root = cfg.cache_dir or (default_cache_dir() if model_id else None)
         if cache_root is not None:
             with distributed.main_first():
-                covariances = cached_covariances(lm.model, names, inputs, cache=CovarianceCache(cache_root),
-                                                 model_id=model_id, data_fingerprint=fingerprint_samples(items),
-                                                 forward=forward)
+                covariances = cached_covariances(
+                    lm.model,
+                    names,
+                    inputs,
+                    cache=CovarianceCache(cache_root),
+                    model_id=model_id,
+                    data_fingerprint=fingerprint_samples(items),
+                    forward=forward,
+                )
         else:
             covariances = collect_covariances(lm.model, names, inputs, forward=forward)
     ncu = NCUConfig(rank=cfg.rank, alpha=cfg.lora_alpha, subspace=subspace, seed=cfg.seed)
@@ -139,8 +146,16 @@ def attach_adapters(lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfi
     return LoadedModel(model, lm.processor, lm.arch)
 
 
-def unlearn_stage(lm: LoadedModel, method: UnlearningMethod, forget: Sequence[Sample], retain: Sequence[Sample],
-                  cfg: UnlearnConfig, *, log_file: Path | None = None, desc: str | None = None) -> list[dict]:
+def unlearn_stage(
+    lm: LoadedModel,
+    method: UnlearningMethod,
+    forget: Sequence[Sample],
+    retain: Sequence[Sample],
+    cfg: UnlearnConfig,
+    *,
+    log_file: Path | None = None,
+    desc: str | None = None,
+) -> list[dict]:
     """Train the adapters of ``lm`` (already attached) to forget ``forget``; returns the log rows."""
     seed_everything(cfg.seed)
     ctx = UnlearnContext(lm, list(forget), list(retain), cfg.batch_size, cfg.seed, cfg.ivr_level)
@@ -153,10 +168,23 @@ def unlearn_stage(lm: LoadedModel, method: UnlearningMethod, forget: Sequence[Sa
                 fh.write(json.dumps(history[0]) + "\n")
         lm.model.eval()
         return history
-    train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr or method.default_lr, batch_size=cfg.batch_size,
-                            warmup=cfg.warmup, grad_clip=cfg.grad_clip, seed=cfg.seed, log_every=10)
-    history = run(trainable_parameters(lm.model), lambda step: method.loss(ctx, step), train_cfg,
-                  desc=desc or f"unlearn[{method.name}]", log_file=log_file, model=lm.model)
+    train_cfg = TrainConfig(
+        steps=cfg.steps,
+        lr=cfg.lr or method.default_lr,
+        batch_size=cfg.batch_size,
+        warmup=cfg.warmup,
+        grad_clip=cfg.grad_clip,
+        seed=cfg.seed,
+        log_every=10,
+    )
+    history = run(
+        trainable_parameters(lm.model),
+        lambda step: method.loss(ctx, step),
+        train_cfg,
+        desc=desc or f"unlearn[{method.name}]",
+        log_file=log_file,
+        model=lm.model,
+    )
     lm.model.eval()
     return history
 
@@ -172,8 +200,10 @@ def save_run(lm: LoadedModel, out_dir: str | Path, record: dict, *, merge: bool 
     out = Path(out_dir)
     state = distributed.full_state_dict(lm.model)  # None unless parameters are sharded (ZeRO-3, FSDP)
     if merge and state is not None:
-        raise ValueError("--merge is not supported with sharded parameters (ZeRO-3 / FSDP): merge the "
-                         "saved adapter afterwards, or use a DDP / ZeRO-2 config")
+        raise ValueError(
+            "--merge is not supported with sharded parameters (ZeRO-3 / FSDP): merge the "
+            "saved adapter afterwards, or use a DDP / ZeRO-2 config"
+        )
 
     def write() -> None:
         with atomic_dir(out) as tmp:
@@ -191,8 +221,14 @@ def save_run(lm: LoadedModel, out_dir: str | Path, record: dict, *, merge: bool 
     return out
 
 
-def unlearn(lm: LoadedModel, data: BenchmarkData, cfg: UnlearnConfig, method_cfg: Any = None, *,
-            forget_people: Iterable[str] | None = None) -> tuple[LoadedModel, list[dict]]:
+def unlearn(
+    lm: LoadedModel,
+    data: BenchmarkData,
+    cfg: UnlearnConfig,
+    method_cfg: Any = None,
+    *,
+    forget_people: Iterable[str] | None = None,
+) -> tuple[LoadedModel, list[dict]]:
     """Static unlearning of one forget request; returns the adapted model and the training log."""
     method_cls = get_method(cfg.method)
     forget, retain = split_people(data, forget_people)
@@ -205,7 +241,14 @@ def unlearn(lm: LoadedModel, data: BenchmarkData, cfg: UnlearnConfig, method_cfg
 def run_record(cfg: UnlearnConfig, method: UnlearningMethod, history: list[dict], **extra: Any) -> dict:
     """What ``run.json`` holds: the driver and method configs, resolved defaults, the log."""
     method_cfg = asdict(method.cfg) if hasattr(method.cfg, "__dataclass_fields__") else {}
-    return {"unlearn": asdict(cfg), "method_config": method_cfg, "resolved": {
-        "scope": cfg.scope or method.default_scope, "subspace": cfg.subspace or method.default_subspace,
-        "lr": cfg.lr or method.default_lr}, "log": history, **extra}
-
+    return {
+        "unlearn": asdict(cfg),
+        "method_config": method_cfg,
+        "resolved": {
+            "scope": cfg.scope or method.default_scope,
+            "subspace": cfg.subspace or method.default_subspace,
+            "lr": cfg.lr or method.default_lr,
+        },
+        "log": history,
+        **extra,
+    }
