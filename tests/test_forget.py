@@ -192,6 +192,10 @@ def test_name_matching():
     assert classify("This is Bram Okafor.", "Ana Lind", known) == "other"
     assert classify("Lindsay is here", "Ana Lind", known) == "neither"
     assert classify("I do not know.", "Ana Lind", known) == "neither"
+    # a shared surname: the full name of someone else is a misidentification, not a recall
+    assert classify("This is Otto Lind.", "Ana Lind", known + ["Otto Lind"]) == "other"
+    assert classify("This is Lind.", "Ana Lind", known + ["Otto Lind"]) == "named"
+    assert classify("Otto Lind or Ana Lind?", "Ana Lind", known + ["Otto Lind"]) == "named"
 
 
 # -- bad input: each checked before any model loads, file and field named, nothing written -------------

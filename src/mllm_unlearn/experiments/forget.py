@@ -141,18 +141,32 @@ def resolve_settings(given: dict[str, Any], recorded: dict[str, Any] | None, sou
 
 
 # -- names in replies ------------------------------------------------------------------------------
-def name_regex(name: str) -> re.Pattern[str]:
-    """The full name, or the surname alone (multi-word names), as whole words, case-insensitive."""
+def name_regex(name: str, *, surname: bool = True) -> re.Pattern[str]:
+    """The full name, or (``surname``) the surname alone for multi-word names, as whole words,
+    case-insensitive."""
     words = name.split()
-    alternatives = [re.escape(name)] + ([re.escape(words[-1])] if len(words) > 1 and len(words[-1]) > 1 else [])
+    alternatives = [re.escape(name)]
+    if surname and len(words) > 1 and len(words[-1]) > 1:
+        alternatives.append(re.escape(words[-1]))
     return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
 
 
 def classify(reply: str, own: str | None, others: Sequence[str]) -> str:
-    """``named`` (the person's own name), ``other`` (another known name: misidentification), ``neither``."""
-    if own and name_regex(own).search(reply):
+    """``named`` (the person's own name), ``other`` (another known name: misidentification), ``neither``.
+
+    Full names are matched first and cut out, so that "Otto Bianchi" does not count as naming
+    "Dario Bianchi"; then the surname alone. A bare surname shared by the person and someone else
+    counts as ``named``: the conservative reading for a deletion."""
+    others = [o for o in others if o.casefold() != (own or "").casefold()]
+    if own and name_regex(own, surname=False).search(reply):
         return "named"
-    if any(o.casefold() != (own or "").casefold() and name_regex(o).search(reply) for o in others):
+    rest, misnamed = reply, False
+    for o in sorted(others, key=len, reverse=True):
+        rest, n = name_regex(o, surname=False).subn(" ", rest)
+        misnamed = misnamed or n > 0
+    if own and name_regex(own).search(rest):
+        return "named"
+    if misnamed or any(name_regex(o).search(rest) for o in others):
         return "other"
     return "neither"
 
