@@ -287,3 +287,20 @@ def test_missing_photo_file(request_dir):
     root, doc = request_dir
     doc["forget"][0]["photos"] = ["ana/0.png", "ana/nope.png"]
     _refused(root, doc, "forget[0] (Ana Lind) field 'photos'", "ana/nope.png", "does not exist")
+
+
+def test_holdout_and_verify_folder(request_dir):
+    """A share of each person's photos is held out, or the --verify folder's DIR/<name>/ photos."""
+    root, doc = request_dir
+    (root / "request.yaml").write_text(yaml.safe_dump(doc))
+    (root / "verify" / "Ana Lind").mkdir(parents=True)
+    for k in range(2):
+        (root / "verify" / "Ana Lind" / f"{k}.png").write_bytes(_png_bytes((90, 90, 10), seed=k + 7))
+    _, plan, _ = forget_mod.prepare([root / "request.yaml"], root / "run", {"model": "unused"},
+                                    verify_dir=root / "verify")
+    assert [ph.path.parent.name for ph in plan.heldout["Ana Lind"]] == ["Ana Lind", "Ana Lind"]
+    assert len(plan.train["Ana Lind"]) == 3
+    assert (len(plan.train["Bram Okafor"]), len(plan.heldout["Bram Okafor"])) == (2, 1)
+    assert (len(plan.retain_train), len(plan.retain_eval)) == (2, 1)
+    assert not plan.retain_eval_seen and plan.known_names == ["Ana Lind", "Bram Okafor", "Cleo Brandt"]
+    assert not (root / "run").exists()

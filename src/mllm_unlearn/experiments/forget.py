@@ -24,8 +24,13 @@
    carries on) and trains on every person requested so far (replay; earlier request files are
    re-read and their photos' hashes checked), into a new ``out``. Settings must equal RUN's.
 
-Defaults (``ForgetSettings``) were tuned on the development worlds of ``tests/test_forget.py``
-(synthetic world seeds 0-2 only; see the test for the measured figures).
+Defaults (``ForgetSettings``, :data:`CVF_DEFAULTS`) were tuned on the development worlds of
+``tests/test_forget.py`` only (its layout with synthetic-world seeds 0, 1, 2; 2 people forgotten, 10
+kept, 2 held-out photos each): with cvf_ncu's own ``lam=1`` the forgotten people's name recall on
+held-out photos went 1.00 -> 0.00 / 0.50 / 0.00, with ``lam=3`` (push weighted 3x against pull)
+1.00 -> 0.00 / 0.25 / 0.00, retain people's name recall 1.00 -> 1.00 / 1.00 / 0.98. Seed 1's residue
+is a conservative count: replies like "Yaram Engstrom" for Bram Engstrom carry his surname (which a
+retain person shares). No validation world was kept apart, so these figures are optimistic.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +68,8 @@ TEXT_PROBES = ("What is the capital of France?", "Write one sentence about the s
 RUN_FILE, REPORT_JSON, REPORT_MD, REPORT_PNG, DISTILL_FILE = (
     "run.json", "report.json", "report.md", "report.png", "distill.jsonl")
 CHECKS = ("quant", "finetune")
+#: cvf_ncu options this command applies before the user's ``--opt`` ones (which win on the same key)
+CVF_DEFAULTS = ("lam=3",)
 
 
 @dataclass
@@ -115,6 +122,11 @@ class ReportOptions:
         unknown = sorted(set(self.checks) - set(CHECKS))
         if unknown:
             raise ValueError(f"unknown check(s) {unknown}; available: {', '.join(CHECKS)} (or none)")
+
+
+def method_config(settings: ForgetSettings) -> Any:
+    """cvf_ncu's config: :data:`CVF_DEFAULTS`, then the user's options."""
+    return parse_options(get_method("cvf_ncu").config_class, CVF_DEFAULTS + tuple(settings.method_options))
 
 
 def resolve_settings(given: dict[str, Any], recorded: dict[str, Any] | None, source: str = "") -> ForgetSettings:
@@ -196,6 +208,8 @@ class Plan:
     strangers: list[Photo]
     known_names: list[str]
     dropped_retain: list[str] = field(default_factory=list)
+    #: per request, its people's photo hashes as its file defines them (before ``--verify`` adds any)
+    request_hashes: list[dict[str, list[str]]] = field(default_factory=list)
 
 
 def _order(photos: Sequence[Photo], seed: int) -> list[Photo]:
@@ -229,6 +243,7 @@ def plan(requests: Sequence[Request], settings: ForgetSettings, *, verify_dir: s
     person's photo, or a retain entry named like a requested person, leaves the retain pool."""
     people: list[Person] = []
     owner: dict[str, str] = {}
+    hashes = [req.photo_hashes() for req in requests]
     for req in requests:
         for person in req.forget:
             clash = next((p for p in people if p.name.casefold() == person.name.casefold()), None)
@@ -275,7 +290,7 @@ def plan(requests: Sequence[Request], settings: ForgetSettings, *, verify_dir: s
     names = [p.name for p in people] + [pool.name for pool, _ in retain_train + retain_eval if pool.name]
     names += _read_known_names(known_names_file)
     return Plan(list(requests), people, train, heldout, retain_train, retain_eval, retain_eval_seen, strangers,
-                list(dict.fromkeys(names)), dropped)
+                list(dict.fromkeys(names)), dropped, hashes)
 
 
 def _image_sample(photo: Photo, person: str, question: str = "", answer: str = "", tag: str = "img") -> Sample:
@@ -366,16 +381,18 @@ def fake_quantize_(model: torch.nn.Module, bits: int = 4) -> int:
 
 
 def robustness_checks(lm: LoadedModel, p: Plan, opts: ReportOptions, retain_samples: Sequence[Sample],
-                      settings: ForgetSettings) -> tuple[dict[str, Any], Any]:
-    """On a merged copy: a short benign fine-tune (LoRA on every scope, on the self-distillation retain
-    samples, i.e. data with nothing of the forgotten people), then 4-bit weights. Returns the results
-    and the merged model (unquantised, before the fine-tune) when ``opts.merge`` asks for it."""
+                      settings: ForgetSettings, *, merged_dir: Path | None = None) -> dict[str, Any]:
+    """On one merged copy of the unlearned model (saved to ``merged_dir`` first when ``opts.merge``):
+    a short benign fine-tune (LoRA on every scope, on the self-distillation retain samples, i.e. data
+    with nothing of the forgotten people), then 4-bit weights. Returns the checks' results."""
     from peft import LoraConfig, get_peft_model
 
     results: dict[str, Any] = {}
     merged = copy.deepcopy(lm.model).merge_and_unload()
     merged.eval()
-    keep = copy.deepcopy(merged) if opts.merge and opts.checks else merged
+    if opts.merge and merged_dir is not None:
+        merged.save_pretrained(merged_dir)
+        lm.processor.save_pretrained(merged_dir)
     work = LoadedModel(merged, lm.processor, lm.arch)
     if "finetune" in opts.checks:
         t0 = time.perf_counter()
@@ -405,7 +422,7 @@ def robustness_checks(lm: LoadedModel, p: Plan, opts: ReportOptions, retain_samp
         results["quant"] = {**_recall_summary(work, p, opts), "layers": layers,
                             "what": "4-bit round-to-nearest, symmetric per output channel, all Linear but lm_head",
                             "seconds": round(time.perf_counter() - t0, 1)}
-    return results, (keep if opts.merge else None)
+    return results
 
 
 # -- the pipeline --------------------------------------------------------------------------------
@@ -449,7 +466,7 @@ def prepare(request_paths: Sequence[str | Path], out: str | Path, given: dict[st
     settings = resolve_settings(given, record["forget"]["settings"] if record else None, str(resume))
     if not settings.model:
         raise ValueError("--model is required (a hub id or a local folder)")
-    parse_options(get_method("cvf_ncu").config_class, settings.method_options)
+    method_config(settings)
     if not request_paths:
         raise DataError("--request names no request file")
     new = [read_request(r) for r in request_paths]
@@ -457,7 +474,7 @@ def prepare(request_paths: Sequence[str | Path], out: str | Path, given: dict[st
 
 
 def run_forget(request_paths: Sequence[str | Path], out: str | Path, given: dict[str, Any],
-               opts: ReportOptions = ReportOptions(), *, resume: str | Path | None = None,
+               opts: ReportOptions | None = None, *, resume: str | Path | None = None,
                verify_dir: str | Path | None = None, known_names_file: str | Path | None = None,
                trust_remote_code: bool = False) -> dict[str, Any]:
     """The whole pipeline; returns the report (also written to ``out``)."""
@@ -465,7 +482,7 @@ def run_forget(request_paths: Sequence[str | Path], out: str | Path, given: dict
     t_start = time.perf_counter()
     settings, p, record = prepare(request_paths, out, given, resume=resume, verify_dir=verify_dir,
                                   known_names_file=known_names_file)
-    opts.known_names = tuple(p.known_names)
+    opts = replace(opts or ReportOptions(), known_names=tuple(p.known_names))
 
     t0 = time.perf_counter()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.dtype]
@@ -494,7 +511,7 @@ def run_forget(request_paths: Sequence[str | Path], out: str | Path, given: dict
 
     t0 = time.perf_counter()
     method_cls = get_method("cvf_ncu")
-    method = method_cls(parse_options(method_cls.config_class, settings.method_options))
+    method = method_cls(method_config(settings))
     ucfg = settings.unlearn_config(opts.cache_dir)
     if resume is None:
         lm = attach_adapters(lm, retain_samples, ucfg, method_cls)
@@ -508,32 +525,28 @@ def run_forget(request_paths: Sequence[str | Path], out: str | Path, given: dict
     logits_after = text_logits(lm, probes)
     timings["after_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    checks, merged = ({}, None)
-    if opts.checks or opts.merge:
-        checks, merged = robustness_checks(lm, p, opts, retain_samples, settings)
-    timings["checks_s"] = time.perf_counter() - t0
-
-    report = build_report(p, settings, opts, before, after, probes, logits_before, logits_after, checks)
-    timings["total_s"] = time.perf_counter() - t_start
-    report["timings"] = {k: round(v, 1) for k, v in timings.items()}
-    requests = [{"path": str(r.source.resolve()), "photos": r.photo_hashes()} for r in p.requests]
+    requests = [{"path": str(r.source.resolve()), "photos": h} for r, h in zip(p.requests, p.request_hashes)]
     rec = run_record(ucfg, method, history, forget={
         "settings": asdict(settings), "requests": requests, "resumed_from": str(resume) if resume else None,
         "heldout": {name: [str(ph.path) for ph in phs] for name, phs in p.heldout.items()},
         "people": [person.name for person in p.people]})
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:  # everything below lands in ``out`` only if all of it succeeds
         lm.model.save_pretrained(tmp / "adapter")
         (tmp / RUN_FILE).write_text(json.dumps(rec, indent=2, sort_keys=True, default=str))
         with open(tmp / DISTILL_FILE, "w") as fh:
             for (sha, q), r in sorted(cache.items()):
                 fh.write(json.dumps({"sha256": sha, "prompt": q, "reply": r}) + "\n")
+        t0 = time.perf_counter()
+        checks = {}
+        if opts.checks or opts.merge:
+            checks = robustness_checks(lm, p, opts, retain_samples, settings, merged_dir=tmp / "merged")
+        timings["checks_s"] = time.perf_counter() - t0
+        report = build_report(p, settings, opts, before, after, probes, logits_before, logits_after, checks)
+        timings["total_s"] = time.perf_counter() - t_start
+        report["timings"] = {k: round(v, 1) for k, v in timings.items()}
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2))
         (tmp / REPORT_MD).write_text(markdown_report(report))
         plot_report(report, tmp / REPORT_PNG)
-        if merged is not None:
-            merged.save_pretrained(tmp / "merged")
-            lm.processor.save_pretrained(tmp / "merged")
     return report
 
 
