@@ -136,10 +136,11 @@ def test_forget_two_people_end_to_end(vanilla, capsys):
     report = args.fn(args)
     wall = time.perf_counter() - t0
     s = report["summary"]
-    print(json.dumps({"summary": s, "setup_s": round(world["setup_s"], 1), "forget_s": round(wall, 1),
-                      "people": [(p["name"], p["before"], p["after"]) for p in report["people"]],
-                      "retain_people": report["retain"]["people"], "strangers": report["strangers"],
-                      "checks": report["checks"], "timings": report["timings"]}, indent=1))
+    print("\nFIGURES", json.dumps({"summary": s, "setup_s": round(world["setup_s"], 1), "forget_s": round(wall, 1),
+                                 "people": {p["name"]: [p["before"], p["after"]] for p in report["people"]},
+                                 "strangers": report["strangers"], "timings": report["timings"],
+                                 "checks": {k: [v["forget_named"], v["forget_misidentified"], v["retain_named"]]
+                                            for k, v in report["checks"].items()}}))
     run = root / "run"
     for f in ("adapter/adapter_config.json", "run.json", "report.json", "report.md", "report.png", "distill.jsonl",
               "merged/config.json"):
@@ -173,9 +174,8 @@ def test_forget_two_people_end_to_end(vanilla, capsys):
     a1 = _lora_A(run / "adapter")
     a2 = _lora_A(root / "run2" / "adapter")
     assert a1.keys() == a2.keys() and all(torch.equal(a1[k], a2[k]) for k in a1)  # A stays
-    print(json.dumps({"resume": report2["summary"],
-                      "people": [(p["name"], p["after"]) for p in report2["people"]],
-                      "timings": report2["timings"]}, indent=1))
+    print("\nRESUME", json.dumps({"summary": report2["summary"], "timings": report2["timings"],
+                                "people": {p["name"]: p["after"] for p in report2["people"]}}))
     assert report2["summary"]["forget_named_after"] <= 0.2
     assert report2["summary"]["text_logits_identical"]
 
