@@ -36,8 +36,12 @@ torch.set_num_threads(1)
 SIZES = TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=400)
 WORLD = WorldConfig(n_people=10, n_real=4, train_photos=4, test_photos=2, image_size=32, seed=0)
 N_FORGET, N_STRANGERS = 2, 2
-THINGS = [("a red square", (220, 30, 30)), ("a green square", (30, 200, 40)), ("a blue square", (40, 40, 220)),
-          ("a yellow square", (230, 220, 40))]
+THINGS = [
+    ("a red square", (220, 30, 30)),
+    ("a green square", (30, 200, 40)),
+    ("a blue square", (40, 40, 220)),
+    ("a yellow square", (230, 220, 40)),
+]
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:
@@ -67,8 +71,8 @@ def lay_out_world(root: Path) -> dict:
     for row in pq.read_table(world / "Test_Set" / PARQUET_NAME).to_pylist():
         photos[row["ID"]] += [img["bytes"] for img in row["images"]]
     ids = sorted(names)
-    forget, strangers = ids[:N_FORGET], ids[N_FORGET:N_FORGET + N_STRANGERS]
-    retain = ids[N_FORGET + N_STRANGERS:]
+    forget, strangers = ids[:N_FORGET], ids[N_FORGET : N_FORGET + N_STRANGERS]
+    retain = ids[N_FORGET + N_STRANGERS :]
     folder = {i: f"photos/{names[i].replace(' ', '_').lower()}" for i in ids}
     for i in ids:
         (root / folder[i]).mkdir(parents=True)
@@ -78,14 +82,21 @@ def lay_out_world(root: Path) -> dict:
     for k, (_, color) in enumerate(THINGS):
         for j in range(2):
             (root / "things" / f"{k}_{j}.png").write_bytes(_png_bytes(color, seed=j + 1))
-    request = {"forget": [{"name": names[i], "photos": folder[i]} for i in forget],
-               "retain": [{"name": names[i], "photos": folder[i]} for i in retain] + [{"photos": "things"}],
-               "strangers": [{"photos": folder[i]} for i in strangers]}
+    request = {
+        "forget": [{"name": names[i], "photos": folder[i]} for i in forget],
+        "retain": [{"name": names[i], "photos": folder[i]} for i in retain] + [{"photos": "things"}],
+        "strangers": [{"photos": folder[i]} for i in strangers],
+    }
     (root / "request.yaml").write_text(yaml.safe_dump(request, sort_keys=False))
     # what the production model was taught: the world's training photos of everyone but the strangers
-    seen = {names[i]: photos[i][:WORLD.train_photos] for i in forget + retain}
-    return {"names": names, "forget": [names[i] for i in forget], "retain": [names[i] for i in retain],
-            "strangers": [names[i] for i in strangers], "seen": seen}
+    seen = {names[i]: photos[i][: WORLD.train_photos] for i in forget + retain}
+    return {
+        "names": names,
+        "forget": [names[i] for i in forget],
+        "retain": [names[i] for i in retain],
+        "strangers": [names[i] for i in strangers],
+        "seen": seen,
+    }
 
 
 def naming_data(world: dict) -> list[Sample]:
@@ -96,8 +107,10 @@ def naming_data(world: dict) -> list[Sample]:
     prompts = tuple(dict.fromkeys(IDENTITY_PROMPTS + DISTILL_PROMPTS[1:]))
     for name, blobs in world["seen"].items():
         for k, data in enumerate(blobs):
-            out += [Sample(f"{name}/{k}/{j}", name, "qa", "vqa", q, f"This is {name}.", ImageRef(data, name))
-                    for j, q in enumerate(prompts)]
+            out += [
+                Sample(f"{name}/{k}/{j}", name, "qa", "vqa", q, f"This is {name}.", ImageRef(data, name))
+                for j, q in enumerate(prompts)
+            ]
     for k, (what, color) in enumerate(THINGS):
         for j in range(2):
             img = ImageRef(_png_bytes(color, seed=j + 1), what)
@@ -106,8 +119,11 @@ def naming_data(world: dict) -> list[Sample]:
 
 
 def corpus(world: dict) -> list[str]:
-    texts = [f"USER: <image>\n{q}\nASSISTANT: This is {n}." for n in world["names"].values()
-             for q in IDENTITY_PROMPTS + DISTILL_PROMPTS]
+    texts = [
+        f"USER: <image>\n{q}\nASSISTANT: This is {n}."
+        for n in world["names"].values()
+        for q in IDENTITY_PROMPTS + DISTILL_PROMPTS
+    ]
     texts += [f"USER: <image>\nDescribe this image.\nASSISTANT: This is {w}." for w, _ in THINGS]
     texts += [f"USER: {q.format(name=n)}\nASSISTANT:" for q in TEXT_PROBES for n in world["names"].values()]
     return texts * 3
@@ -121,8 +137,13 @@ def vanilla(tmp_path_factory):
     world = lay_out_world(root)
     make_tiny_model("llava", root / "base", corpus(world), sizes=SIZES)
     lm = load_model(root / "base")
-    finetune(lm, naming_data(world), TrainConfig(steps=300, lr=2e-3, batch_size=16, warmup=20), root / "vanilla",
-             checkpoint_every=0)
+    finetune(
+        lm,
+        naming_data(world),
+        TrainConfig(steps=300, lr=2e-3, batch_size=16, warmup=20),
+        root / "vanilla",
+        checkpoint_every=0,
+    )
     world["setup_s"] = time.perf_counter() - t0
     return root, world, root / "vanilla"
 
@@ -131,19 +152,49 @@ def vanilla(tmp_path_factory):
 def test_forget_two_people_end_to_end(vanilla, capsys):
     root, world, model = vanilla
     t0 = time.perf_counter()
-    args = _cli(["--model", str(model), "--request", str(root / "request.yaml"), "--out", str(root / "run"),
-                 "--cache-dir", str(root / "cache"), "--merge"])
+    args = _cli(
+        [
+            "--model",
+            str(model),
+            "--request",
+            str(root / "request.yaml"),
+            "--out",
+            str(root / "run"),
+            "--cache-dir",
+            str(root / "cache"),
+            "--merge",
+        ]
+    )
     report = args.fn(args)
     wall = time.perf_counter() - t0
     s = report["summary"]
-    print("\nFIGURES", json.dumps({"summary": s, "setup_s": round(world["setup_s"], 1), "forget_s": round(wall, 1),
-                                 "people": {p["name"]: [p["before"], p["after"]] for p in report["people"]},
-                                 "strangers": report["strangers"], "timings": report["timings"],
-                                 "checks": {k: [v["forget_named"], v["forget_misidentified"], v["retain_named"]]
-                                            for k, v in report["checks"].items()}}))
+    print(
+        "\nFIGURES",
+        json.dumps(
+            {
+                "summary": s,
+                "setup_s": round(world["setup_s"], 1),
+                "forget_s": round(wall, 1),
+                "people": {p["name"]: [p["before"], p["after"]] for p in report["people"]},
+                "strangers": report["strangers"],
+                "timings": report["timings"],
+                "checks": {
+                    k: [v["forget_named"], v["forget_misidentified"], v["retain_named"]]
+                    for k, v in report["checks"].items()
+                },
+            }
+        ),
+    )
     run = root / "run"
-    for f in ("adapter/adapter_config.json", "run.json", "report.json", "report.md", "report.png", "distill.jsonl",
-              "merged/config.json"):
+    for f in (
+        "adapter/adapter_config.json",
+        "run.json",
+        "report.json",
+        "report.md",
+        "report.png",
+        "distill.jsonl",
+        "merged/config.json",
+    ):
         assert (run / f).is_file(), f
     assert s["forget_named_before"] >= 0.8  # the model did know them
     assert s["forget_named_after"] <= 0.2
@@ -156,32 +207,57 @@ def test_forget_two_people_end_to_end(vanilla, capsys):
 
     # the adapter loads with plain PEFT
     from peft import PeftModel
+
     lm = load_model(model)
     PeftModel.from_pretrained(lm.model, str(run / "adapter"))
 
     # resume with a new request: a retain person asks to be forgotten too
-    more = {"forget": [{"name": world["retain"][0],
-                        "photos": f"photos/{world['retain'][0].replace(' ', '_').lower()}"}],
-            "retain": [{"name": n, "photos": f"photos/{n.replace(' ', '_').lower()}"} for n in world["retain"][1:]]}
+    more = {
+        "forget": [{"name": world["retain"][0], "photos": f"photos/{world['retain'][0].replace(' ', '_').lower()}"}],
+        "retain": [{"name": n, "photos": f"photos/{n.replace(' ', '_').lower()}"} for n in world["retain"][1:]],
+    }
     (root / "more.yaml").write_text(yaml.safe_dump(more))
     with pytest.raises(ValueError, match="rank=4"):  # settings must equal the recorded run's
         forget_mod.run_forget([root / "more.yaml"], root / "run2", {"rank": 4}, resume=run)
     assert not (root / "run2").exists()
-    args = _cli(["--resume", str(run), "--request", str(root / "more.yaml"), "--out", str(root / "run2"),
-                 "--cache-dir", str(root / "cache"), "--steps", "200", "--checks", "none"])
+    args = _cli(
+        [
+            "--resume",
+            str(run),
+            "--request",
+            str(root / "more.yaml"),
+            "--out",
+            str(root / "run2"),
+            "--cache-dir",
+            str(root / "cache"),
+            "--steps",
+            "200",
+            "--checks",
+            "none",
+        ]
+    )
     report2 = args.fn(args)
     assert [p["name"] for p in report2["people"]] == world["forget"] + world["retain"][:1]
     a1 = _lora_A(run / "adapter")
     a2 = _lora_A(root / "run2" / "adapter")
     assert a1.keys() == a2.keys() and all(torch.equal(a1[k], a2[k]) for k in a1)  # A stays
-    print("\nRESUME", json.dumps({"summary": report2["summary"], "timings": report2["timings"],
-                                "people": {p["name"]: p["after"] for p in report2["people"]}}))
+    print(
+        "\nRESUME",
+        json.dumps(
+            {
+                "summary": report2["summary"],
+                "timings": report2["timings"],
+                "people": {p["name"]: p["after"] for p in report2["people"]},
+            }
+        ),
+    )
     assert report2["summary"]["forget_named_after"] <= 0.2
     assert report2["summary"]["text_logits_identical"]
 
 
 def _lora_A(adapter: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     return {k: v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "lora_A" in k}
 
 
@@ -211,8 +287,10 @@ def request_dir(tmp_path, monkeypatch):
         raise AssertionError("a model was loaded for a bad request")
 
     monkeypatch.setattr(forget_mod, "load_model", no_model)
-    doc = {"forget": [{"name": "Ana Lind", "photos": "ana"}, {"name": "Bram Okafor", "photos": "bram"}],
-           "retain": [{"name": "Cleo Brandt", "photos": "keep"}]}
+    doc = {
+        "forget": [{"name": "Ana Lind", "photos": "ana"}, {"name": "Bram Okafor", "photos": "bram"}],
+        "retain": [{"name": "Cleo Brandt", "photos": "keep"}],
+    }
     return tmp_path, doc
 
 
@@ -241,8 +319,10 @@ def test_valid_request_reads(request_dir):
 
 def test_csv_request_reads(request_dir):
     root, _ = request_dir
-    (root / "request.csv").write_text("role,name,path\nforget,Ana Lind,ana\nforget,Bram Okafor,bram/0.png\n"
-                                      "forget,Bram Okafor,bram/1.png\nretain,,keep\n")
+    (root / "request.csv").write_text(
+        "role,name,path\nforget,Ana Lind,ana\nforget,Bram Okafor,bram/0.png\n"
+        "forget,Bram Okafor,bram/1.png\nretain,,keep\n"
+    )
     req = read_request(root / "request.csv")
     assert [len(p.photos) for p in req.forget] == [3, 2] and req.retain[0].name is None
 
@@ -296,8 +376,9 @@ def test_holdout_and_verify_folder(request_dir):
     (root / "verify" / "Ana Lind").mkdir(parents=True)
     for k in range(2):
         (root / "verify" / "Ana Lind" / f"{k}.png").write_bytes(_png_bytes((90, 90, 10), seed=k + 7))
-    _, plan, _ = forget_mod.prepare([root / "request.yaml"], root / "run", {"model": "unused"},
-                                    verify_dir=root / "verify")
+    _, plan, _ = forget_mod.prepare(
+        [root / "request.yaml"], root / "run", {"model": "unused"}, verify_dir=root / "verify"
+    )
     assert [ph.path.parent.name for ph in plan.heldout["Ana Lind"]] == ["Ana Lind", "Ana Lind"]
     assert len(plan.train["Ana Lind"]) == 3
     assert (len(plan.train["Bram Okafor"]), len(plan.heldout["Bram Okafor"])) == (2, 1)

@@ -147,12 +147,10 @@ def cmd_evaluate(args):
 
 def _unlearn_config(args: argparse.Namespace):
     """The driver's config from the arguments of the same names (the rest keep their defaults)."""
-    import dataclasses
-
+    from ..runtime.options import shared_fields
     from ..train.unlearn import UnlearnConfig
 
-    names = {f.name for f in dataclasses.fields(UnlearnConfig)}
-    return UnlearnConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return UnlearnConfig(**shared_fields(UnlearnConfig, args))
 
 
 def cmd_unlearn(args):
@@ -382,6 +380,8 @@ def _add_demo(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .forget import add_parser as add_forget_parser
+
     p = argparse.ArgumentParser(prog="mllm-unlearn", description=__doc__)
     p.add_argument("--threads", type=int, default=None, help=f"torch threads (default: ${_THREADS_ENV} or 1)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -393,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_unlearn,
         _add_ablations,
         _add_demo,
+        add_forget_parser,
     ):
         add(sub)
     return p

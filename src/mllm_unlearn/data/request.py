@@ -204,8 +204,11 @@ def _from_csv(src: Path) -> dict:
         if name not in forget:
             raise DataError(f"{src} line {line}: field 'name' {name!r} of a verify row names no forget person")
         forget[name].setdefault("verify", []).append(path)
-    return {"forget": list(forget.values()), "retain": list(pools["retain"].values()),
-            "strangers": list(pools["strangers"].values())}
+    return {
+        "forget": list(forget.values()),
+        "retain": list(pools["retain"].values()),
+        "strangers": list(pools["strangers"].values()),
+    }
 
 
 def read_request(path: str | Path) -> Request:
@@ -228,8 +231,10 @@ def read_request(path: str | Path) -> Request:
             raise DataError(f"{where}: field 'name': {name!r} is requested twice")
         photos = read_photos(base, f"{where} field 'photos'", entry.get("photos"))
         if len(photos) < MIN_PHOTOS:
-            raise DataError(f"{where} field 'photos': {len(photos)} photo(s); at least {MIN_PHOTOS} are needed "
-                            "(some to train on, one held out to verify the deletion)")
+            raise DataError(
+                f"{where} field 'photos': {len(photos)} photo(s); at least {MIN_PHOTOS} are needed "
+                "(some to train on, one held out to verify the deletion)"
+            )
         people.append(Person(name, photos, read_photos(base, f"{where} field 'verify'", entry.get("verify"))))
 
     def pools(key: str) -> list[Pool]:
@@ -243,8 +248,10 @@ def read_request(path: str | Path) -> Request:
 
     retain, strangers = pools("retain"), pools("strangers")
     if not any(p.photos for p in retain):
-        raise DataError(f"{src}: field 'retain' holds no images; CVF-NCU needs images of other people and "
-                        "things the model must keep handling (its null space is calibrated on them)")
+        raise DataError(
+            f"{src}: field 'retain' holds no images; CVF-NCU needs images of other people and "
+            "things the model must keep handling (its null space is calibrated on them)"
+        )
     request = Request(src, people, retain, strangers)
     check_overlaps(request)
     return request
@@ -269,8 +276,12 @@ def check_overlaps(request: Request) -> None:
         if photo.sha256 in seen:
             first_label, first = seen[photo.sha256]
             if first_label.startswith("forget") and label.startswith("retain"):
-                raise DataError(f"{src}: {first_label}: {first.path} also sits in the retain pool as {photo.path} "
-                                f"(field {label}; same bytes): a person to forget cannot also be kept")
-            raise DataError(f"{src}: duplicate photo: {photo.path} (field {label}) has the same bytes as "
-                            f"{first.path} (field {first_label}); list each photo once")
+                raise DataError(
+                    f"{src}: {first_label}: {first.path} also sits in the retain pool as {photo.path} "
+                    f"(field {label}; same bytes): a person to forget cannot also be kept"
+                )
+            raise DataError(
+                f"{src}: duplicate photo: {photo.path} (field {label}) has the same bytes as "
+                f"{first.path} (field {first_label}); list each photo once"
+            )
         seen[photo.sha256] = (label, photo)

@@ -53,7 +53,7 @@ from ..methods import get_method
 from ..models.loading import LoadedModel, load_model
 from ..models.scoring import answer_nll, eval_mode
 from ..nullspace.lora import FROZEN_ATTR, refreeze
-from ..runtime.options import parse_options
+from ..runtime.options import parse_options, shared_fields
 from ..runtime.outputs import atomic_dir, check_writable, refuse_existing
 from ..train.loop import TrainConfig, run
 from ..train.unlearn import UnlearnConfig, attach_adapters, run_record, unlearn_stage
@@ -63,10 +63,20 @@ DISTILL_PROMPTS = ("Describe this image.", "Who is this?", "Who is the person in
 #: prompts asked on held-out photos to see whether the model names the person
 IDENTITY_PROMPTS = ("Who is the person in the image?", "Who is this?", "What is the name of this person?")
 #: text-only probes (``{name}``: every requested person); their logits must not change
-TEXT_PROBES = ("What is the capital of France?", "Write one sentence about the sea.", "What is 12 times 7?",
-               "Who is {name}?", "Tell me about {name}.")
+TEXT_PROBES = (
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "What is 12 times 7?",
+    "Who is {name}?",
+    "Tell me about {name}.",
+)
 RUN_FILE, REPORT_JSON, REPORT_MD, REPORT_PNG, DISTILL_FILE = (
-    "run.json", "report.json", "report.md", "report.png", "distill.jsonl")
+    "run.json",
+    "report.json",
+    "report.md",
+    "report.png",
+    "distill.jsonl",
+)
 CHECKS = ("quant", "finetune")
 #: cvf_ncu options this command applies before the user's ``--opt`` ones (which win on the same key)
 CVF_DEFAULTS = ("lam=3",)
@@ -98,9 +108,7 @@ class ForgetSettings:
         self.method_options = tuple(self.method_options)
 
     def unlearn_config(self, cache_dir: str | None = None) -> UnlearnConfig:
-        return UnlearnConfig(method="cvf_ncu", rank=self.rank, lora_alpha=self.lora_alpha, steps=self.steps,
-                             lr=self.lr, batch_size=self.batch_size, ivr_level=self.ivr_level, seed=self.seed,
-                             cache_dir=cache_dir)
+        return UnlearnConfig(**{**shared_fields(UnlearnConfig, self), "method": "cvf_ncu", "cache_dir": cache_dir})
 
 
 @dataclass
@@ -147,8 +155,10 @@ def resolve_settings(given: dict[str, Any], recorded: dict[str, Any] | None, sou
         if value != getattr(base, key):
             mismatch.append(f"{key}={value!r} (recorded: {getattr(base, key)!r})")
     if mismatch:
-        raise ValueError(f"--resume {source}: settings differ from the recorded run: {'; '.join(mismatch)}. "
-                         "Continue with the recorded settings (leave them out) or start a new run")
+        raise ValueError(
+            f"--resume {source}: settings differ from the recorded run: {'; '.join(mismatch)}. "
+            "Continue with the recorded settings (leave them out) or start a new run"
+        )
     return base
 
 
@@ -185,8 +195,11 @@ def classify(reply: str, own: str | None, others: Sequence[str]) -> str:
 
 def _rates(labels: Sequence[str]) -> dict[str, float]:
     n = max(1, len(labels))
-    return {"named": labels.count("named") / n, "misidentified": labels.count("other") / n,
-            "neither": labels.count("neither") / n}
+    return {
+        "named": labels.count("named") / n,
+        "misidentified": labels.count("other") / n,
+        "neither": labels.count("neither") / n,
+    }
 
 
 def _normalise(text: str) -> str:
@@ -234,8 +247,13 @@ def _read_known_names(path: str | Path | None) -> list[str]:
     return [" ".join(line.split()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def plan(requests: Sequence[Request], settings: ForgetSettings, *, verify_dir: str | Path | None = None,
-         known_names_file: str | Path | None = None) -> Plan:
+def plan(
+    requests: Sequence[Request],
+    settings: ForgetSettings,
+    *,
+    verify_dir: str | Path | None = None,
+    known_names_file: str | Path | None = None,
+) -> Plan:
     """Held-out splits, the retain pool of all requests, cross-request checks. No model involved.
 
     Across requests a person may be requested only once and no photo may be a person's in one
@@ -248,15 +266,19 @@ def plan(requests: Sequence[Request], settings: ForgetSettings, *, verify_dir: s
         for person in req.forget:
             clash = next((p for p in people if p.name.casefold() == person.name.casefold()), None)
             if clash is not None:
-                raise DataError(f"{req.source}: forget ({person.name}) field 'name': already requested earlier "
-                                "in this run's history")
+                raise DataError(
+                    f"{req.source}: forget ({person.name}) field 'name': already requested earlier "
+                    "in this run's history"
+                )
             if verify_dir and not person.verify and (Path(verify_dir) / person.name).is_dir():
                 person.verify = read_photos(Path(verify_dir), f"--verify {verify_dir} ({person.name})", person.name)
                 check_overlaps(req)
             for ph in person.photos + person.verify:
                 if ph.sha256 in owner and owner[ph.sha256] != person.name:
-                    raise DataError(f"{req.source}: forget ({person.name}) field 'photos': {ph.path} has the same "
-                                    f"bytes as a photo of {owner[ph.sha256]} from an earlier request")
+                    raise DataError(
+                        f"{req.source}: forget ({person.name}) field 'photos': {ph.path} has the same "
+                        f"bytes as a photo of {owner[ph.sha256]} from an earlier request"
+                    )
                 owner[ph.sha256] = person.name
             people.append(person)
     train, heldout = {}, {}
@@ -289,8 +311,19 @@ def plan(requests: Sequence[Request], settings: ForgetSettings, *, verify_dir: s
     strangers = [ph for req in requests for pool in req.strangers for ph in pool.photos if ph.sha256 not in owner]
     names = [p.name for p in people] + [pool.name for pool, _ in retain_train + retain_eval if pool.name]
     names += _read_known_names(known_names_file)
-    return Plan(list(requests), people, train, heldout, retain_train, retain_eval, retain_eval_seen, strangers,
-                list(dict.fromkeys(names)), dropped, hashes)
+    return Plan(
+        list(requests),
+        people,
+        train,
+        heldout,
+        retain_train,
+        retain_eval,
+        retain_eval_seen,
+        strangers,
+        list(dict.fromkeys(names)),
+        dropped,
+        hashes,
+    )
 
 
 def _image_sample(photo: Photo, person: str, question: str = "", answer: str = "", tag: str = "img") -> Sample:
@@ -298,17 +331,18 @@ def _image_sample(photo: Photo, person: str, question: str = "", answer: str = "
 
 
 # -- model work ----------------------------------------------------------------------------------
-def replies(lm: LoadedModel, photos: Sequence[Photo], prompts: Sequence[str], max_new_tokens: int,
-            batch: int = 16) -> list[list[str]]:
+def replies(
+    lm: LoadedModel, photos: Sequence[Photo], prompts: Sequence[str], max_new_tokens: int, batch: int = 16
+) -> list[list[str]]:
     """Greedy replies: ``out[i][j]`` is the reply to ``prompts[j]`` on ``photos[i]``."""
     flat = [(ph, q) for ph in photos for q in prompts]
     out: list[str] = []
     with eval_mode(lm.model):
         for i in range(0, len(flat), batch):
-            chunk = flat[i:i + batch]
+            chunk = flat[i : i + batch]
             out += generate(lm, [_image_sample(ph, "") for ph, _ in chunk], [q for _, q in chunk], max_new_tokens)
     k = len(prompts)
-    return [out[i * k:(i + 1) * k] for i in range(len(photos))]
+    return [out[i * k : (i + 1) * k] for i in range(len(photos))]
 
 
 @torch.no_grad()
@@ -323,8 +357,13 @@ def text_logits(lm: LoadedModel, prompts: Sequence[str]) -> list[torch.Tensor]:
     return out
 
 
-def distill_targets(lm: LoadedModel, photos: Sequence[Photo], settings: ForgetSettings,
-                    cache: dict[tuple[str, str], str], batch: int = 16) -> dict[tuple[str, str], str]:
+def distill_targets(
+    lm: LoadedModel,
+    photos: Sequence[Photo],
+    settings: ForgetSettings,
+    cache: dict[tuple[str, str], str],
+    batch: int = 16,
+) -> dict[tuple[str, str], str]:
     """The reference model's replies to every distillation prompt on every retain photo (cached)."""
     todo = [ph for ph in dict.fromkeys(photos) if any((ph.sha256, q) not in cache for q in settings.distill_prompts)]
     if todo:
@@ -338,8 +377,10 @@ def identity_eval(lm: LoadedModel, p: Plan, opts: ReportOptions) -> dict[str, An
     """Replies to the identity prompts on held-out photos of every person, the retain eval photos and
     the strangers; distillation-prompt replies on retain photos too (for agreement)."""
     prompts = opts.identity_prompts
-    people = {person.name: replies(lm, p.heldout[person.name], prompts, opts.max_new_tokens, opts.eval_batch)
-              for person in p.people}
+    people = {
+        person.name: replies(lm, p.heldout[person.name], prompts, opts.max_new_tokens, opts.eval_batch)
+        for person in p.people
+    }
     retain_prompts = tuple(dict.fromkeys(prompts + tuple(DISTILL_PROMPTS)))
     retain = replies(lm, [ph for _, ph in p.retain_eval], retain_prompts, opts.max_new_tokens, opts.eval_batch)
     strangers = replies(lm, p.strangers, prompts, opts.max_new_tokens, opts.eval_batch) if p.strangers else []
@@ -349,13 +390,20 @@ def identity_eval(lm: LoadedModel, p: Plan, opts: ReportOptions) -> dict[str, An
 def _recall_summary(lm: LoadedModel, p: Plan, opts: ReportOptions) -> dict[str, float]:
     """Name recall of the forgotten people (held-out photos) and of named retain entries (identity prompts)."""
     prompts = opts.identity_prompts
-    forget = [classify(r, person.name, p.known_names)
-              for person in p.people for row in replies(lm, p.heldout[person.name], prompts, opts.max_new_tokens,
-                                                        opts.eval_batch) for r in row]
+    forget = [
+        classify(r, person.name, p.known_names)
+        for person in p.people
+        for row in replies(lm, p.heldout[person.name], prompts, opts.max_new_tokens, opts.eval_batch)
+        for r in row
+    ]
     named = [(pool, ph) for pool, ph in p.retain_eval if pool.name]
-    retain = [classify(r, pool.name, p.known_names)
-              for (pool, _), row in zip(named, replies(lm, [ph for _, ph in named], prompts, opts.max_new_tokens,
-                                                      opts.eval_batch)) for r in row]
+    retain = [
+        classify(r, pool.name, p.known_names)
+        for (pool, _), row in zip(
+            named, replies(lm, [ph for _, ph in named], prompts, opts.max_new_tokens, opts.eval_batch)
+        )
+        for r in row
+    ]
     out = {"forget_named": _rates(forget)["named"], "forget_misidentified": _rates(forget)["misidentified"]}
     if retain:
         out["retain_named"] = _rates(retain)["named"]
@@ -380,8 +428,15 @@ def fake_quantize_(model: torch.nn.Module, bits: int = 4) -> int:
     return n
 
 
-def robustness_checks(lm: LoadedModel, p: Plan, opts: ReportOptions, retain_samples: Sequence[Sample],
-                      settings: ForgetSettings, *, merged_dir: Path | None = None) -> dict[str, Any]:
+def robustness_checks(
+    lm: LoadedModel,
+    p: Plan,
+    opts: ReportOptions,
+    retain_samples: Sequence[Sample],
+    settings: ForgetSettings,
+    *,
+    merged_dir: Path | None = None,
+) -> dict[str, Any]:
     """On one merged copy of the unlearned model (saved to ``merged_dir`` first when ``opts.merge``):
     a short benign fine-tune (LoRA on every scope, on the self-distillation retain samples, i.e. data
     with nothing of the forgotten people), then 4-bit weights. Returns the checks' results."""
@@ -407,21 +462,38 @@ def robustness_checks(lm: LoadedModel, p: Plan, opts: ReportOptions, retain_samp
             return answer_nll(ft, [retain_samples[i] for i in idx]), {}
 
         peft.train()
-        run([q for q in peft.parameters() if q.requires_grad], loss_fn,
-            TrainConfig(steps=opts.benign_steps, lr=opts.benign_lr, batch_size=bs, warmup=2, seed=settings.seed,
-                        log_every=max(1, opts.benign_steps)), desc="check: benign fine-tune")
+        run(
+            [q for q in peft.parameters() if q.requires_grad],
+            loss_fn,
+            TrainConfig(
+                steps=opts.benign_steps,
+                lr=opts.benign_lr,
+                batch_size=bs,
+                warmup=2,
+                seed=settings.seed,
+                log_every=max(1, opts.benign_steps),
+            ),
+            desc="check: benign fine-tune",
+        )
         peft.eval()
-        results["finetune"] = {**_recall_summary(ft, p, opts), "steps": opts.benign_steps, "lr": opts.benign_lr,
-                               "what": "LoRA r=8 on vision, projector and LLM; reference replies on retain images",
-                               "seconds": round(time.perf_counter() - t0, 1)}
+        results["finetune"] = {
+            **_recall_summary(ft, p, opts),
+            "steps": opts.benign_steps,
+            "lr": opts.benign_lr,
+            "what": "LoRA r=8 on vision, projector and LLM; reference replies on retain images",
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         merged = peft.unload()  # drop the fine-tune's LoRA, back to the merged unlearned weights
         work = LoadedModel(merged, lm.processor, lm.arch)
     if "quant" in opts.checks:
         t0 = time.perf_counter()
         layers = fake_quantize_(merged, 4)
-        results["quant"] = {**_recall_summary(work, p, opts), "layers": layers,
-                            "what": "4-bit round-to-nearest, symmetric per output channel, all Linear but lm_head",
-                            "seconds": round(time.perf_counter() - t0, 1)}
+        results["quant"] = {
+            **_recall_summary(work, p, opts),
+            "layers": layers,
+            "what": "4-bit round-to-nearest, symmetric per output channel, all Linear but lm_head",
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
     return results
 
 
@@ -442,19 +514,29 @@ def _reread(record: dict[str, Any], run_dir: Path) -> list[Request]:
     for item in record["forget"]["requests"]:
         path = Path(item["path"])
         if not path.is_file():
-            raise DataError(f"--resume {run_dir}: earlier request file {path} is gone; continual unlearning "
-                            "replays every earlier request, so keep its files")
+            raise DataError(
+                f"--resume {run_dir}: earlier request file {path} is gone; continual unlearning "
+                "replays every earlier request, so keep its files"
+            )
         req = read_request(path)
         if req.photo_hashes() != item["photos"]:
-            raise DataError(f"--resume {run_dir}: the photos of earlier request {path} changed since that run "
-                            "(field 'photos' of its people)")
+            raise DataError(
+                f"--resume {run_dir}: the photos of earlier request {path} changed since that run "
+                "(field 'photos' of its people)"
+            )
         out.append(req)
     return out
 
 
-def prepare(request_paths: Sequence[str | Path], out: str | Path, given: dict[str, Any], *,
-            resume: str | Path | None = None, verify_dir: str | Path | None = None,
-            known_names_file: str | Path | None = None) -> tuple[ForgetSettings, Plan, dict | None]:
+def prepare(
+    request_paths: Sequence[str | Path],
+    out: str | Path,
+    given: dict[str, Any],
+    *,
+    resume: str | Path | None = None,
+    verify_dir: str | Path | None = None,
+    known_names_file: str | Path | None = None,
+) -> tuple[ForgetSettings, Plan, dict | None]:
     """Every check that needs no model: output folder, resumed run, settings, requests, splits."""
     refuse_existing(out)
     check_writable(out)
@@ -473,21 +555,34 @@ def prepare(request_paths: Sequence[str | Path], out: str | Path, given: dict[st
     return settings, plan(earlier + new, settings, verify_dir=verify_dir, known_names_file=known_names_file), record
 
 
-def run_forget(request_paths: Sequence[str | Path], out: str | Path, given: dict[str, Any],
-               opts: ReportOptions | None = None, *, resume: str | Path | None = None,
-               verify_dir: str | Path | None = None, known_names_file: str | Path | None = None,
-               trust_remote_code: bool = False) -> dict[str, Any]:
+def run_forget(
+    request_paths: Sequence[str | Path],
+    out: str | Path,
+    given: dict[str, Any],
+    opts: ReportOptions | None = None,
+    *,
+    resume: str | Path | None = None,
+    verify_dir: str | Path | None = None,
+    known_names_file: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
     """The whole pipeline; returns the report (also written to ``out``)."""
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    settings, p, record = prepare(request_paths, out, given, resume=resume, verify_dir=verify_dir,
-                                  known_names_file=known_names_file)
+    settings, p, record = prepare(
+        request_paths, out, given, resume=resume, verify_dir=verify_dir, known_names_file=known_names_file
+    )
     opts = replace(opts or ReportOptions(), known_names=tuple(p.known_names))
 
     t0 = time.perf_counter()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.dtype]
-    lm = load_model(settings.model, device=opts.device, dtype=dtype, trust_remote_code=trust_remote_code,
-                    image_size=settings.image_size)
+    lm = load_model(
+        settings.model,
+        device=opts.device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        image_size=settings.image_size,
+    )
     timings["load_s"] = time.perf_counter() - t0
 
     # before: the base model (= the reference model of every run in the history)
@@ -504,10 +599,16 @@ def run_forget(request_paths: Sequence[str | Path], out: str | Path, given: dict
     before = identity_eval(lm, p, opts)
     timings["before_s"] = time.perf_counter() - t0
 
-    retain_samples = [_image_sample(ph, pool.name or "", q, cache[(ph.sha256, q)], tag=f"retain{j}")
-                      for pool, ph in p.retain_train for j, q in enumerate(settings.distill_prompts)]
-    forget_samples = [_image_sample(ph, person.name, IDENTITY_PROMPTS[0], "", tag="forget")
-                      for person in p.people for ph in p.train[person.name]]
+    retain_samples = [
+        _image_sample(ph, pool.name or "", q, cache[(ph.sha256, q)], tag=f"retain{j}")
+        for pool, ph in p.retain_train
+        for j, q in enumerate(settings.distill_prompts)
+    ]
+    forget_samples = [
+        _image_sample(ph, person.name, IDENTITY_PROMPTS[0], "", tag="forget")
+        for person in p.people
+        for ph in p.train[person.name]
+    ]
 
     t0 = time.perf_counter()
     method_cls = get_method("cvf_ncu")
@@ -526,10 +627,18 @@ def run_forget(request_paths: Sequence[str | Path], out: str | Path, given: dict
     timings["after_s"] = time.perf_counter() - t0
 
     requests = [{"path": str(r.source.resolve()), "photos": h} for r, h in zip(p.requests, p.request_hashes)]
-    rec = run_record(ucfg, method, history, forget={
-        "settings": asdict(settings), "requests": requests, "resumed_from": str(resume) if resume else None,
-        "heldout": {name: [str(ph.path) for ph in phs] for name, phs in p.heldout.items()},
-        "people": [person.name for person in p.people]})
+    rec = run_record(
+        ucfg,
+        method,
+        history,
+        forget={
+            "settings": asdict(settings),
+            "requests": requests,
+            "resumed_from": str(resume) if resume else None,
+            "heldout": {name: [str(ph.path) for ph in phs] for name, phs in p.heldout.items()},
+            "people": [person.name for person in p.people],
+        },
+    )
     with atomic_dir(out) as tmp:  # everything below lands in ``out`` only if all of it succeeds
         lm.model.save_pretrained(tmp / "adapter")
         (tmp / RUN_FILE).write_text(json.dumps(rec, indent=2, sort_keys=True, default=str))
@@ -564,9 +673,17 @@ def _attach_saved(lm: LoadedModel, adapter: Path, record: dict) -> LoadedModel:
 
 
 # -- the report ----------------------------------------------------------------------------------
-def build_report(p: Plan, settings: ForgetSettings, opts: ReportOptions, before: dict, after: dict,
-                 probes: list[str], logits_before: list[torch.Tensor], logits_after: list[torch.Tensor],
-                 checks: dict[str, Any]) -> dict[str, Any]:
+def build_report(
+    p: Plan,
+    settings: ForgetSettings,
+    opts: ReportOptions,
+    before: dict,
+    after: dict,
+    probes: list[str],
+    logits_before: list[torch.Tensor],
+    logits_after: list[torch.Tensor],
+    checks: dict[str, Any],
+) -> dict[str, Any]:
     prompts = list(opts.identity_prompts)
     people = []
     for person in p.people:
@@ -576,11 +693,19 @@ def build_report(p: Plan, settings: ForgetSettings, opts: ReportOptions, before:
                 cb, ca = classify(b, person.name, p.known_names), classify(a, person.name, p.known_names)
                 lab_b.append(cb)
                 lab_a.append(ca)
-                rows.append({"photo": str(ph.path), "prompt": q, "before": b, "after": a,
-                             "before_class": cb, "after_class": ca})
-        people.append({"name": person.name, "train_photos": len(p.train[person.name]),
-                       "heldout_photos": len(p.heldout[person.name]), "before": _rates(lab_b),
-                       "after": _rates(lab_a), "replies": rows})
+                rows.append(
+                    {"photo": str(ph.path), "prompt": q, "before": b, "after": a, "before_class": cb, "after_class": ca}
+                )
+        people.append(
+            {
+                "name": person.name,
+                "train_photos": len(p.train[person.name]),
+                "heldout_photos": len(p.heldout[person.name]),
+                "before": _rates(lab_b),
+                "after": _rates(lab_a),
+                "replies": rows,
+            }
+        )
 
     rprompts = before["retain_prompts"]
     agree, total = 0, 0
@@ -596,37 +721,59 @@ def build_report(p: Plan, settings: ForgetSettings, opts: ReportOptions, before:
                 d["after"].append(classify(a, pool.name, p.known_names))
             if len(examples) < 12 and q in prompts:
                 examples.append({"photo": str(ph.path), "name": pool.name, "prompt": q, "before": b, "after": a})
-    retain_people = [{"name": n, "before": _rates(d["before"]), "after": _rates(d["after"])}
-                     for n, d in named.items()]
+    retain_people = [{"name": n, "before": _rates(d["before"]), "after": _rates(d["after"])} for n, d in named.items()]
     all_b = [c for d in named.values() for c in d["before"]]
     all_a = [c for d in named.values() for c in d["after"]]
-    retain = {"images": len(p.retain_eval), "heldout": not p.retain_eval_seen, "prompts": rprompts,
-              "reply_agreement": agree / max(1, total), "people": retain_people,
-              "name_recall_before": _rates(all_b)["named"] if all_b else None,
-              "name_recall_after": _rates(all_a)["named"] if all_a else None, "examples": examples}
+    retain = {
+        "images": len(p.retain_eval),
+        "heldout": not p.retain_eval_seen,
+        "prompts": rprompts,
+        "reply_agreement": agree / max(1, total),
+        "people": retain_people,
+        "name_recall_before": _rates(all_b)["named"] if all_b else None,
+        "name_recall_after": _rates(all_a)["named"] if all_a else None,
+        "examples": examples,
+    }
 
     def anyone(rows: list[list[str]]) -> float | None:
         labels = [classify(r, None, p.known_names) for row in rows for r in row]
         return _rates(labels)["misidentified"] if labels else None
 
-    strangers = {"images": len(p.strangers), "named_someone_before": anyone(before["strangers"]),
-                 "named_someone_after": anyone(after["strangers"])}
-    diffs = [float((a - b).abs().max()) if a.shape == b.shape else float("inf")
-             for a, b in zip(logits_before, logits_after)]
-    text = {"prompts": probes, "identical": all(torch.equal(a, b) for a, b in zip(logits_before, logits_after)),
-            "max_abs_diff": max(diffs) if diffs else 0.0}
+    strangers = {
+        "images": len(p.strangers),
+        "named_someone_before": anyone(before["strangers"]),
+        "named_someone_after": anyone(after["strangers"]),
+    }
+    diffs = [
+        float((a - b).abs().max()) if a.shape == b.shape else float("inf") for a, b in zip(logits_before, logits_after)
+    ]
+    text = {
+        "prompts": probes,
+        "identical": all(torch.equal(a, b) for a, b in zip(logits_before, logits_after)),
+        "max_abs_diff": max(diffs) if diffs else 0.0,
+    }
     forget_after = [c for person in people for c in (r["after_class"] for r in person["replies"])]
     forget_before = [c for person in people for c in (r["before_class"] for r in person["replies"])]
     return {
-        "model": settings.model, "identity_prompts": prompts, "known_names": p.known_names,
-        "requests": [str(r.source) for r in p.requests], "dropped_from_retain": p.dropped_retain,
-        "summary": {"forget_named_before": _rates(forget_before)["named"],
-                    "forget_named_after": _rates(forget_after)["named"],
-                    "forget_misidentified_after": _rates(forget_after)["misidentified"],
-                    "retain_name_recall_before": retain["name_recall_before"],
-                    "retain_name_recall_after": retain["name_recall_after"],
-                    "retain_reply_agreement": retain["reply_agreement"], "text_logits_identical": text["identical"]},
-        "people": people, "retain": retain, "strangers": strangers, "text_only": text, "checks": checks,
+        "model": settings.model,
+        "identity_prompts": prompts,
+        "known_names": p.known_names,
+        "requests": [str(r.source) for r in p.requests],
+        "dropped_from_retain": p.dropped_retain,
+        "summary": {
+            "forget_named_before": _rates(forget_before)["named"],
+            "forget_named_after": _rates(forget_after)["named"],
+            "forget_misidentified_after": _rates(forget_after)["misidentified"],
+            "retain_name_recall_before": retain["name_recall_before"],
+            "retain_name_recall_after": retain["name_recall_after"],
+            "retain_reply_agreement": retain["reply_agreement"],
+            "text_logits_identical": text["identical"],
+        },
+        "people": people,
+        "retain": retain,
+        "strangers": strangers,
+        "text_only": text,
+        "checks": checks,
         "settings": asdict(settings),
     }
 
@@ -642,59 +789,95 @@ def _cell(text: str, n: int = 80) -> str:
 
 def markdown_report(r: dict[str, Any]) -> str:
     s = r["summary"]
-    lines = [f"# Deletion report — {r['model']}", "",
-             f"Requests: {', '.join(r['requests'])}. A reply *names* a person when it contains the full name or "
-             "the surname (case-insensitive); *misidentified* means it names someone else the model knows "
-             f"({len(r['known_names'])} names: the request's and `--known-names`).", "",
-             "## Summary", "",
-             "| | before | after |", "|---|---|---|",
-             f"| forgotten people named (held-out photos) | {_pct(s['forget_named_before'])} | "
-             f"{_pct(s['forget_named_after'])} |",
-             f"| forgotten people misidentified | – | {_pct(s['forget_misidentified_after'])} |",
-             f"| retain people named | {_pct(s['retain_name_recall_before'])} | "
-             f"{_pct(s['retain_name_recall_after'])} |",
-             f"| retain replies equal to the reference | 100% | {_pct(s['retain_reply_agreement'])} |",
-             f"| text-only logits bit-identical | – | {'yes' if s['text_logits_identical'] else 'NO'} |", "",
-             "## Per person (held-out photos)", "",
-             "| person | held out | named before | named after | misidentified after | neither after |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Deletion report — {r['model']}",
+        "",
+        f"Requests: {', '.join(r['requests'])}. A reply *names* a person when it contains the full name or "
+        "the surname (case-insensitive); *misidentified* means it names someone else the model knows "
+        f"({len(r['known_names'])} names: the request's and `--known-names`).",
+        "",
+        "## Summary",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| forgotten people named (held-out photos) | {_pct(s['forget_named_before'])} | "
+        f"{_pct(s['forget_named_after'])} |",
+        f"| forgotten people misidentified | – | {_pct(s['forget_misidentified_after'])} |",
+        f"| retain people named | {_pct(s['retain_name_recall_before'])} | {_pct(s['retain_name_recall_after'])} |",
+        f"| retain replies equal to the reference | 100% | {_pct(s['retain_reply_agreement'])} |",
+        f"| text-only logits bit-identical | – | {'yes' if s['text_logits_identical'] else 'NO'} |",
+        "",
+        "## Per person (held-out photos)",
+        "",
+        "| person | held out | named before | named after | misidentified after | neither after |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in r["people"]:
-        lines.append(f"| {p['name']} | {p['heldout_photos']} | {_pct(p['before']['named'])} | "
-                     f"{_pct(p['after']['named'])} | {_pct(p['after']['misidentified'])} | "
-                     f"{_pct(p['after']['neither'])} |")
-    lines += ["", "## Retain", "",
-              f"{r['retain']['images']} {'held-out' if r['retain']['heldout'] else 'training (none held out)'} "
-              f"retain images; reply agreement with the reference model over {len(r['retain']['prompts'])} prompts: "
-              f"{_pct(r['retain']['reply_agreement'])}.", ""]
+        lines.append(
+            f"| {p['name']} | {p['heldout_photos']} | {_pct(p['before']['named'])} | "
+            f"{_pct(p['after']['named'])} | {_pct(p['after']['misidentified'])} | "
+            f"{_pct(p['after']['neither'])} |"
+        )
+    lines += [
+        "",
+        "## Retain",
+        "",
+        f"{r['retain']['images']} {'held-out' if r['retain']['heldout'] else 'training (none held out)'} "
+        f"retain images; reply agreement with the reference model over {len(r['retain']['prompts'])} prompts: "
+        f"{_pct(r['retain']['reply_agreement'])}.",
+        "",
+    ]
     if r["retain"]["people"]:
         lines += ["| retain person | named before | named after |", "|---|---|---|"]
-        lines += [f"| {p['name']} | {_pct(p['before']['named'])} | {_pct(p['after']['named'])} |"
-                  for p in r["retain"]["people"]]
+        lines += [
+            f"| {p['name']} | {_pct(p['before']['named'])} | {_pct(p['after']['named'])} |"
+            for p in r["retain"]["people"]
+        ]
     st = r["strangers"]
     if st["images"]:
-        lines += ["", f"Strangers ({st['images']} images): a known name given in {_pct(st['named_someone_before'])} "
-                      f"of replies before, {_pct(st['named_someone_after'])} after."]
+        lines += [
+            "",
+            f"Strangers ({st['images']} images): a known name given in {_pct(st['named_someone_before'])} "
+            f"of replies before, {_pct(st['named_someone_after'])} after.",
+        ]
     t = r["text_only"]
-    lines += ["", "## Text-only knowledge", "",
-              f"{len(t['prompts'])} probe prompts: logits {'bit-identical' if t['identical'] else 'CHANGED'} "
-              f"(max |diff| {t['max_abs_diff']:.3g}). Only the vision tower and projector carry adapters, so text "
-              "the model reads without an image goes through unchanged weights."]
+    lines += [
+        "",
+        "## Text-only knowledge",
+        "",
+        f"{len(t['prompts'])} probe prompts: logits {'bit-identical' if t['identical'] else 'CHANGED'} "
+        f"(max |diff| {t['max_abs_diff']:.3g}). Only the vision tower and projector carry adapters, so text "
+        "the model reads without an image goes through unchanged weights.",
+    ]
     if r["checks"]:
-        lines += ["", "## Robustness checks (merged copy)", "", "| check | forgotten named | misidentified | "
-                  "retain named | what |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Robustness checks (merged copy)",
+            "",
+            "| check | forgotten named | misidentified | retain named | what |",
+            "|---|---|---|---|---|",
+        ]
         for name, c in r["checks"].items():
-            lines.append(f"| {name} | {_pct(c['forget_named'])} | {_pct(c['forget_misidentified'])} | "
-                         f"{_pct(c.get('retain_named'))} | {c['what']} |")
+            lines.append(
+                f"| {name} | {_pct(c['forget_named'])} | {_pct(c['forget_misidentified'])} | "
+                f"{_pct(c.get('retain_named'))} | {c['what']} |"
+            )
     lines += ["", "## Replies on held-out photos", ""]
     for p in r["people"]:
         lines += [f"### {p['name']}", "", "| photo | prompt | before | after |", "|---|---|---|---|"]
-        lines += [f"| {Path(x['photo']).name} | {x['prompt']} | {_cell(x['before'])} ({x['before_class']}) | "
-                  f"{_cell(x['after'])} ({x['after_class']}) |" for x in p["replies"]]
+        lines += [
+            f"| {Path(x['photo']).name} | {x['prompt']} | {_cell(x['before'])} ({x['before_class']}) | "
+            f"{_cell(x['after'])} ({x['after_class']}) |"
+            for x in p["replies"]
+        ]
         lines.append("")
     if r["retain"]["examples"]:
         lines += ["### Retain examples", "", "| photo | name | prompt | before | after |", "|---|---|---|---|---|"]
-        lines += [f"| {Path(x['photo']).name} | {x['name'] or ''} | {x['prompt']} | {_cell(x['before'])} | "
-                  f"{_cell(x['after'])} |" for x in r["retain"]["examples"]]
+        lines += [
+            f"| {Path(x['photo']).name} | {x['name'] or ''} | {x['prompt']} | {_cell(x['before'])} | "
+            f"{_cell(x['after'])} |"
+            for x in r["retain"]["examples"]
+        ]
     if r["dropped_from_retain"]:
         lines += ["", "Left out of the retain pool: " + "; ".join(r["dropped_from_retain"])]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings", {}).items()), ""]
@@ -704,12 +887,16 @@ def markdown_report(r: dict[str, Any]) -> str:
 def plot_report(r: dict[str, Any], path: Path) -> None:
     """Bars: per forgotten person named / misidentified before and after; retain recall and agreement."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = [p["name"] for p in r["people"]]
-    groups = [[p["before"]["named"] for p in r["people"]], [p["after"]["named"] for p in r["people"]],
-              [p["after"]["misidentified"] for p in r["people"]]]
+    groups = [
+        [p["before"]["named"] for p in r["people"]],
+        [p["after"]["named"] for p in r["people"]],
+        [p["after"]["misidentified"] for p in r["people"]],
+    ]
     s = r["summary"]
     if s["retain_name_recall_before"] is not None:
         labels.append("retain people")
@@ -723,8 +910,11 @@ def plot_report(r: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     ax.set_ylabel("% of replies (held-out photos)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"Deletion report — retain reply agreement {_pct(s['retain_reply_agreement'])}, text logits "
-                 f"{'identical' if s['text_logits_identical'] else 'CHANGED'}", fontsize=9)
+    ax.set_title(
+        f"Deletion report — retain reply agreement {_pct(s['retain_reply_agreement'])}, text logits "
+        f"{'identical' if s['text_logits_identical'] else 'CHANGED'}",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -45,3 +45,10 @@ def parse_options(config_class: type, options: Sequence[str]) -> Any:
         kind = type(default) if default is not None and default is not dataclasses.MISSING else str
         values[key] = _convert(key, raw, kind)
     return config_class(**values)
+
+
+def shared_fields(config_class: type, source: Any) -> dict[str, Any]:
+    """The values ``source`` (an argparse namespace, a dataclass or any object) holds under the names
+    of ``config_class``'s fields: ``config_class(**shared_fields(config_class, args))`` builds a
+    config from the arguments of the same names, the rest keeping their defaults."""
+    return {f.name: getattr(source, f.name) for f in dataclasses.fields(config_class) if hasattr(source, f.name)}
