@@ -1,5 +1,8 @@
 """Cost of CVF-NCU relative to baselines measured in the same run (ratios, not absolute timings).
 
+Every method's step against GA_Diff's: ``bench_methods.py``; projected at 7B: ``project_cost.py``
+(``docs/cost.md``). This script keeps the NCU calibration figure.
+
 Prints:
   - unlearning step time and peak memory of ``cvf_ncu`` / a plain retain-NLL LoRA step on the same
     scope, batch and model (peak memory: the GPU allocator's peak on CUDA, else the peak RSS of a
