@@ -84,8 +84,13 @@ def measure(args: argparse.Namespace) -> dict:
     ctx = UnlearnContext(lm, forget, retain, cfg.batch_size, cfg.seed, cfg.ivr_level)
     lm.model.train()
     method.setup(ctx)
-    out: dict = {"method": args.what, "scope": cfg.scope or cls.default_scope,
-                 "subspace": cfg.subspace or cls.default_subspace, "batch": cfg.batch_size, "device": device}
+    out: dict = {
+        "method": args.what,
+        "scope": cfg.scope or cls.default_scope,
+        "subspace": cfg.subspace or cls.default_subspace,
+        "batch": cfg.batch_size,
+        "device": device,
+    }
     if cfg.batch_size and hasattr(method.cfg, "retain_batch_size"):
         out["batch"] = f"{cfg.batch_size}+{method.cfg.retain_batch_size}r"
     if not cls.trains:
@@ -159,8 +164,20 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def child(what: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", what, "--model", args.model, "--data", args.data,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        what,
+        "--model",
+        args.model,
+        "--data",
+        args.data,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"{what} failed:\n{res.stderr[-3000:]}")
@@ -169,22 +186,28 @@ def child(what: str, args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["method"] == BASELINE and "step_s" in r), None)
-    head = (f"{'method':<12} {'scope':<7} {'batch':<7} {'ms/step':>8} {'x ' + BASELINE:>10} {'peak MiB':>9} "
-            f"{'x ' + BASELINE:>10} {'tensor MiB':>10} {'x ' + BASELINE:>10} {'GFLOP/step':>10} {'x ' + BASELINE:>10}")
+    head = (
+        f"{'method':<12} {'scope':<7} {'batch':<7} {'ms/step':>8} {'x ' + BASELINE:>10} {'peak MiB':>9} "
+        f"{'x ' + BASELINE:>10} {'tensor MiB':>10} {'x ' + BASELINE:>10} {'GFLOP/step':>10} {'x ' + BASELINE:>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if "step_s" not in r:
-            lines.append(f"{r['method']:<12} {r['scope']:<7} {'-':<7} no training step (one-off apply: "
-                         f"{r['apply_s'] * 1000:.0f} ms)")
+            lines.append(
+                f"{r['method']:<12} {r['scope']:<7} {'-':<7} no training step (one-off apply: "
+                f"{r['apply_s'] * 1000:.0f} ms)"
+            )
             continue
 
         def ratio(key: str, r: dict = r) -> str:
             return f"{r[key] / base[key]:.2f}" if base else "-"
 
-        lines.append(f"{r['method']:<12} {r['scope']:<7} {r['batch']!s:<7} {1000 * r['step_s']:>8.1f} "
-                     f"{ratio('step_s'):>10} {r['peak_bytes'] / 2**20:>9.0f} {ratio('peak_bytes'):>10} "
-                     f"{r['tensor_bytes'] / 2**20:>10.1f} {ratio('tensor_bytes'):>10} {r['flops'] / 1e9:>10.2f} "
-                     f"{ratio('flops'):>10}")
+        lines.append(
+            f"{r['method']:<12} {r['scope']:<7} {r['batch']!s:<7} {1000 * r['step_s']:>8.1f} "
+            f"{ratio('step_s'):>10} {r['peak_bytes'] / 2**20:>9.0f} {ratio('peak_bytes'):>10} "
+            f"{r['tensor_bytes'] / 2**20:>10.1f} {ratio('tensor_bytes'):>10} {r['flops'] / 1e9:>10.2f} "
+            f"{ratio('flops'):>10}"
+        )
     return "\n".join(lines)
 
 
@@ -215,23 +238,30 @@ def main() -> None:
             from mllm_unlearn.models.tiny import TinySizes, corpus_for, make_tiny_model
 
             world = WorldConfig(n_people=12, n_real=4, seed=0) if args.quick else WorldConfig()
-            sizes = (TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=400)
-                     if args.quick else TinySizes())
+            sizes = (
+                TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=400)
+                if args.quick
+                else TinySizes()
+            )
             args.data = str(make_world(Path(tmp) / "world", world))
-            args.model = str(make_tiny_model("llava", Path(tmp) / "tiny", corpus_for(read_mllmu(args.data)),
-                                             sizes=sizes))
+            args.model = str(
+                make_tiny_model("llava", Path(tmp) / "tiny", corpus_for(read_mllmu(args.data)), sizes=sizes)
+            )
         rows = []
         for m in methods:
             t = time.perf_counter()
             rows.append(child(m, args))
             print(f"  {m}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     device = rows[0]["device"] if rows else "?"
-    print(f"device: {device}; {args.warmup} warm-up + {args.steps} timed steps per method, one process each; "
-          f"peak memory: {rows[0].get('peak_kind', '-') if rows else '-'}")
+    print(
+        f"device: {device}; {args.warmup} warm-up + {args.steps} timed steps per method, one process each; "
+        f"peak memory: {rows[0].get('peak_kind', '-') if rows else '-'}"
+    )
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "steps": args.steps, "warmup": args.warmup,
-                                               "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"device": device, "steps": args.steps, "warmup": args.warmup, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

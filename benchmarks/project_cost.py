@@ -40,8 +40,13 @@ def main() -> None:
     torch.set_num_threads(1)
     methods = args.methods or trained_methods()
     methods = sorted(methods, key=lambda m: (m != "ga_diff", m))
-    shapes = Shapes(text_tokens=args.text_tokens, answer_tokens=args.answer_tokens, batch_size=args.batch_size,
-                    cvf_retain_batch=args.cvf_retain_batch, gum_batch=args.gum_batch)
+    shapes = Shapes(
+        text_tokens=args.text_tokens,
+        answer_tokens=args.answer_tokens,
+        batch_size=args.batch_size,
+        cvf_retain_batch=args.cvf_retain_batch,
+        gum_batch=args.gum_batch,
+    )
     print(f"shapes: {asdict(shapes)}")
     out = {"shapes": asdict(shapes), "models": {}}
     for name in args.models:
@@ -54,12 +59,20 @@ def main() -> None:
         base = next((c for c in costs if c.method == "ga_diff"), None)
         cvf = next((c for c in costs if c.method == "cvf_ncu"), None)
         if base and cvf:
-            print(f"cvf_ncu / ga_diff: FLOPs {cvf.flops / base.flops:.2f}, "
-                  f"memory {cvf.total_bytes / base.total_bytes:.2f}")
+            print(
+                f"cvf_ncu / ga_diff: FLOPs {cvf.flops / base.flops:.2f}, "
+                f"memory {cvf.total_bytes / base.total_bytes:.2f}"
+            )
         print()
-        out["models"][name] = [{**{k: v for k, v in asdict(c).items() if k != "passes"},
-                                "passes": [[asdict(x) for x in kind] for kind in c.passes],
-                                "total_bytes": c.total_bytes, "dominant": c.dominant} for c in costs]
+        out["models"][name] = [
+            {
+                **{k: v for k, v in asdict(c).items() if k != "passes"},
+                "passes": [[asdict(x) for x in kind] for kind in c.passes],
+                "total_bytes": c.total_bytes,
+                "dominant": c.dominant,
+            }
+            for c in costs
+        ]
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -32,10 +32,17 @@ def small_config(tmp_path_factory) -> Path:
     """A small LLaVA config in the published files' format: 2 CLIP layers at 56 px (16 image tokens),
     2 Llama layers of width 512 (attention is ~2 % of the matmul work at these lengths)."""
     cfg = json.loads((ROOT / "configs" / "models" / "llava-1.5-7b.json").read_text())
-    cfg["vision_config"].update(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                                image_size=56, patch_size=14)
-    cfg["text_config"].update(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-                              num_key_value_heads=8, vocab_size=1000)
+    cfg["vision_config"].update(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14
+    )
+    cfg["text_config"].update(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=1000,
+    )
     cfg["image_token_index"], cfg["pad_token_id"], cfg["image_seq_length"] = 998, 999, 16
     path = tmp_path_factory.mktemp("cfg") / "small.json"
     path.write_text(json.dumps(cfg))
@@ -117,8 +124,10 @@ def test_the_demo_benchmark_measures_a_step(setup):
     spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "bench_methods.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = [bench.measure(argparse.Namespace(what=m, model=str(model), data=str(world), steps=2, warmup=1))
-            for m in ("ga_diff", "cvf_ncu")]
+    rows = [
+        bench.measure(argparse.Namespace(what=m, model=str(model), data=str(world), steps=2, warmup=1))
+        for m in ("ga_diff", "cvf_ncu")
+    ]
     for r in rows:
         assert r["step_s"] > 0 and r["flops"] > 0 and r["peak_bytes"] > 0
         assert r["tensor_bytes"] > 4 * r["trainable_params"]

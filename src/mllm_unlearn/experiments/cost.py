@@ -94,8 +94,15 @@ def method_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
         "siu": [[Pass(3 * b, b + _mixed(b, shapes), kl=True), Pass(3 * b, b + _mixed(b, shapes), grad=False, kl=True)]],
         # Eq. 11: IVRs of the forget images (adapted, reference), of the retain batch (adapted,
         # reference), and GUM = retain answer NLL through the frozen LLM (the images run again)
-        "cvf_ncu": [[Pass(b, b, visual=True), Pass(b, b, grad=False, visual=True), Pass(rb, rb, visual=True),
-                     Pass(rb, rb, grad=False, visual=True), Pass(gum, gum)]],
+        "cvf_ncu": [
+            [
+                Pass(b, b, visual=True),
+                Pass(b, b, grad=False, visual=True),
+                Pass(rb, rb, visual=True),
+                Pass(rb, rb, grad=False, visual=True),
+                Pass(gum, gum),
+            ]
+        ],
     }
     if method not in steps:
         raise ValueError(f"no step structure for method {method!r}; known: {sorted(steps)}")
@@ -105,10 +112,18 @@ def method_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
 def _parts(arch_name: str) -> dict[str, str]:
     """Module-path regexes of the model's parts (for the per-part breakdown)."""
     if arch_name == "llava":
-        return {"vision": r".*vision_tower.*", "projector": r".*multi_modal_projector.*",
-                "llm": r".*language_model.*", "lm_head": r".*lm_head.*"}
-    return {"vision": r".*visual\.(?:blocks|patch_embed).*", "projector": r".*visual\.merger.*",
-            "llm": r".*language_model.*", "lm_head": r".*lm_head.*"}
+        return {
+            "vision": r".*vision_tower.*",
+            "projector": r".*multi_modal_projector.*",
+            "llm": r".*language_model.*",
+            "lm_head": r".*lm_head.*",
+        }
+    return {
+        "vision": r".*visual\.(?:blocks|patch_embed).*",
+        "projector": r".*visual\.merger.*",
+        "llm": r".*language_model.*",
+        "lm_head": r".*lm_head.*",
+    }
 
 
 def _unused_vision_layers(model: torch.nn.Module, config, names: Sequence[str]) -> list[str]:
@@ -119,8 +134,12 @@ def _unused_vision_layers(model: torch.nn.Module, config, names: Sequence[str]) 
         return []
     depth = config.vision_config.num_hidden_layers
     unused = set(range(depth + layer + 1, depth))
-    return [n for n in names if (m := re.search(r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.", n))
-            and int(m.group(1)) in unused]
+    return [
+        n
+        for n in names
+        if (m := re.search(r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.", n))
+        and int(m.group(1)) in unused
+    ]
 
 
 class _FlashLikeAttention(torch.autograd.Function):
@@ -159,8 +178,7 @@ class _FlashLikeAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False):
+def flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Drop-in for ``F.scaled_dot_product_attention`` during a projection. Masks (``attn_mask``,
     ``is_causal``) are ignored: they change no FLOPs, so the values are right only without a mask."""
     return _FlashLikeAttention.apply(query, key, value, is_causal, scale or query.shape[-1] ** -0.5)
@@ -287,8 +305,9 @@ class MetaModel:
         model = build_on_meta(self.config)
         names = list(target_linears(model, self.arch.scope_pattern(scope)))
         exclude = _unused_vision_layers(model, self.config, names) if scope != "llm" else []
-        self.model = attach_lora(model, self.arch.scope_pattern(scope), NCUConfig(rank=shapes.rank, subspace="none"),
-                                 exclude=exclude)
+        self.model = attach_lora(
+            model, self.arch.scope_pattern(scope), NCUConfig(rank=shapes.rank, subspace="none"), exclude=exclude
+        )
         if frozen_a:  # NCU: A frozen, only B trains
             for n, p in self.model.named_parameters():
                 if "lora_A" in n:
@@ -305,7 +324,7 @@ class MetaModel:
             self.image_size = shapes.image_size or 448
             side = self.image_size // vc.patch_size
             self.patches = side * side
-            self.image_tokens = self.patches // vc.spatial_merge_size ** 2
+            self.image_tokens = self.patches // vc.spatial_merge_size**2
 
     def image_features(self, n: int) -> torch.Tensor:
         dtype = torch.bfloat16
@@ -317,8 +336,9 @@ class MetaModel:
         vc = self.config.vision_config
         side = self.image_size // vc.patch_size
         grid = torch.tensor([[1, side, side]] * n)
-        px = torch.empty(n * self.patches, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
-                         device="meta", dtype=dtype)
+        px = torch.empty(
+            n * self.patches, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, device="meta", dtype=dtype
+        )
         pos = get_vision_position_ids(grid, vc.spatial_merge_size).to("meta")
         out = self.base.model.visual(px, grid_thw=grid, position_ids=pos).pooler_output
         return out.reshape(n, self.image_tokens, -1)
@@ -332,13 +352,13 @@ class MetaModel:
         emb = self.base.get_input_embeddings()(ids)
         if p.images:
             feats = self.image_features(p.images)
-            with_image = torch.cat([feats, emb[: p.images, self.image_tokens:]], 1)
-            emb = torch.cat([with_image, emb[p.images:]], 0)
+            with_image = torch.cat([feats, emb[: p.images, self.image_tokens :]], 1)
+            emb = torch.cat([with_image, emb[p.images :]], 0)
         kw = {}
         if self.arch.name != "llava":  # M-RoPE: (3, batch, length) positions
             kw["position_ids"] = torch.empty(3, p.rows, length, dtype=torch.long, device="meta")
         hidden = self.base.model.language_model(inputs_embeds=emb, **kw).last_hidden_state
-        return self.base.lm_head(hidden[:, length - a - 1: length - 1].reshape(-1, hidden.shape[-1]))
+        return self.base.lm_head(hidden[:, length - a - 1 : length - 1].reshape(-1, hidden.shape[-1]))
 
     def run(self, p: Pass) -> torch.Tensor:
         if p.grad:
@@ -374,13 +394,20 @@ class MetaModel:
             vision, projector = self.base.model.vision_tower, self.base.model.multi_modal_projector
         else:
             vision, projector = self.base.model.visual, self.base.model.visual.merger
-        return {"vision": vision, "projector": projector, "llm": self.base.model.language_model,
-                "lm_head": self.base.lm_head}
+        return {
+            "vision": vision,
+            "projector": projector,
+            "llm": self.base.model.language_model,
+            "lm_head": self.base.lm_head,
+        }
 
     # -- the hand count ------------------------------------------------------------------------
     def _linear_params(self, pattern: str) -> int:
-        return sum(m.weight.numel() for n, m in self.base.named_modules()
-                   if isinstance(m, torch.nn.Linear) and "lora_" not in n and re.fullmatch(pattern, n))
+        return sum(
+            m.weight.numel()
+            for n, m in self.base.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lora_" not in n and re.fullmatch(pattern, n)
+        )
 
     def hand_flops(self, passes: Sequence[Pass], visual_grad: bool) -> float:
         """2 x params x tokens per matmul pass: forward of every pass; backward of the grad passes
@@ -392,8 +419,11 @@ class MetaModel:
         total = 0.0
         for p in passes:
             vis = 2 * p.images * (p_vis * self._vision_tokens() + p_proj * self.image_tokens)
-            text = 0.0 if p.visual else 2 * (p_llm * p.rows * self.seq_len(p)
-                                             + p_head * p.rows * self.shapes.answer_tokens)
+            text = (
+                0.0
+                if p.visual
+                else 2 * (p_llm * p.rows * self.seq_len(p) + p_head * p.rows * self.shapes.answer_tokens)
+            )
             total += vis + text
             if p.grad:
                 total += text + (vis if visual_grad else 0.0)
@@ -442,10 +472,19 @@ def project(name: str, method: str, shapes: Shapes = Shapes()) -> StepCost:
     extra = 4 * n_train if method == "mmunlearner" else 0  # saliency masks in the parameters' dtype
     if method == "cvf_ncu":
         extra = 4 * (shapes.queue_size + 1) * mm.d  # negative queue + centre, float32
-    return StepCost(method=method, scope=scope, flops=sum(flops) / n,
-                    flops_by_part={k: sum(s[k] for s in by_part) / n for k in by_part[0]},
-                    hand_flops=sum(hand) / n, weights_bytes=weights, lora_bytes=lora_bytes,
-                    activation_bytes=max(acts), extra_bytes=extra, trainable_params=n_train, passes=steps)
+    return StepCost(
+        method=method,
+        scope=scope,
+        flops=sum(flops) / n,
+        flops_by_part={k: sum(s[k] for s in by_part) / n for k in by_part[0]},
+        hand_flops=sum(hand) / n,
+        weights_bytes=weights,
+        lora_bytes=lora_bytes,
+        activation_bytes=max(acts),
+        extra_bytes=extra,
+        trainable_params=n_train,
+        passes=steps,
+    )
 
 
 def trained_methods() -> list[str]:
@@ -456,17 +495,20 @@ def trained_methods() -> list[str]:
 
 def format_table(name: str, costs: Sequence[StepCost], baseline: str = "ga_diff") -> str:
     base = next((c for c in costs if c.method == baseline), None)
-    gib = 2 ** 30
-    head = (f"{'method':<12} {'scope':<7} {'TFLOP/step':>10} {'x ' + baseline:>10} {'hand/count':>10} "
-            f"{'weights GiB':>11} {'LoRA+opt GiB':>12} {'act GiB':>8} {'extra GiB':>9} {'ref copies':>10} "
-            f"{'total GiB':>9} {'x ' + baseline:>10}  dominant part of the FLOPs")
+    gib = 2**30
+    head = (
+        f"{'method':<12} {'scope':<7} {'TFLOP/step':>10} {'x ' + baseline:>10} {'hand/count':>10} "
+        f"{'weights GiB':>11} {'LoRA+opt GiB':>12} {'act GiB':>8} {'extra GiB':>9} {'ref copies':>10} "
+        f"{'total GiB':>9} {'x ' + baseline:>10}  dominant part of the FLOPs"
+    )
     lines = [f"{name} (bf16; meta-device projection)", head, "-" * len(head)]
     for c in costs:
         r_f = f"{c.flops / base.flops:.2f}" if base else "-"
         r_m = f"{c.total_bytes / base.total_bytes:.2f}" if base else "-"
-        lines.append(f"{c.method:<12} {c.scope:<7} {c.flops / 1e12:>10.1f} {r_f:>10} {c.hand_flops / c.flops:>10.2f} "
-                     f"{c.weights_bytes / gib:>11.2f} {c.lora_bytes / gib:>12.2f} {c.activation_bytes / gib:>8.1f} "
-                     f"{c.extra_bytes / gib:>9.2f} {c.reference_copies:>10} {c.total_bytes / gib:>9.1f} "
-                     f"{r_m:>10}  {c.dominant}")
+        lines.append(
+            f"{c.method:<12} {c.scope:<7} {c.flops / 1e12:>10.1f} {r_f:>10} {c.hand_flops / c.flops:>10.2f} "
+            f"{c.weights_bytes / gib:>11.2f} {c.lora_bytes / gib:>12.2f} {c.activation_bytes / gib:>8.1f} "
+            f"{c.extra_bytes / gib:>9.2f} {c.reference_copies:>10} {c.total_bytes / gib:>9.1f} "
+            f"{r_m:>10}  {c.dominant}"
+        )
     return "\n".join(lines)
-

@@ -27,8 +27,7 @@ def published_config(name_or_path: str | Path) -> Any:
 
     path = Path(CONFIG_DIR / PUBLISHED[name_or_path]) if name_or_path in PUBLISHED else Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"no published config {name_or_path!r} (known: {sorted(PUBLISHED)}; "
-                                f"looked for {path})")
+        raise FileNotFoundError(f"no published config {name_or_path!r} (known: {sorted(PUBLISHED)}; looked for {path})")
     d = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
