@@ -77,19 +77,20 @@ class CVFNCU(UnlearningMethod):
     # B lives in directions the retain set barely activates, and so do most forget inputs:
     # it needs a far larger step than ordinary LoRA (Sec. 3.2: the null space of the retain activations).
     default_lr = 3e-2
+    uses_reference_features = True
 
     def setup(self, ctx: UnlearnContext) -> None:
         cfg = self.cfg
         retain_images = distinct_images(ctx.retain)
-        if not retain_images or not distinct_images(ctx.forget):
+        forget_images = distinct_images(ctx.forget)
+        if not retain_images or not forget_images:
             raise ValueError("CVF needs images in both the forget and the retain set")
+        # the reference model never changes: its tokens of every image, once (retain first: the
+        # driver's calibration pass may already have computed them, in these same batches)
+        ctx.cache_reference(retain_images)
+        ctx.cache_reference(forget_images)
         with torch.no_grad():
-            pooled = torch.cat(
-                [
-                    self._ivr(ctx.visual_tokens(retain_images[i : i + 32], reference=True))
-                    for i in range(0, len(retain_images), 32)
-                ]
-            )
+            pooled = self._ivr(ctx.visual_tokens(retain_images, reference=True))
         self.center = pooled.mean(0) if cfg.center else torch.zeros_like(pooled[0])
         # the queue starts full of retain reference IVRs so that Eq. 4 is defined from step 0
         if cfg.queue_source == "retain":
@@ -112,8 +113,13 @@ class CVFNCU(UnlearningMethod):
         retain = ctx.stream("retain_vqa", lambda: [s for s in ctx.retain if s.image is not None], cfg.retain_batch_size)
         h_fu = ctx.visual_tokens(forget)  # Eq. 1, unlearned model
         z_fu, z_fr = self._ivr(h_fu), self._ivr(ctx.visual_tokens(forget, reference=True))  # Eq. 2
-        h_ru = ctx.visual_tokens(retain)  # Eq. 8
-        h_rr = ctx.visual_tokens(retain, reference=True)
+        # one encoding of the retain pairs: its pixels give h_ru, and L_GUM reads h_ru (the same images'
+        # projector outputs) instead of running the visual module a third time; at another IVR level
+        # h_ru is not the LLM's input and L_GUM encodes the images itself
+        reuse = cfg.gum and ctx.ivr_level == "projector"
+        retain_batch = ctx.pairs(retain) if reuse else None
+        h_ru = ctx.visual_tokens(retain, batch=retain_batch)  # Eq. 8
+        h_rr = ctx.visual_tokens(retain, reference=True)  # reference features: read, not computed
         # anchor p_r^a: mean reference IVR of the retain batch (per position at token level)
         h_rr_all = gather(h_rr)  # the whole retain batch's (several processes: every shard, in rank order)
         anchor = pool(h_rr_all).mean(0) if cfg.level == "pooled" else h_rr_all.mean(0).repeat(len(forget), 1)
@@ -130,7 +136,10 @@ class CVFNCU(UnlearningMethod):
             push = zero
         pull = cvf_pull(z_fu, anchor) if cfg.pull else zero
         ret = retention_mse(h_ru, h_rr) if cfg.ret else zero
-        gum = ctx.nll(retain) if cfg.gum else zero
+        if not cfg.gum:
+            gum = zero
+        else:
+            gum = ctx.nll(retain, h_ru, batch=retain_batch) if reuse else ctx.nll(retain)
         if cfg.queue_source == "retain":
             z_rr = self._ivr(h_rr_all)
             keep = torch.randperm(len(z_rr))[: max(1, self.cfg.queue_size // 4)]  # fresh, varied negatives
