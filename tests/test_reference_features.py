@@ -10,7 +10,7 @@ from mllm_unlearn.data.sample import Sample
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import UnlearnContext, distinct_images
 from mllm_unlearn.models.loading import load_model
-from mllm_unlearn.models.scoring import encode_pairs
+from mllm_unlearn.models.scoring import encode_images, encode_pairs
 from mllm_unlearn.models.tiny import corpus_for, make_tiny_model
 from mllm_unlearn.nullspace import trainable_parameters
 from mllm_unlearn.nullspace.reference import CAPTURED_ATTR, ReferenceFeatures, image_key
@@ -60,6 +60,12 @@ def test_logits_from_features_equal_logits_from_pixels(setup, tmp_path):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=arch)
         with pytest.raises(ValueError, match="image tokens in the batch but"):
             lm.arch.answer_logits(lm.model, batch, feats[:1])
+        # images encoded one by one and kept per request == the batch encoding, bit for bit
+        ctx = UnlearnContext(lm, [], [], batch_size=1, seed=0)
+        ctx._pixels(images[1:])
+        kept = ctx._pixels(images[::-1] + images)
+        batched = encode_images(lm, images[::-1] + images).inputs
+        assert all(torch.equal(kept[k], batched[k]) for k in lm.arch.pixel_keys), arch
 
 
 def test_calibration_pass_fills_the_store_and_matches_its_own_pass(setup, tmp_path):

@@ -22,7 +22,7 @@ from ..models.base import Batch
 from ..models.loading import LoadedModel
 from ..models.scoring import answer_nll, encode_images, encode_pairs, eval_mode
 from ..nullspace import reference_model
-from ..nullspace.reference import DEFAULT_MEMORY_MB, ReferenceFeatures, take_captured
+from ..nullspace.reference import DEFAULT_MEMORY_MB, ReferenceFeatures, image_key, take_captured
 from ..runtime.batching import batches
 from ..runtime.distributed import shard
 
@@ -60,6 +60,8 @@ class UnlearnContext:
     reference_memory_mb: float = DEFAULT_MEMORY_MB
     reference: ReferenceFeatures | None = None
     _streams: dict[str, Iterator[list[Sample]]] = field(default_factory=dict, repr=False)
+    _pixel_cache: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _pixel_bytes: int = field(default=0, repr=False)
 
     def stream(self, name: str, items: Callable[[], Sequence[Sample]], batch_size: int | None = None) -> list[Sample]:
         """The next batch of a named endless stream (created on first use, seeded by name and seed;
@@ -104,8 +106,23 @@ class UnlearnContext:
                 return self.reference.get(samples, self.lm.model.device)
             return self._reference_tokens(samples)
         lm = self.lm
-        batch = encode_images(lm, samples) if batch is None else batch
-        return lm.arch.visual_tokens(lm.model, batch.inputs, self.ivr_level)
+        inputs = self._pixels(samples) if batch is None else batch.inputs
+        return lm.arch.visual_tokens(lm.model, inputs, self.ivr_level)
+
+    def _pixels(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """The image inputs of ``samples`` (``arch.pixel_keys``), each image encoded once per request and
+        kept (up to ``reference_memory_mb``; the image processor treats images one by one, so the
+        concatenation equals a batch encoding): an image seen every epoch is not decoded and
+        processed again at every step."""
+        keys = [image_key(s) for s in samples]
+        todo = {k: s for k, s in zip(keys, samples) if k not in self._pixel_cache}
+        if todo and self._pixel_bytes > self.reference_memory_mb * 2**20:
+            return encode_images(self.lm, samples).inputs
+        for k, s in todo.items():
+            one = encode_images(self.lm, [s]).inputs
+            self._pixel_cache[k] = {n: one[n] for n in self.lm.arch.pixel_keys}
+            self._pixel_bytes += sum(t.numel() * t.element_size() for t in self._pixel_cache[k].values())
+        return {n: torch.cat([self._pixel_cache[k][n] for k in keys]) for n in self.lm.arch.pixel_keys}
 
     def _reference_tokens(self, samples: Sequence[Sample]) -> torch.Tensor:
         """The reference model's visual tokens of ``samples``, in one no-grad pass in eval mode (as

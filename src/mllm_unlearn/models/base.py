@@ -167,6 +167,10 @@ class ArchAdapter:
         """Per-image projector outputs (the LLM's visual input tokens), shape (images, tokens, d)."""
         raise NotImplementedError
 
+    #: the entries of an encoded batch that carry its images, one block of rows per image along dim 0
+    #: (:meth:`image_features` needs only these)
+    pixel_keys: tuple[str, ...] = ("pixel_values",)
+
     #: IVR levels :meth:`visual_tokens` offers
     ivr_levels: tuple[str, ...] = ("projector",)
 
