@@ -2,7 +2,9 @@
 
 A method sees an :class:`UnlearnContext`: the model (with adapters attached), the forget and retain
 training pairs, endless batch streams over them, and helpers for the quantities losses are made of
-(answer NLL, visual tokens of the adapted or the reference model). Everything else — adapters,
+(answer NLL, visual tokens of the adapted or the reference model; the reference model's are read from
+a :class:`~mllm_unlearn.nullspace.reference.ReferenceFeatures` store filled once per request, see
+:meth:`UnlearnContext.cache_reference`). Everything else — adapters,
 calibration, the optimiser loop, saving — is the driver's (:mod:`mllm_unlearn.train.unlearn`).
 """
 
@@ -16,9 +18,11 @@ from typing import Any, ClassVar
 import torch
 
 from ..data.sample import Sample
+from ..models.base import Batch
 from ..models.loading import LoadedModel
-from ..models.scoring import answer_nll, encode_images
+from ..models.scoring import answer_nll, encode_images, encode_pairs, eval_mode
 from ..nullspace import reference_model
+from ..nullspace.reference import DEFAULT_MEMORY_MB, ReferenceFeatures, image_key, take_captured
 from ..runtime.batching import batches
 from ..runtime.distributed import shard
 
@@ -42,7 +46,10 @@ def get_method(name: str) -> type[UnlearningMethod]:
 
 @dataclass
 class UnlearnContext:
-    """What a method's loss may use. ``lm.model`` is the adapter-wrapped model."""
+    """What a method's loss may use. ``lm.model`` is the adapter-wrapped model.
+
+    ``reference``: the reference features of the request's images (None until :meth:`cache_reference`
+    creates it); ``reference_memory_mb``: the host memory it keeps before spilling to disk."""
 
     lm: LoadedModel
     forget: list[Sample]
@@ -50,7 +57,11 @@ class UnlearnContext:
     batch_size: int
     seed: int
     ivr_level: str = "projector"
+    reference_memory_mb: float = DEFAULT_MEMORY_MB
+    reference: ReferenceFeatures | None = None
     _streams: dict[str, Iterator[list[Sample]]] = field(default_factory=dict, repr=False)
+    _pixel_cache: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _pixel_bytes: int = field(default=0, repr=False)
 
     def stream(self, name: str, items: Callable[[], Sequence[Sample]], batch_size: int | None = None) -> list[Sample]:
         """The next batch of a named endless stream (created on first use, seeded by name and seed;
@@ -66,21 +77,75 @@ class UnlearnContext:
         return shard(next(self._streams[name]))
 
     # -- common quantities ---------------------------------------------------------------------
-    def nll(self, samples: Sequence[Sample]) -> torch.Tensor:
+    def nll(
+        self, samples: Sequence[Sample], image_features: torch.Tensor | None = None, *, batch: Batch | None = None
+    ) -> torch.Tensor:
         """Mean answer-token NLL (over the GLOBAL batch's tokens with several processes):
-        :func:`~mllm_unlearn.models.scoring.answer_nll`. Per-sample sums:
+        :func:`~mllm_unlearn.models.scoring.answer_nll`. ``batch``: ``samples`` already encoded
+        (:meth:`pairs`); ``image_features``: their projector outputs (images, tokens, d) when already
+        computed (e.g. :meth:`visual_tokens` of the same samples at ``ivr_level="projector"``): the
+        visual module is then not run again. Per-sample sums:
         :func:`~mllm_unlearn.models.scoring.answer_logprobs`."""
-        return answer_nll(self.lm, samples)
+        return answer_nll(self.lm, samples, image_features, batch)
 
-    def visual_tokens(self, samples: Sequence[Sample], *, reference: bool = False) -> torch.Tensor:
+    def pairs(self, samples: Sequence[Sample]) -> Batch:
+        """``samples`` as question + answer model inputs (:func:`~mllm_unlearn.models.scoring.encode_pairs`);
+        their pixels are those :meth:`visual_tokens` needs, so one encoding can serve both."""
+        return encode_pairs(self.lm, samples)
+
+    def visual_tokens(
+        self, samples: Sequence[Sample], *, reference: bool = False, batch: Batch | None = None
+    ) -> torch.Tensor:
         """Token-level IVRs H (images, tokens, d) at ``ivr_level`` (Eq. 1 / Eq. 8); ``reference=True``
-        gives the reference model's (adapters disabled, no gradient)."""
+        gives the reference model's (adapters disabled, no gradient): read from :attr:`reference` when
+        a method created it (images it lacks are added first), else computed. ``batch``: ``samples``
+        already encoded (any prompt: only the pixels are used), instead of encoding their images."""
+        if reference:
+            if self.reference is not None:
+                self.reference.fill(samples, self._reference_tokens)
+                return self.reference.get(samples, self.lm.model.device)
+            return self._reference_tokens(samples)
+        lm = self.lm
+        inputs = self._pixels(samples) if batch is None else batch.inputs
+        return lm.arch.visual_tokens(lm.model, inputs, self.ivr_level)
+
+    def _pixels(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """The image inputs of ``samples`` (``arch.pixel_keys``), each image encoded once per request and
+        kept (up to ``reference_memory_mb``; the image processor treats images one by one, so the
+        concatenation equals a batch encoding): an image seen every epoch is not decoded and
+        processed again at every step."""
+        keys = [image_key(s) for s in samples]
+        todo = {k: s for k, s in zip(keys, samples) if k not in self._pixel_cache}
+        if todo and self._pixel_bytes > self.reference_memory_mb * 2**20:
+            return encode_images(self.lm, samples).inputs
+        for k, s in todo.items():
+            one = encode_images(self.lm, [s]).inputs
+            self._pixel_cache[k] = {n: one[n] for n in self.lm.arch.pixel_keys}
+            self._pixel_bytes += sum(t.numel() * t.element_size() for t in self._pixel_cache[k].values())
+        return {n: torch.cat([self._pixel_cache[k][n] for k in keys]) for n in self.lm.arch.pixel_keys}
+
+    def _reference_tokens(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """The reference model's visual tokens of ``samples``, in one no-grad pass in eval mode (as
+        calibration runs it; the same as train mode for vision towers without dropout)."""
         lm = self.lm
         batch = encode_images(lm, samples)
-        if reference:
-            with torch.no_grad(), reference_model(lm.model):
-                return lm.arch.visual_tokens(lm.model, batch.inputs, self.ivr_level)
-        return lm.arch.visual_tokens(lm.model, batch.inputs, self.ivr_level)
+        with torch.no_grad(), eval_mode(lm.model), reference_model(lm.model):
+            return lm.arch.visual_tokens(lm.model, batch.inputs, self.ivr_level)
+
+    def cache_reference(self, samples: Sequence[Sample]) -> ReferenceFeatures:
+        """Make :attr:`reference` hold the reference features of every image of ``samples``: created on
+        first use — from what the driver captured during NCU calibration when it left a store on the
+        model (the retain images' projector outputs), else empty — then the missing images computed in
+        batches of distinct images. Every process computes the same (it sees every sample)."""
+        if self.reference is None:
+            captured = take_captured(self.lm.model, self.ivr_level)
+            self.reference = (
+                captured
+                if captured is not None
+                else ReferenceFeatures(self.ivr_level, memory_mb=self.reference_memory_mb)
+            )
+        self.reference.fill(samples, self._reference_tokens)
+        return self.reference
 
 
 def distinct_images(samples: Sequence[Sample]) -> list[Sample]:
@@ -102,6 +167,9 @@ class UnlearningMethod:
     default_subspace: ClassVar[str] = "none"
     #: learning rate the method's public configs use
     default_lr: ClassVar[float] = 1e-4
+    #: True for methods that read the reference model's visual tokens (:meth:`UnlearnContext.visual_tokens`
+    #: with ``reference=True``): the driver then keeps what NCU calibration computes of them
+    uses_reference_features: ClassVar[bool] = False
     #: False for methods that edit the model once in :meth:`apply` instead of training (e.g. pruning)
     trains: ClassVar[bool] = True
 

@@ -123,22 +123,53 @@ class ArchAdapter:
             raise ValueError(f"unknown scope {scope!r}; expected one of {sorted(patterns)}")
         return patterns[scope]
 
-    def answer_logits(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def answer_logits(
+        self, model: Any, batch: Batch, image_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits at the answer positions only, their target ids, and each position's row in the batch.
 
         Projecting to the vocabulary only where a label exists is much cheaper than the full
         ``logits`` of a causal-LM forward (most positions are prompt and image tokens).
+        ``image_features``: the batch images' projector outputs (images, tokens, d), e.g. from
+        :meth:`image_features` on the same images; given, the visual module is not run
+        (:meth:`inputs_with_image_features`) and the logits equal those from the pixels.
         """
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = base.model(**batch.inputs).last_hidden_state[:, :-1]
+        inputs = (
+            batch.inputs if image_features is None else self.inputs_with_image_features(base, batch, image_features)
+        )
+        hidden = base.model(**inputs).last_hidden_state[:, :-1]
         targets = batch.labels[:, 1:]
         mask = targets != -100
         rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[mask]
         return base.lm_head(hidden[mask]), targets[mask], rows
 
+    #: the model's inputs the LLM needs besides ``inputs_embeds`` when the image features are given
+    keep_with_embeds: tuple[str, ...] = ("attention_mask",)
+
+    def inputs_with_image_features(self, model: Any, batch: Batch, features: torch.Tensor) -> dict[str, Any]:
+        """The inputs of ``model.model`` (the multimodal backbone) with the image features already in
+        place: the token embeddings with each image token's row replaced by the next feature row, in
+        order (what the backbone does with its own ``get_image_features`` output), and no pixels."""
+        ids = batch.inputs["input_ids"]
+        embeds = model.model.get_input_embeddings()(ids)
+        mask = ids == model.config.image_token_id
+        rows = features.reshape(-1, features.shape[-1])
+        if int(mask.sum()) != rows.shape[0]:
+            raise ValueError(
+                f"{int(mask.sum())} image tokens in the batch but {rows.shape[0]} feature rows "
+                f"({tuple(features.shape)}): the features must be those of the batch's images, in order"
+            )
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1), rows.to(embeds.device, embeds.dtype))
+        return {"inputs_embeds": embeds, **{k: v for k, v in batch.inputs.items() if k in self.keep_with_embeds}}
+
     def image_features(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-image projector outputs (the LLM's visual input tokens), shape (images, tokens, d)."""
         raise NotImplementedError
+
+    #: the entries of an encoded batch that carry its images, one block of rows per image along dim 0
+    #: (:meth:`image_features` needs only these)
+    pixel_keys: tuple[str, ...] = ("pixel_values",)
 
     #: IVR levels :meth:`visual_tokens` offers
     ivr_levels: tuple[str, ...] = ("projector",)

@@ -173,6 +173,11 @@ class QwenVLAdapter(ArchAdapter):
         }
         return Batch(inputs, None if labels is None else pad(labels, -100, padding_side), samples)
 
+    #: M-RoPE positions are computed from the ids, the image grids and the image-token mask
+    #: (``Qwen2VLModel.compute_3d_position_ids``); the backbone accepts ids next to ``inputs_embeds``
+    keep_with_embeds = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")
+    pixel_keys = ("pixel_values", "image_grid_thw")
+
     # -- visual representations ---------------------------------------------------------------
     @staticmethod
     def _image_inputs(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

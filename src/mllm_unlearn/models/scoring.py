@@ -48,10 +48,15 @@ def sequence_logprob(
     return logp, torch.bincount(rows, minlength=n).to(tok.dtype)
 
 
-def answer_nll(lm: LoadedModel, samples: Sequence[Sample]) -> torch.Tensor:
+def answer_nll(
+    lm: LoadedModel, samples: Sequence[Sample], image_features: torch.Tensor | None = None, batch: Batch | None = None
+) -> torch.Tensor:
     """Mean answer-token NLL of a batch of training pairs (over the GLOBAL batch's tokens with
-    several processes; ``samples`` is then this process's shard)."""
-    logits, targets, _ = lm.arch.answer_logits(lm.model, encode_pairs(lm, samples))
+    several processes; ``samples`` is then this process's shard). ``batch``: ``samples`` already
+    through :func:`encode_pairs`; ``image_features``: their projector outputs when already computed
+    (:meth:`ArchAdapter.answer_logits`)."""
+    batch = encode_pairs(lm, samples) if batch is None else batch
+    logits, targets, _ = lm.arch.answer_logits(lm.model, batch, image_features)
     if distributed.world_size() == 1:
         return F.cross_entropy(logits.float(), targets)
     token_sum = F.cross_entropy(logits.float(), targets, reduction="sum")

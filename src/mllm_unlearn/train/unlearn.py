@@ -34,6 +34,7 @@ from ..nullspace import (
     unused_layers,
 )
 from ..nullspace.cache import default_cache_dir, model_cache_id
+from ..nullspace.reference import DEFAULT_MEMORY_MB, FILL_BATCH, ReferenceFeatures, capturing, keep_captured
 from ..runtime import distributed
 from ..runtime.batching import seed_everything
 from ..runtime.outputs import atomic_dir
@@ -55,6 +56,9 @@ class UnlearnConfig:
     ivr_level: str = "projector"
     seed: int = 0
     cache_dir: str | None = None  # covariance cache (default: nullspace.cache.default_cache_dir())
+    #: host memory (MiB) for the reference features of a request's images before they spill to disk
+    #: (nullspace.reference.DEFAULT_MEMORY_MB: 1 GiB)
+    reference_memory_mb: float = DEFAULT_MEMORY_MB
 
 
 def split_people(data: BenchmarkData, forget_people: Iterable[str] | None = None) -> tuple[list[Sample], list[Sample]]:
@@ -77,14 +81,16 @@ class _CalibrationInputs:
 
     def __init__(self, lm: LoadedModel, items: Sequence[Sample], visual: bool) -> None:
         self.lm, self.items = lm, items
-        self.size, self.encode = (32, encode_images) if visual else (16, encode_pairs)
+        self.size, self.encode = (FILL_BATCH, encode_images) if visual else (16, encode_pairs)
+        self.current: Sequence[Sample] = ()  # the samples of the batch last yielded
 
     def __len__(self) -> int:
         return -(-len(self.items) // self.size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(0, len(self.items), self.size):
-            yield self.encode(self.lm, self.items[i : i + self.size]).inputs
+            self.current = self.items[i : i + self.size]
+            yield self.encode(self.lm, self.current).inputs
 
 
 def attach_adapters(
@@ -104,6 +110,14 @@ def attach_adapters(
     basis is an eigenbasis of near-zero, near-degenerate eigenvalues, which last-bit differences
     between devices could rotate, and a frozen A is no DDP parameter that DDP would keep in sync.
     All of this happens before ``accelerator.prepare`` (in the training loop), as ZeRO-3 / FSDP need.
+
+    The visual calibration pass runs the reference model (no LoRA yet) over every distinct retain
+    image: for a method that reads reference features (``uses_reference_features``) at
+    ``ivr_level="projector"`` its outputs are kept on the returned model as the next request's
+    :class:`~mllm_unlearn.nullspace.reference.ReferenceFeatures` (taken by
+    :meth:`~mllm_unlearn.methods.base.UnlearnContext.cache_reference`). With every layer's
+    covariance cached that pass does not run, and the request computes them in its own pass, in the
+    same batches (the same bits). Every process calibrates, so every process holds the same store.
     """
     distributed.place(lm.model)
     scope = cfg.scope or method.default_scope
@@ -118,11 +132,14 @@ def attach_adapters(
             raise DataError("the retain set has no images to calibrate the visual module on")
         exclude = unused_layers(lm.model, names, image_batches(lm, images[:8])[0])
         names = [n for n in names if n not in exclude]
-    covariances = None
+    covariances = captured = None
     if subspace == "null":
         items = images if visual else retain
         inputs = _CalibrationInputs(lm, items, visual)
         forward = (lambda m, x: lm.arch.image_features(m, x)) if visual else full_forward
+        if visual and method.uses_reference_features and cfg.ivr_level == "projector":
+            captured = ReferenceFeatures(cfg.ivr_level, memory_mb=cfg.reference_memory_mb)
+            forward = capturing(captured, forward, lambda: inputs.current)
         model_id = model_cache_id(lm.model)
         cache_root = cfg.cache_dir or (default_cache_dir() if model_id else None)
         if cache_root is not None:
@@ -143,6 +160,8 @@ def attach_adapters(
         p.requires_grad_(False)
     model = attach_lora(lm.model, pattern, ncu, covariances, exclude=exclude)
     distributed.broadcast_(p for n, p in model.named_parameters() if "lora_A" in n)
+    if captured is not None:
+        keep_captured(model, captured)
     return LoadedModel(model, lm.processor, lm.arch)
 
 
@@ -158,7 +177,9 @@ def unlearn_stage(
 ) -> list[dict]:
     """Train the adapters of ``lm`` (already attached) to forget ``forget``; returns the log rows."""
     seed_everything(cfg.seed)
-    ctx = UnlearnContext(lm, list(forget), list(retain), cfg.batch_size, cfg.seed, cfg.ivr_level)
+    ctx = UnlearnContext(
+        lm, list(forget), list(retain), cfg.batch_size, cfg.seed, cfg.ivr_level, cfg.reference_memory_mb
+    )
     lm.model.train()
     method.setup(ctx)
     if not method.trains:  # e.g. MANU: one weight edit, no optimiser loop
