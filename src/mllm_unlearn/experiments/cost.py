@@ -60,13 +60,15 @@ class Shapes:
 class Pass:
     """One pass of a step. ``rows`` samples, ``images`` of them with the image; ``grad``: in the loss's
     graph (else the reference model: adapters disabled, no gradient); ``visual``: image features only
-    (no LLM); ``kl``: its logits enter a KL term (both distributions kept)."""
+    (no LLM); ``kl``: its logits enter a KL term (both distributions kept); ``reuse``: an LLM pass fed
+    with the image features of the step's last grad visual pass (no second vision pass)."""
 
     rows: int
     images: int
     grad: bool = True
     visual: bool = False
     kl: bool = False
+    reuse: bool = False
 
 
 def _mixed(n: int, shapes: Shapes) -> int:
@@ -92,17 +94,10 @@ def method_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
         "mmunlearner": [[Pass(b, b)], [mix]],
         # CE + KL(ref || theta) on one batch of (a) relabelled forget VQA, (b) forget QA, (c) retain pairs
         "siu": [[Pass(3 * b, b + _mixed(b, shapes), kl=True), Pass(3 * b, b + _mixed(b, shapes), grad=False, kl=True)]],
-        # Eq. 11: IVRs of the forget images (adapted, reference), of the retain batch (adapted,
-        # reference), and GUM = retain answer NLL through the frozen LLM (the images run again)
-        "cvf_ncu": [
-            [
-                Pass(b, b, visual=True),
-                Pass(b, b, grad=False, visual=True),
-                Pass(rb, rb, visual=True),
-                Pass(rb, rb, grad=False, visual=True),
-                Pass(gum, gum),
-            ]
-        ],
+        # Eq. 11: adapted IVRs of the forget images and of the retain batch, and GUM = retain answer
+        # NLL through the frozen LLM fed with those retain IVRs. The reference IVRs are computed once
+        # per request (``nullspace.reference.ReferenceFeatures``), not per step: not counted here.
+        "cvf_ncu": [[Pass(b, b, visual=True), Pass(rb, rb, visual=True), Pass(gum, gum, reuse=True)]],
     }
     if method not in steps:
         raise ValueError(f"no step structure for method {method!r}; known: {sorted(steps)}")
@@ -346,12 +341,12 @@ class MetaModel:
     def seq_len(self, p: Pass) -> int:
         return self.shapes.text_tokens + (self.image_tokens if p.images else 0)  # padded to the longest row
 
-    def answer_logits(self, p: Pass) -> torch.Tensor:
+    def answer_logits(self, p: Pass, features: torch.Tensor | None = None) -> torch.Tensor:
         length, a = self.seq_len(p), self.shapes.answer_tokens
         ids = torch.empty(p.rows, length, dtype=torch.long, device="meta")
         emb = self.base.get_input_embeddings()(ids)
         if p.images:
-            feats = self.image_features(p.images)
+            feats = self.image_features(p.images) if features is None else features[: p.images]
             with_image = torch.cat([feats, emb[: p.images, self.image_tokens :]], 1)
             emb = torch.cat([with_image, emb[p.images :]], 0)
         kw = {}
@@ -360,16 +355,21 @@ class MetaModel:
         hidden = self.base.model.language_model(inputs_embeds=emb, **kw).last_hidden_state
         return self.base.lm_head(hidden[:, length - a - 1 : length - 1].reshape(-1, hidden.shape[-1]))
 
-    def run(self, p: Pass) -> torch.Tensor:
+    def run(self, p: Pass, features: torch.Tensor | None = None) -> torch.Tensor:
         if p.grad:
-            return self.image_features(p.images) if p.visual else self.answer_logits(p)
+            return self.image_features(p.images) if p.visual else self.answer_logits(p, features)
         with torch.no_grad(), self.model.disable_adapter():
-            return self.image_features(p.images) if p.visual else self.answer_logits(p)
+            return self.image_features(p.images) if p.visual else self.answer_logits(p, features)
 
     def step_loss(self, passes: Sequence[Pass]) -> torch.Tensor:
         """Run the passes and combine them into one scalar as the methods do (CE on answer logits,
         KL between a grad and a reference pass, squared distances between visual tokens)."""
-        outs = [(p, self.run(p)) for p in passes]
+        outs, last_visual = [], None
+        for p in passes:
+            out = self.run(p, last_visual if p.reuse else None)
+            if p.visual and p.grad:
+                last_visual = out
+            outs.append((p, out))
         loss = torch.zeros((), device="meta")
         kl_ref = next((o for p, o in outs if p.kl and not p.grad), None)
         visual_ref = [o for p, o in outs if p.visual and not p.grad]
@@ -418,7 +418,7 @@ class MetaModel:
         p_head = self.base.lm_head.weight.numel()
         total = 0.0
         for p in passes:
-            vis = 2 * p.images * (p_vis * self._vision_tokens() + p_proj * self.image_tokens)
+            vis = 0.0 if p.reuse else 2 * p.images * (p_vis * self._vision_tokens() + p_proj * self.image_tokens)
             text = (
                 0.0
                 if p.visual
