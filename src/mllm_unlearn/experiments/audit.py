@@ -85,7 +85,7 @@ def quick_config(seeds: tuple[int, ...] = (3, 4), finetune_steps: int = 150) -> 
         finetune=TrainConfig(steps=finetune_steps, lr=3e-3, batch_size=16, warmup=20),
         unlearn=UnlearnConfig(steps=10, batch_size=4, warmup=2),
         audit=AuditConfig(budget=AttackBudget(steps=5, batch_size=4), quant_specs=("int8", "int4"),
-                          max_new_tokens=12))
+                          max_new_tokens=24))
 
 
 def _settings(cfg: MultiSeedConfig, seed: int) -> dict:
