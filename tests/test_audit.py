@@ -181,7 +181,7 @@ def test_multiseed_quick_variant(tmp_path: Path) -> None:
     cfg = quick_config(seeds=(3, 4))
     cfg.audit = replace(cfg.audit, probes=("unseen", "identity", "relearn", "oracle"))
     summary = run_multiseed(tmp_path / "out", cfg, tmp_path / "cache")
-    assert set(summary["runs"]) == {"vanilla", "cvf_ncu"}
+    assert set(summary["runs"]) == {"vanilla", "oracle", "cvf_ncu"}
     unseen = summary["runs"]["cvf_ncu"]["unseen_forget_vqa"]
     assert unseen["n"] == 2 and not math.isnan(unseen["ci95"])
     assert (tmp_path / "out" / "seed4" / "report.json").is_file() and (tmp_path / "out" / "summary.md").is_file()

@@ -77,8 +77,9 @@ def _runs(items: list[str]) -> dict[str, str]:
     runs: dict[str, str] = {}
     for item in items:
         name, _, path = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
-        if name in runs or name == "vanilla":
-            raise SystemExit(f"audit: run name {name!r} is used twice (or is 'vanilla'); write NAME=PATH")
+        if name in runs or name in ("vanilla", "oracle"):
+            raise SystemExit(f"audit: run name {name!r} is used twice (or is 'vanilla' / 'oracle'); "
+                             "write NAME=PATH")
         runs[name] = path
     return runs
 

@@ -45,10 +45,11 @@ def run_audit(vanilla: str | Path, runs: dict[str, str | Path], data_root: str |
     vanilla_lm = load_model(vanilla)
     oracle_lm = load_model(oracle) if oracle is not None and "oracle" in cfg.probes else None
     refs = prepare_references(vanilla_lm, data, cfg, oracle_lm)
-    del oracle_lm
     timings["references_s"] = time.perf_counter() - t0
     cards = {}
-    for name, path in {"vanilla": None, **runs}.items():
+    extra = {"oracle": oracle} if oracle_lm is not None and cfg.audit_oracle else {}
+    del oracle_lm
+    for name, path in {"vanilla": None, **extra, **runs}.items():
         t0 = time.perf_counter()
         lm = vanilla_lm if path is None else load_run(path, vanilla)
         cards[name] = audit_model(lm, data, cfg, refs)

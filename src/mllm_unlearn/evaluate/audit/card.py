@@ -48,6 +48,9 @@ class AuditConfig:
     quant_specs: tuple[str, ...] = DEFAULT_SPECS
     max_new_tokens: int = 24
     unseen_photos: int | None = None  # None: every unseen photo
+    # also give the oracle a card (when there is one): the gold standard of every probe, e.g. what a
+    # model that never saw the forget people names them, and how far relearning lifts it
+    audit_oracle: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.probes) - set(PROBES)
