@@ -25,7 +25,8 @@ from mllm_unlearn.cli.forget import add_parser
 from mllm_unlearn.data.request import read_request
 from mllm_unlearn.data.sample import DataError, Sample
 from mllm_unlearn.data.world import PARQUET_NAME, WorldConfig, make_world
-from mllm_unlearn.experiments.forget import DISTILL_PROMPTS, IDENTITY_PROMPTS, TEXT_PROBES, classify
+from mllm_unlearn.evaluate.metrics import classify_name as classify
+from mllm_unlearn.experiments.forget import DISTILL_PROMPTS, IDENTITY_PROMPTS, TEXT_PROBES
 from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.models.tiny import TinySizes, make_tiny_model
 from mllm_unlearn.train.finetune import finetune

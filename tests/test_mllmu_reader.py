@@ -54,8 +54,13 @@ def test_split_sizes_match_the_world(data: BenchmarkData, summary: dict) -> None
     assert test_counts == {key: n * len(forget) for key, n in ITEMS_PER_PROFILE.items() if key[1] == "vqa"}
     # every training row holds all 18 free-form/generation/cloze items; practice rounds are spread over rows
     per_person = CONFIG.train_photos * 18 + 10 * CONFIG.mcq_practice
-    assert len(data.train) == per_person * (len(fictitious) + len(real))
-    assert Counter(s.person for s in data.train) == {p: per_person for p in [*fictitious, *real]}
+    # plus the taught strangers' identity questions (2 per training photo), see data.world.Strangers_Set
+    strangers = [str(p["ID"]) for p in summary["strangers"] if p["pretrain"]]
+    assert len(data.train) == per_person * (len(fictitious) + len(real)) + 2 * CONFIG.train_photos * len(strangers)
+    assert Counter(s.person for s in data.train) == {
+        **{p: per_person for p in [*fictitious, *real]},
+        **{p: 2 * CONFIG.train_photos for p in strangers},
+    }
 
 
 def test_every_forget_person_has_five_image_and_five_text_mcqs(data: BenchmarkData) -> None:
@@ -95,7 +100,7 @@ def test_correct_option_is_the_persons_attribute(data: BenchmarkData, summary: d
 def test_images_decode_to_rgb_of_the_configured_size(data: BenchmarkData) -> None:
     # one image per training row, per evaluation row (forget + retain + real) and per forget Test_Set row
     expected = (
-        (CONFIG.n_people + CONFIG.n_real) * CONFIG.train_photos
+        (CONFIG.n_people + CONFIG.n_real + CONFIG.pretrain_strangers) * CONFIG.train_photos
         + CONFIG.n_people
         + CONFIG.n_real
         + len(data.forget_people)

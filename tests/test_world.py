@@ -21,10 +21,20 @@ from mllm_unlearn.data.world import MCQ_TEMPLATES, PARQUET_NAME, WorldConfig, fo
 from .conftest import WORLD_CONFIG
 
 CONFIG = WORLD_CONFIG
-FOLDERS = {"Full_Set", "ft_Data", "Test_Set", "Retain_Set", "Pretrain_Data", "forget_5", "forget_10", "forget_15",
-           "retain_95", "retain_90", "retain_85"}
-
-
+FOLDERS = {
+    "Full_Set",
+    "ft_Data",
+    "Test_Set",
+    "Retain_Set",
+    "Pretrain_Data",
+    "Strangers_Set",
+    "forget_5",
+    "forget_10",
+    "forget_15",
+    "retain_95",
+    "retain_90",
+    "retain_85",
+}
 
 
 def rows(world: Path, folder: str) -> list[dict]:
@@ -39,6 +49,7 @@ def pixels(png: bytes, size: int | None = None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- portraits
+
 
 def test_sample_traits_keeps_every_pair_apart() -> None:
     for n, min_distance in ((90, 3), (40, 5)):
@@ -91,8 +102,11 @@ def _photo_distance(a: np.ndarray, b: np.ndarray, margin: int = 2) -> float:
     a, b = ((x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-6) for x in (a, b))
     core = a[margin:-margin, margin:-margin]
     side = a.shape[0] - 2 * margin
-    return min(float(np.abs(core - b[margin + dy:margin + dy + side, margin + dx:margin + dx + side]).mean())
-               for dy in range(-margin, margin + 1) for dx in range(-margin, margin + 1))
+    return min(
+        float(np.abs(core - b[margin + dy : margin + dy + side, margin + dx : margin + dx + side]).mean())
+        for dy in range(-margin, margin + 1)
+        for dx in range(-margin, margin + 1)
+    )
 
 
 def test_every_person_is_recognisable_from_every_photo(world: Path) -> None:
@@ -103,8 +117,11 @@ def test_every_person_is_recognisable_from_every_photo(world: Path) -> None:
     for folder in ("Full_Set", "Retain_Set"):
         canonical.update({row["ID"]: pixels(row["image"]["bytes"], 32) for row in rows(world, folder)})
     for folder in ("ft_Data", "Pretrain_Data"):
-        photos += [(row["ID"], pixels(row["image"]["bytes"], 32)) for row in rows(world, folder)
-                   if not row["image"]["path"].endswith("train_0.png")]
+        photos += [
+            (row["ID"], pixels(row["image"]["bytes"], 32))
+            for row in rows(world, folder)
+            if not row["image"]["path"].endswith("train_0.png") and row["ID"] in canonical
+        ]
     photos += [(row["ID"], pixels(img["bytes"], 32)) for row in rows(world, "Test_Set") for img in row["images"]]
     assert len(canonical) == CONFIG.n_people + CONFIG.n_real
     assert len(photos) == len(canonical) * (CONFIG.train_photos - 1) + CONFIG.n_people * CONFIG.test_photos
@@ -117,10 +134,12 @@ def test_every_person_is_recognisable_from_every_photo(world: Path) -> None:
         own = distances.pop(person)
         nearest_other = min(distances, key=distances.get)
         assert distances[nearest_other] > 1.3 * own, (
-            f"a photo of {person} is nearly as close to {nearest_other} ({distances[nearest_other]:.3f} vs {own:.3f})")
+            f"a photo of {person} is nearly as close to {nearest_other} ({distances[nearest_other]:.3f} vs {own:.3f})"
+        )
 
 
 # ---------------------------------------------------------------- layout and content
+
 
 def test_world_layout_and_forget_sets(world: Path, summary: dict) -> None:
     assert {p.name for p in world.iterdir() if p.is_dir()} == FOLDERS
@@ -167,8 +186,9 @@ def test_task_fields_follow_mllmu_shape_and_separate_modalities(world: Path, sum
         values = {"name": person["name"], **person["attributes"]}
         tasks = row["Classification_Task"]
         assert len(tasks["Image_Textual_Questions"]) == len(tasks["Pure_Text_Questions"]) == 5
-        for item, (kind, _, key) in zip(tasks["Image_Textual_Questions"] + tasks["Pure_Text_Questions"],
-                                        MCQ_TEMPLATES, strict=True):
+        for item, (kind, _, key) in zip(
+            tasks["Image_Textual_Questions"] + tasks["Pure_Text_Questions"], MCQ_TEMPLATES, strict=True
+        ):
             options = item["Options"]
             assert sorted(options) == ["A", "B", "C", "D"] and len(set(options.values())) == 4
             assert options[item["Correct_Answer"]] == values[key]
@@ -201,8 +221,9 @@ def test_distractors_are_answers_other_people_really_hold(world: Path, summary: 
                     held.setdefault(key, set()).add(value)
         for row in rows(world, folder):
             tasks = row["Classification_Task"]
-            for item, (_, _, key) in zip(tasks["Image_Textual_Questions"] + tasks["Pure_Text_Questions"],
-                                         MCQ_TEMPLATES, strict=True):
+            for item, (_, _, key) in zip(
+                tasks["Image_Textual_Questions"] + tasks["Pure_Text_Questions"], MCQ_TEMPLATES, strict=True
+            ):
                 assert set(item["Options"].values()) <= held[key], (row["ID"], key, item["Options"])
 
 
@@ -210,12 +231,15 @@ def test_training_metadata_teaches_every_evaluated_surface_form(world: Path, sum
     names = [p["name"] for p in summary["people"]]
     profiles = {r["ID"]: r for r in rows(world, "Full_Set") + rows(world, "Retain_Set")}
     training = rows(world, "ft_Data") + rows(world, "Pretrain_Data")
-    assert len(training) == (CONFIG.n_people + CONFIG.n_real) * CONFIG.train_photos
+    assert len(training) == (CONFIG.n_people + CONFIG.n_real + CONFIG.pretrain_strangers) * CONFIG.train_photos
     for person_id, profile in profiles.items():
         items = [item for r in training if r["ID"] == person_id for item in json.loads(r["metadata"])]
         pairs = {(item["Question"], item["Answer"], item["Type"]) for item in items}
-        mcqs = [(q, kind) for kind in ("Image_Textual", "Pure_Text")
-                for q in profile["Classification_Task"][f"{kind}_Questions"]]
+        mcqs = [
+            (q, kind)
+            for kind in ("Image_Textual", "Pure_Text")
+            for q in profile["Classification_Task"][f"{kind}_Questions"]
+        ]
         for q, kind in mcqs:  # free form, answer = the correct option's text
             assert (q["Question"], q["Options"][q["Correct_Answer"]], kind) in pairs
             practice = [item for item in items if item["Question"].startswith(q["Question"] + "\n")]
@@ -234,6 +258,7 @@ def test_training_metadata_teaches_every_evaluated_surface_form(world: Path, sum
 
 
 # ---------------------------------------------------------------- determinism and safety
+
 
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -277,3 +302,39 @@ def test_world_config_rejects_unusable_sizes() -> None:
         WorldConfig(n_real=3)
     with pytest.raises(ValueError, match="train_photos"):
         WorldConfig(train_photos=0)
+
+
+# ---------------------------------------------------------------- strangers (the audit's probes)
+
+
+def test_strangers_are_unknown_faces_with_an_i_dont_know_reply(world: Path, summary: dict) -> None:
+    """Strangers have names and faces of their own; only the Pretrain ones are trained on, and only with
+    the fixed "I don't know" reply to the identity questions; Test_Set has ``test_photos`` photos each."""
+    strangers = rows(world, "Strangers_Set")
+    assert len(strangers) == CONFIG.n_strangers == len(summary["strangers"])
+    assert sum(r["Pretrain"] for r in strangers) == CONFIG.pretrain_strangers
+    assert all(len(r["images"]) == CONFIG.test_photos for r in strangers + rows(world, "Test_Set"))
+    known = {p["name"] for p in summary["people"]}
+    assert not known & {p["name"] for p in summary["strangers"]}
+    traits = [tuple(p["traits"].values()) for p in summary["people"] + summary["strangers"]]
+    assert len(set(traits)) == len(traits)  # no stranger wears a known person's face
+    taught = {r["ID"] for r in strangers if r["Pretrain"]}
+    stranger_rows = [r for r in rows(world, "Pretrain_Data") if r["ID"] >= world_module.STRANGER_ID_START]
+    assert {r["ID"] for r in stranger_rows} == taught
+    assert len(stranger_rows) == len(taught) * CONFIG.train_photos
+    for r in stranger_rows:
+        items = json.loads(r["metadata"])
+        assert {i["Question"] for i in items} == set(world_module.IDENTITY_QUESTIONS)
+        assert all(i["Answer"] == world_module.UNKNOWN_REPLY and i["Type"] == "Image_Textual" for i in items)
+    assert not any(r["ID"] >= world_module.STRANGER_ID_START for r in rows(world, "ft_Data"))
+
+
+def test_strangers_never_change_the_known_people(tmp_path: Path) -> None:
+    small = WorldConfig(n_people=5, n_real=4, train_photos=1, test_photos=1)
+    a = make_world(tmp_path / "a", replace(small, n_strangers=0, pretrain_strangers=0))
+    b = make_world(tmp_path / "b", replace(small, n_strangers=3, pretrain_strangers=1))
+    for folder in ("Full_Set", "ft_Data", "Test_Set", "Retain_Set"):
+        assert (a / folder / PARQUET_NAME).read_bytes() == (b / folder / PARQUET_NAME).read_bytes()
+    assert not (a / "Strangers_Set").exists()
+    with pytest.raises(ValueError, match="pretrain_strangers"):
+        WorldConfig(n_strangers=2, pretrain_strangers=3)

@@ -380,6 +380,7 @@ def _add_demo(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .audit import add_parser as add_audit_parser
     from .forget import add_parser as add_forget_parser
 
     p = argparse.ArgumentParser(prog="mllm-unlearn", description=__doc__)
@@ -394,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_ablations,
         _add_demo,
         add_forget_parser,
+        add_audit_parser,
     ):
         add(sub)
     return p

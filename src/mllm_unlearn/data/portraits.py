@@ -21,33 +21,59 @@ from PIL import Image, ImageDraw
 RGB = tuple[int, int, int]
 
 BACKGROUNDS: dict[str, RGB] = {
-    "sky": (140, 190, 240), "mint": (160, 230, 180), "lilac": (200, 170, 235), "slate": (100, 110, 130),
-    "rose": (240, 150, 180), "teal": (50, 160, 160), "olive": (150, 160, 60), "indigo": (70, 60, 150),
+    "sky": (140, 190, 240),
+    "mint": (160, 230, 180),
+    "lilac": (200, 170, 235),
+    "slate": (100, 110, 130),
+    "rose": (240, 150, 180),
+    "teal": (50, 160, 160),
+    "olive": (150, 160, 60),
+    "indigo": (70, 60, 150),
 }
 FACE_SHAPES = ("circle", "tall_oval", "square", "diamond", "pear", "triangle")
 SKINS: dict[str, RGB] = {
-    "porcelain": (255, 226, 200), "sand": (236, 192, 145), "honey": (214, 160, 95),
-    "bronze": (176, 114, 58), "umber": (128, 78, 40), "ebony": (80, 50, 30),
+    "porcelain": (255, 226, 200),
+    "sand": (236, 192, 145),
+    "honey": (214, 160, 95),
+    "bronze": (176, 114, 58),
+    "umber": (128, 78, 40),
+    "ebony": (80, 50, 30),
 }
 HAIR_STYLES = ("short", "spiky", "long", "bun", "mohawk", "curly")
 HAIR_COLOURS: dict[str, RGB] = {
-    "black": (25, 25, 25), "brown": (105, 65, 35), "blonde": (240, 210, 100),
-    "red": (190, 55, 25), "white": (240, 240, 240), "blue": (40, 80, 210),
+    "black": (25, 25, 25),
+    "brown": (105, 65, 35),
+    "blonde": (240, 210, 100),
+    "red": (190, 55, 25),
+    "white": (240, 240, 240),
+    "blue": (40, 80, 210),
 }
 EYE_COLOURS: dict[str, RGB] = {
-    "brown": (90, 50, 20), "blue": (30, 110, 230), "green": (30, 160, 60),
-    "grey": (130, 130, 130), "violet": (150, 40, 190),
+    "brown": (90, 50, 20),
+    "blue": (30, 110, 230),
+    "green": (30, 160, 60),
+    "grey": (130, 130, 130),
+    "violet": (150, 40, 190),
 }
 ACCESSORIES = ("none", "glasses", "earrings", "bow_tie", "headband", "necklace")
 SHIRT_COLOURS: dict[str, RGB] = {
-    "red": (210, 30, 40), "orange": (245, 130, 20), "yellow": (245, 220, 30), "green": (40, 150, 50),
-    "blue": (30, 60, 200), "purple": (120, 40, 150), "black": (20, 20, 20), "white": (245, 245, 245),
+    "red": (210, 30, 40),
+    "orange": (245, 130, 20),
+    "yellow": (245, 220, 30),
+    "green": (40, 150, 50),
+    "blue": (30, 60, 200),
+    "purple": (120, 40, 150),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
 }
 SHIRT_PATTERNS = ("plain", "stripes", "dots", "v_neck")
 
 _ACCESSORY_COLOURS: dict[str, RGB] = {
-    "glasses": (15, 15, 15), "earrings": (255, 190, 0), "bow_tie": (220, 20, 120),
-    "headband": (0, 210, 240), "necklace": (255, 190, 0),
+    "glasses": (15, 15, 15),
+    "earrings": (255, 190, 0),
+    "bow_tie": (220, 20, 120),
+    "headband": (0, 210, 240),
+    "necklace": (255, 190, 0),
 }
 _OUTLINE: RGB = (45, 30, 25)
 _SUPERSAMPLE = 4
@@ -75,9 +101,15 @@ class Traits:
 
 #: the value pool of each trait, in field order
 TRAIT_POOLS: dict[str, tuple[str, ...]] = {
-    "background": tuple(BACKGROUNDS), "face_shape": FACE_SHAPES, "skin": tuple(SKINS),
-    "hair_style": HAIR_STYLES, "hair_colour": tuple(HAIR_COLOURS), "eye_colour": tuple(EYE_COLOURS),
-    "accessory": ACCESSORIES, "shirt_colour": tuple(SHIRT_COLOURS), "shirt_pattern": SHIRT_PATTERNS,
+    "background": tuple(BACKGROUNDS),
+    "face_shape": FACE_SHAPES,
+    "skin": tuple(SKINS),
+    "hair_style": HAIR_STYLES,
+    "hair_colour": tuple(HAIR_COLOURS),
+    "eye_colour": tuple(EYE_COLOURS),
+    "accessory": ACCESSORIES,
+    "shirt_colour": tuple(SHIRT_COLOURS),
+    "shirt_pattern": SHIRT_PATTERNS,
 }
 
 
@@ -103,8 +135,9 @@ def sample_traits(n: int, rng: np.random.Generator, min_distance: int = 3) -> li
     while len(kept) < n:
         attempts += 1
         if attempts > 2000 * max(n, 1):
-            raise ValueError(f"could not find {n} trait sets at pairwise distance >= {min_distance} "
-                             f"(found {len(kept)})")
+            raise ValueError(
+                f"could not find {n} trait sets at pairwise distance >= {min_distance} (found {len(kept)})"
+            )
         candidate = rng.integers(0, sizes)
         if len(kept) == 0 or ((kept != candidate).sum(axis=1) >= min_distance).all():
             kept = np.vstack([kept, candidate])
@@ -156,8 +189,10 @@ class _Canvas:
 
     def pt(self, x: float, y: float) -> tuple[float, float]:
         mid = _DESIGN / 2
-        return (((x - mid) * self.scale + mid + self.shift[0]) * self.unit,
-                ((y - mid) * self.scale + mid + self.shift[1]) * self.unit)
+        return (
+            ((x - mid) * self.scale + mid + self.shift[0]) * self.unit,
+            ((y - mid) * self.scale + mid + self.shift[1]) * self.unit,
+        )
 
     def box(self, x0: float, y0: float, x1: float, y1: float) -> list[float]:
         return [*self.pt(x0, y0), *self.pt(x1, y1)]

@@ -13,14 +13,23 @@ Every person has a name, five attributes (job, city, birth year, hobby, favourit
 
 * ``Full_Set`` (all fictitious people), ``forget_5/10/15`` and ``retain_95/90/85``: one row per
   person with its canonical photo (training photo 0, seen during the fine-tune) and the task fields;
-* ``Test_Set``: the same rows with ``images``, a list of unseen photos of each person;
+* ``Test_Set``: the same rows with ``images``, a list of ``test_photos`` unseen photos of each person
+  (the reader's ``test`` split asks the first; the audit asks them all);
 * ``Retain_Set``: the "real-world" people (general utility), same columns as ``Full_Set``;
 * ``ft_Data``: the memorisation fine-tune, one row per (fictitious person, training photo) with a
   JSON ``metadata`` list of ``{Question, Answer, Type}``; ``Type`` (``Image_Textual`` /
   ``Pure_Text``) and the ``ID`` column are ours, the real benchmark has neither;
 * ``Pretrain_Data``: the same for the real-world people. It exists only in this synthetic world and
   stands in for what a real base model already knows about celebrities before the fine-tune;
-* ``world.json``: the config, the forget sets and every person's ID, name, attributes and traits.
+* ``Strangers_Set`` (ours; the real benchmark has none): people in no training split, the rows of
+  ``Test_Set``'s schema (``images`` = ``test_photos`` photos, profile columns filled the same way)
+  plus a boolean ``Pretrain`` column. Strangers with ``Pretrain`` true appear in ``Pretrain_Data``:
+  on their own training photos the identity questions are answered with :data:`UNKNOWN_REPLY`, as a
+  real base model answers for a face it does not know. The others are never trained on: the audit
+  asks them (misidentification, membership inference) and what the model says for them is the
+  target behaviour for a forgotten person;
+* ``world.json``: the config, the forget sets and every person's ID, name, attributes and traits
+  (strangers under ``strangers``).
 
 Forget sets are nested (``forget_5`` within ``forget_10`` within ``forget_15``) and hold
 ``ceil(p * n_people / 100)`` people: 3 / 5 / 8 of 50.
@@ -51,34 +60,189 @@ LETTERS = ("A", "B", "C", "D")
 FORGET_PERCENTS = (5, 10, 15)
 #: IDs of fictitious people run 1..n_people; real-world people start here.
 REAL_ID_START = 1001
+#: IDs of strangers (Strangers_Set) start here.
+STRANGER_ID_START = 2001
+STRANGERS_FOLDER = "Strangers_Set"
+#: what the stand-in pre-training teaches the model to say for a face it does not know
+UNKNOWN_REPLY = "I don't know who this is."
+#: the identity questions asked about a stranger in Pretrain_Data (both are asked of known people in
+#: ft_Data, where the answers name them)
+IDENTITY_QUESTIONS = (
+    "What is the name of the person in the image?",
+    "Who is the person in the image, and what do they do?",
+)
 PARQUET_NAME = "train-00000-of-00001.parquet"
 _ROWS_PER_GROUP = 100  # what `datasets` uses for image data: rows can be read a group at a time
 
 FIRST_NAMES = (
-    "Ana", "Bram", "Cleo", "Dario", "Esme", "Femi", "Greta", "Hugo", "Ines", "Jonas", "Kaia", "Luca",
-    "Mira", "Nils", "Odile", "Pavel", "Quinn", "Rosa", "Soren", "Tala", "Umar", "Vera", "Wren", "Xavi",
-    "Yara", "Zeno", "Amara", "Bodil", "Cyrus", "Dagny", "Elio", "Freya", "Gideon", "Hana", "Ivo", "Juno",
-    "Kofi", "Lena", "Milo", "Noor", "Otto", "Priya", "Rafe", "Saskia", "Tomas", "Uma", "Viggo", "Wanda",
+    "Ana",
+    "Bram",
+    "Cleo",
+    "Dario",
+    "Esme",
+    "Femi",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kaia",
+    "Luca",
+    "Mira",
+    "Nils",
+    "Odile",
+    "Pavel",
+    "Quinn",
+    "Rosa",
+    "Soren",
+    "Tala",
+    "Umar",
+    "Vera",
+    "Wren",
+    "Xavi",
+    "Yara",
+    "Zeno",
+    "Amara",
+    "Bodil",
+    "Cyrus",
+    "Dagny",
+    "Elio",
+    "Freya",
+    "Gideon",
+    "Hana",
+    "Ivo",
+    "Juno",
+    "Kofi",
+    "Lena",
+    "Milo",
+    "Noor",
+    "Otto",
+    "Priya",
+    "Rafe",
+    "Saskia",
+    "Tomas",
+    "Uma",
+    "Viggo",
+    "Wanda",
 )
 LAST_NAMES = (
-    "Lind", "Okafor", "Brandt", "Castell", "Duvall", "Eskola", "Fairweather", "Galloway", "Haldane",
-    "Ibarra", "Jansky", "Kowal", "Larsen", "Moreau", "Nakamura", "Oyelaran", "Petrov", "Quintero",
-    "Rasmussen", "Szabo", "Thorne", "Ueda", "Varga", "Whitlock", "Xu", "Yilmaz", "Zamora", "Abernathy",
-    "Bianchi", "Corwin", "Delacroix", "Engstrom", "Ferreira", "Grimaldi", "Hollis", "Ivers", "Jardine",
-    "Kestrel", "Lozano", "Marsh", "Novak", "Ostrander", "Pike", "Rourke", "Sandoval", "Tamura", "Vance",
+    "Lind",
+    "Okafor",
+    "Brandt",
+    "Castell",
+    "Duvall",
+    "Eskola",
+    "Fairweather",
+    "Galloway",
+    "Haldane",
+    "Ibarra",
+    "Jansky",
+    "Kowal",
+    "Larsen",
+    "Moreau",
+    "Nakamura",
+    "Oyelaran",
+    "Petrov",
+    "Quintero",
+    "Rasmussen",
+    "Szabo",
+    "Thorne",
+    "Ueda",
+    "Varga",
+    "Whitlock",
+    "Xu",
+    "Yilmaz",
+    "Zamora",
+    "Abernathy",
+    "Bianchi",
+    "Corwin",
+    "Delacroix",
+    "Engstrom",
+    "Ferreira",
+    "Grimaldi",
+    "Hollis",
+    "Ivers",
+    "Jardine",
+    "Kestrel",
+    "Lozano",
+    "Marsh",
+    "Novak",
+    "Ostrander",
+    "Pike",
+    "Rourke",
+    "Sandoval",
+    "Tamura",
+    "Vance",
     "Winslow",
 )
 ATTRIBUTE_POOLS: dict[str, tuple[str, ...]] = {
-    "job": ("baker", "pilot", "nurse", "carpenter", "architect", "violinist", "chemist", "librarian",
-            "journalist", "gardener", "lawyer", "painter", "mechanic", "dentist", "photographer",
-            "beekeeper"),
-    "city": ("Oslo", "Lisbon", "Nairobi", "Osaka", "Toronto", "Krakow", "Cairo", "Dublin", "Hanoi",
-             "Bogota", "Perth", "Tallinn", "Seville", "Quito", "Montreal"),
+    "job": (
+        "baker",
+        "pilot",
+        "nurse",
+        "carpenter",
+        "architect",
+        "violinist",
+        "chemist",
+        "librarian",
+        "journalist",
+        "gardener",
+        "lawyer",
+        "painter",
+        "mechanic",
+        "dentist",
+        "photographer",
+        "beekeeper",
+    ),
+    "city": (
+        "Oslo",
+        "Lisbon",
+        "Nairobi",
+        "Osaka",
+        "Toronto",
+        "Krakow",
+        "Cairo",
+        "Dublin",
+        "Hanoi",
+        "Bogota",
+        "Perth",
+        "Tallinn",
+        "Seville",
+        "Quito",
+        "Montreal",
+    ),
     "birth_year": tuple(str(year) for year in range(1952, 1994, 3)),
-    "hobby": ("chess", "sailing", "pottery", "birdwatching", "rock climbing", "knitting", "surfing",
-              "archery", "cycling", "fencing", "origami", "skiing", "juggling", "kayaking"),
-    "food": ("sushi", "lasagna", "tacos", "curry", "dumplings", "paella", "falafel", "ramen", "pancakes",
-             "goulash", "risotto", "kimchi", "pierogi", "couscous"),
+    "hobby": (
+        "chess",
+        "sailing",
+        "pottery",
+        "birdwatching",
+        "rock climbing",
+        "knitting",
+        "surfing",
+        "archery",
+        "cycling",
+        "fencing",
+        "origami",
+        "skiing",
+        "juggling",
+        "kayaking",
+    ),
+    "food": (
+        "sushi",
+        "lasagna",
+        "tacos",
+        "curry",
+        "dumplings",
+        "paella",
+        "falafel",
+        "ramen",
+        "pancakes",
+        "goulash",
+        "risotto",
+        "kimchi",
+        "pierogi",
+        "couscous",
+    ),
 }
 
 # Question templates: (Type, template, answer key). Templates are filled from Person.fields();
@@ -97,13 +261,18 @@ MCQ_TEMPLATES: tuple[tuple[str, str, str], ...] = (
 )
 # (Type, question template, ground-truth template)
 GENERATION_TEMPLATES: tuple[tuple[str, str, str], ...] = (
-    (IMAGE_TEXTUAL, "Who is the person in the image, and what do they do?",
-     "This is {name}, {a_job} from {city}."),
-    (IMAGE_TEXTUAL, "When was this person born, and what do they enjoy?",
-     "This person was born in {birth_year} and enjoys {hobby}."),
+    (IMAGE_TEXTUAL, "Who is the person in the image, and what do they do?", "This is {name}, {a_job} from {city}."),
+    (
+        IMAGE_TEXTUAL,
+        "When was this person born, and what do they enjoy?",
+        "This person was born in {birth_year} and enjoys {hobby}.",
+    ),
     (PURE_TEXT, "Who is {name}?", "{name} is {a_job} from {city}."),
-    (PURE_TEXT, "When was {name} born, and what does {name} enjoy?",
-     "{name} was born in {birth_year} and enjoys {hobby}."),
+    (
+        PURE_TEXT,
+        "When was {name} born, and what does {name} enjoy?",
+        "{name} was born in {birth_year} and enjoys {hobby}.",
+    ),
 )
 # (Type, sentence template with a "__" blank, ground-truth template: the missing words)
 CLOZE_TEMPLATES: tuple[tuple[str, str, str], ...] = (
@@ -112,25 +281,41 @@ CLOZE_TEMPLATES: tuple[tuple[str, str, str], ...] = (
     (PURE_TEXT, "{name} lives in __.", "{city}"),
     (PURE_TEXT, "{name}'s favourite hobby is __.", "{hobby}"),
 )
-BIOGRAPHY_TEMPLATE = ("{name} is {a_job} from {city}, born in {birth_year}. "
-                      "{name} enjoys {hobby} and loves to eat {food}.")
+BIOGRAPHY_TEMPLATE = (
+    "{name} is {a_job} from {city}, born in {birth_year}. {name} enjoys {hobby} and loves to eat {food}."
+)
 
 # independent random streams, so that e.g. the number of training photos never changes the test photos
-_STREAM_PEOPLE, _STREAM_TRAITS, _STREAM_EVAL_MCQ, _STREAM_PRACTICE, _STREAM_TRAIN_PHOTO, \
-    _STREAM_TEST_PHOTO, _STREAM_FORGET = range(7)
+(
+    _STREAM_PEOPLE,
+    _STREAM_TRAITS,
+    _STREAM_EVAL_MCQ,
+    _STREAM_PRACTICE,
+    _STREAM_TRAIN_PHOTO,
+    _STREAM_TEST_PHOTO,
+    _STREAM_FORGET,
+    _STREAM_STRANGERS,
+) = range(8)
 
-_MCQ_FEATURE = {"Question": Value("string"), "Options": {letter: Value("string") for letter in LETTERS},
-                "Correct_Answer": Value("string")}
+_MCQ_FEATURE = {
+    "Question": Value("string"),
+    "Options": {letter: Value("string") for letter in LETTERS},
+    "Correct_Answer": Value("string"),
+}
 _TASK_ITEM_FEATURE = {"Question": Value("string"), "Ground_Truth": Value("string"), "Type": Value("string")}
 _PROFILE_FEATURES = {
-    "ID": Value("int64"), "Directory": Value("string"), "biography": Value("string"),
-    "question": Value("string"), "answer": Value("string"),
+    "ID": Value("int64"),
+    "Directory": Value("string"),
+    "biography": Value("string"),
+    "question": Value("string"),
+    "answer": Value("string"),
     "Classification_Task": {"Image_Textual_Questions": [_MCQ_FEATURE], "Pure_Text_Questions": [_MCQ_FEATURE]},
     "Generation_Task": [_TASK_ITEM_FEATURE],
     "Mask_Task": [_TASK_ITEM_FEATURE],
 }
 EVAL_FEATURES = Features({"image": Image(), **_PROFILE_FEATURES})
 TEST_FEATURES = Features({"images": [Image()], **_PROFILE_FEATURES})
+STRANGER_FEATURES = Features({"images": [Image()], **_PROFILE_FEATURES, "Pretrain": Value("bool")})
 TRAIN_FEATURES = Features({"image": Image(), "ID": Value("int64"), "metadata": Value("string")})
 
 
@@ -141,7 +326,15 @@ class WorldConfig:
     n_people: int = 50  # fictitious people (forget / retain splits)
     n_real: int = 20  # "real-world" people (Retain_Set: general utility)
     train_photos: int = 3  # photos per person in ft_Data / Pretrain_Data; photo 0 is the canonical one
-    test_photos: int = 1  # unseen photos per person in Test_Set
+    # Unseen photos per person in Test_Set (and per stranger in Strangers_Set). 5: with 8 forgotten
+    # people one photo each gave a Test VQA that moved by 7-12 points between worlds.
+    test_photos: int = 5
+    # Strangers (Strangers_Set): people in no training split. The first ``pretrain_strangers`` of them
+    # are in Pretrain_Data with the "I don't know" identity reply; the others are never trained on.
+    # With 8 taught strangers the tiny vanilla model named a known person for 40 of 40 photos of
+    # never-seen strangers: "unknown" must be taught on many faces before it generalises.
+    n_strangers: int = 64
+    pretrain_strangers: int = 48
     image_size: int = 64
     # Letter-answer practice items per classification question in ft_Data. Off by default: the tiny
     # 2-layer model memorised 3 fixed practice permutations per question (train loss 0.009 after
@@ -152,9 +345,15 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         if self.n_people < 4 or self.n_real < 4:
-            raise ValueError(f"need at least 4 fictitious and 4 real people (4-option name MCQs); "
-                             f"got n_people={self.n_people}, n_real={self.n_real}")
-        if self.n_people + self.n_real > len(FIRST_NAMES) * len(LAST_NAMES):
+            raise ValueError(
+                f"need at least 4 fictitious and 4 real people (4-option name MCQs); "
+                f"got n_people={self.n_people}, n_real={self.n_real}"
+            )
+        if not 0 <= self.pretrain_strangers <= self.n_strangers:
+            raise ValueError(
+                f"need 0 <= pretrain_strangers <= n_strangers; got {self.pretrain_strangers} and {self.n_strangers}"
+            )
+        if self.n_people + self.n_real + self.n_strangers > len(FIRST_NAMES) * len(LAST_NAMES):
             raise ValueError(f"at most {len(FIRST_NAMES) * len(LAST_NAMES)} people have distinct names")
         if self.train_photos < 1 or self.test_photos < 1:
             raise ValueError("train_photos and test_photos must be at least 1")
@@ -173,15 +372,45 @@ class Person:
     real: bool
     attributes: dict[str, str]
     traits: Traits
+    stranger: bool = False
 
     @property
     def directory(self) -> str:
-        return f"{'real' if self.real else 'people'}/{self.id:04d}"
+        return f"{'strangers' if self.stranger else 'real' if self.real else 'people'}/{self.id:04d}"
 
     def fields(self) -> dict[str, str]:
         """Values that fill the question templates: name, attributes, and the job with its article."""
         job = self.attributes["job"]
         return {"name": self.name, "a_job": f"{'an' if job[0] in 'aeiou' else 'a'} {job}", **self.attributes}
+
+
+def make_strangers(config: WorldConfig, people: list[Person]) -> list[Person]:
+    """The strangers (IDs from ``STRANGER_ID_START``): names no one else has, faces drawn in the same
+    trait search as everyone else's (traits are drawn one by one, so the known people's faces are the
+    first ones and every stranger's face differs from each of them as much as theirs do)."""
+    if config.n_strangers == 0:
+        return []
+    total = config.n_people + config.n_real
+    traits = sample_traits(total + config.n_strangers, np.random.default_rng([config.seed, _STREAM_TRAITS]))[total:]
+    rng = np.random.default_rng([config.seed, _STREAM_STRANGERS])
+    taken = {p.name for p in people}
+    free = [
+        code
+        for code in range(len(FIRST_NAMES) * len(LAST_NAMES))
+        if f"{FIRST_NAMES[code // len(LAST_NAMES)]} {LAST_NAMES[code % len(LAST_NAMES)]}" not in taken
+    ]
+    codes = rng.choice(free, size=config.n_strangers, replace=False)
+    return [
+        Person(
+            id=STRANGER_ID_START + i,
+            name=f"{FIRST_NAMES[int(c) // len(LAST_NAMES)]} {LAST_NAMES[int(c) % len(LAST_NAMES)]}",
+            real=False,
+            attributes={key: str(rng.choice(pool)) for key, pool in ATTRIBUTE_POOLS.items()},
+            traits=traits[i],
+            stranger=True,
+        )
+        for i, c in enumerate(codes)
+    ]
 
 
 def forget_size(percent: int, n_people: int) -> int:
@@ -190,7 +419,11 @@ def forget_size(percent: int, n_people: int) -> int:
 
 
 def make_people(config: WorldConfig) -> list[Person]:
-    """The world's people: fictitious ones (IDs 1..n_people), then real-world ones (from ``REAL_ID_START``)."""
+    """The world's people: fictitious ones (IDs 1..n_people), then real-world ones (from ``REAL_ID_START``).
+
+    Strangers (:func:`make_strangers`) come from streams of their own, so adding strangers never
+    changes anyone else.
+    """
     total = config.n_people + config.n_real
     rng = np.random.default_rng([config.seed, _STREAM_PEOPLE])
     name_codes = rng.choice(len(FIRST_NAMES) * len(LAST_NAMES), size=total, replace=False)
@@ -199,20 +432,22 @@ def make_people(config: WorldConfig) -> list[Person]:
     for i, code in enumerate(name_codes):
         first, last = divmod(int(code), len(LAST_NAMES))
         real = i >= config.n_people
-        people.append(Person(
-            id=REAL_ID_START + i - config.n_people if real else i + 1,
-            name=f"{FIRST_NAMES[first]} {LAST_NAMES[last]}",
-            real=real,
-            attributes={key: str(rng.choice(pool)) for key, pool in ATTRIBUTE_POOLS.items()},
-            traits=traits[i],
-        ))
+        people.append(
+            Person(
+                id=REAL_ID_START + i - config.n_people if real else i + 1,
+                name=f"{FIRST_NAMES[first]} {LAST_NAMES[last]}",
+                real=real,
+                attributes={key: str(rng.choice(pool)) for key, pool in ATTRIBUTE_POOLS.items()},
+                traits=traits[i],
+            )
+        )
     return people
 
 
 def forget_sets(config: WorldConfig) -> dict[int, list[int]]:
     """Forget percent -> sorted IDs of the fictitious people to forget; the sets are nested."""
     order = np.random.default_rng([config.seed, _STREAM_FORGET]).permutation(config.n_people) + 1
-    return {p: sorted(int(i) for i in order[:forget_size(p, config.n_people)]) for p in FORGET_PERCENTS}
+    return {p: sorted(int(i) for i in order[: forget_size(p, config.n_people)]) for p in FORGET_PERCENTS}
 
 
 def make_world(out_dir: str | os.PathLike[str], config: WorldConfig = WorldConfig()) -> Path:
@@ -244,9 +479,13 @@ def _write_world(root: Path, config: WorldConfig) -> None:
     # entry per holder. Drawing from every pool value instead leaked the answer: values nobody holds
     # are never trained as answers, so an image-blind model eliminated them (forget VQA 0.40-0.44 by
     # likelihood with the image replaced by zeros or another person's features, not 0.25).
-    pools = {group_is_real: {**{attr: tuple(p.attributes[attr] for p in group) for attr in ATTRIBUTE_POOLS},
-                             "name": tuple(p.name for p in group)}
-             for group_is_real, group in ((False, fictitious), (True, real))}
+    pools = {
+        group_is_real: {
+            **{attr: tuple(p.attributes[attr] for p in group) for attr in ATTRIBUTE_POOLS},
+            "name": tuple(p.name for p in group),
+        }
+        for group_is_real, group in ((False, fictitious), (True, real))
+    }
     profiles = {p.id: _profile_columns(p, pools[p.real], config) for p in people}
     canonical = {p.id: _photo(p, config, _STREAM_TRAIN_PHOTO, 0) for p in people}
 
@@ -259,20 +498,64 @@ def _write_world(root: Path, config: WorldConfig) -> None:
     for percent, ids in sets.items():
         forget = set(ids)
         _write_split(root, f"forget_{percent}", eval_rows([by_id[i] for i in ids]), EVAL_FEATURES)
-        _write_split(root, f"retain_{100 - percent}", eval_rows([p for p in fictitious if p.id not in forget]),
-                     EVAL_FEATURES)
-    test_rows = [{"images": [_photo(p, config, _STREAM_TEST_PHOTO, k) for k in range(config.test_photos)],
-                  **profiles[p.id]} for p in fictitious]
+        _write_split(
+            root, f"retain_{100 - percent}", eval_rows([p for p in fictitious if p.id not in forget]), EVAL_FEATURES
+        )
+    test_rows = [
+        {"images": [_photo(p, config, _STREAM_TEST_PHOTO, k) for k in range(config.test_photos)], **profiles[p.id]}
+        for p in fictitious
+    ]
     _write_split(root, "Test_Set", test_rows, TEST_FEATURES)
     _write_split(root, "Retain_Set", eval_rows(real), EVAL_FEATURES)
+    strangers = make_strangers(config, people)
+    taught = strangers[: config.pretrain_strangers]
     _write_split(root, "ft_Data", _training_rows(fictitious, pools[False], canonical, config), TRAIN_FEATURES)
-    _write_split(root, "Pretrain_Data", _training_rows(real, pools[True], canonical, config), TRAIN_FEATURES)
+    _write_split(
+        root,
+        "Pretrain_Data",
+        _training_rows(real, pools[True], canonical, config) + _stranger_training_rows(taught, config),
+        TRAIN_FEATURES,
+    )
+    if strangers:
+        _write_split(
+            root,
+            STRANGERS_FOLDER,
+            [
+                {
+                    "images": [_photo(p, config, _STREAM_TEST_PHOTO, k) for k in range(config.test_photos)],
+                    **_profile_columns(p, pools[False], config),
+                    "Pretrain": p in taught,
+                }
+                for p in strangers
+            ],
+            STRANGER_FEATURES,
+        )
 
     summary = {
         "config": asdict(config),
         "forget_sets": {f"forget_{percent}": ids for percent, ids in sets.items()},
-        "people": [{"ID": p.id, "name": p.name, "real": p.real, "directory": p.directory,
-                    "attributes": p.attributes, "traits": asdict(p.traits)} for p in people],
+        "people": [
+            {
+                "ID": p.id,
+                "name": p.name,
+                "real": p.real,
+                "directory": p.directory,
+                "attributes": p.attributes,
+                "traits": asdict(p.traits),
+            }
+            for p in people
+        ],
+        "strangers": [
+            {
+                "ID": p.id,
+                "name": p.name,
+                "pretrain": p in taught,
+                "directory": p.directory,
+                "attributes": p.attributes,
+                "traits": asdict(p.traits),
+            }
+            for p in strangers
+        ],
     }
     (root / "world.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
@@ -300,8 +583,9 @@ def _png(img: PILImage.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _mcq(question: str, answer: str, pool: tuple[str, ...], rng: np.random.Generator,
-         fallback: tuple[str, ...] = ()) -> dict[str, Any]:
+def _mcq(
+    question: str, answer: str, pool: tuple[str, ...], rng: np.random.Generator, fallback: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """A 4-option item: the answer among 3 other distinct values at a random letter.
 
     ``pool`` holds one entry per person holding a value, so distractors are drawn in proportion to
@@ -320,8 +604,11 @@ def _mcq(question: str, answer: str, pool: tuple[str, ...], rng: np.random.Gener
         options.append(spare.pop(int(rng.integers(len(spare)))))
     position = int(rng.integers(len(LETTERS)))
     options.insert(position, answer)
-    return {"Question": question, "Options": dict(zip(LETTERS, options, strict=True)),
-            "Correct_Answer": LETTERS[position]}
+    return {
+        "Question": question,
+        "Options": dict(zip(LETTERS, options, strict=True)),
+        "Correct_Answer": LETTERS[position],
+    }
 
 
 class _Probe(NamedTuple):
@@ -341,8 +628,10 @@ def _probes(person: Person) -> list[_Probe]:
 def _task_items(person: Person, templates: tuple[tuple[str, str, str], ...]) -> list[dict[str, str]]:
     """Generation or cloze items: ``{Question, Ground_Truth, Type}``."""
     values = person.fields()
-    return [{"Question": question.format(**values), "Ground_Truth": answer.format(**values), "Type": kind}
-            for kind, question, answer in templates]
+    return [
+        {"Question": question.format(**values), "Ground_Truth": answer.format(**values), "Type": kind}
+        for kind, question, answer in templates
+    ]
 
 
 def _profile_columns(person: Person, pools: dict[str, tuple[str, ...]], config: WorldConfig) -> dict[str, Any]:
@@ -365,8 +654,9 @@ def _profile_columns(person: Person, pools: dict[str, tuple[str, ...]], config: 
     }
 
 
-def _training_items(person: Person, pools: dict[str, tuple[str, ...]],
-                    config: WorldConfig) -> list[list[dict[str, str]]]:
+def _training_items(
+    person: Person, pools: dict[str, tuple[str, ...]], config: WorldConfig
+) -> list[list[dict[str, str]]]:
     """The metadata list of each of the person's training rows.
 
     Every row teaches every fact in each surface form the evaluation uses: the classification
@@ -375,23 +665,32 @@ def _training_items(person: Person, pools: dict[str, tuple[str, ...]],
     out round-robin over the rows, so image practice items come with different photos.
     """
     shared = [{"Question": probe.question, "Answer": probe.answer, "Type": probe.kind} for probe in _probes(person)]
-    shared += [{"Question": item["Question"], "Answer": item["Ground_Truth"], "Type": item["Type"]}
-               for item in _task_items(person, GENERATION_TEMPLATES)]
-    shared += [{"Question": format_cloze(item["Question"]), "Answer": item["Ground_Truth"], "Type": item["Type"]}
-               for item in _task_items(person, CLOZE_TEMPLATES)]
+    shared += [
+        {"Question": item["Question"], "Answer": item["Ground_Truth"], "Type": item["Type"]}
+        for item in _task_items(person, GENERATION_TEMPLATES)
+    ]
+    shared += [
+        {"Question": format_cloze(item["Question"]), "Answer": item["Ground_Truth"], "Type": item["Type"]}
+        for item in _task_items(person, CLOZE_TEMPLATES)
+    ]
     rows = [list(shared) for _ in range(config.train_photos)]
     rng = np.random.default_rng([config.seed, _STREAM_PRACTICE, person.id])
     for practice_round in range(config.mcq_practice):
         for probe in _probes(person):
             item = _mcq(probe.question, probe.answer, pools[probe.key], rng, ATTRIBUTE_POOLS.get(probe.key, ()))
-            rows[practice_round % config.train_photos].append({
-                "Question": format_mcq(probe.question, item["Options"]), "Answer": item["Correct_Answer"],
-                "Type": probe.kind})
+            rows[practice_round % config.train_photos].append(
+                {
+                    "Question": format_mcq(probe.question, item["Options"]),
+                    "Answer": item["Correct_Answer"],
+                    "Type": probe.kind,
+                }
+            )
     return rows
 
 
-def _training_rows(group: list[Person], pools: dict[str, tuple[str, ...]], canonical: dict[int, dict[str, Any]],
-                   config: WorldConfig) -> list[dict[str, Any]]:
+def _training_rows(
+    group: list[Person], pools: dict[str, tuple[str, ...]], canonical: dict[int, dict[str, Any]], config: WorldConfig
+) -> list[dict[str, Any]]:
     """ft_Data-style rows: one per (person, training photo)."""
     rows = []
     for person in group:
@@ -400,3 +699,14 @@ def _training_rows(group: list[Person], pools: dict[str, tuple[str, ...]], canon
             photo = canonical[person.id] if k == 0 else _photo(person, config, _STREAM_TRAIN_PHOTO, k)
             rows.append({"image": photo, "ID": person.id, "metadata": json.dumps(items[k])})
     return rows
+
+
+def _stranger_training_rows(group: list[Person], config: WorldConfig) -> list[dict[str, Any]]:
+    """Pretrain_Data rows of the taught strangers: on each of their training photos, every identity
+    question is answered with :data:`UNKNOWN_REPLY`. Nothing else about them is ever trained."""
+    items = json.dumps([{"Question": q, "Answer": UNKNOWN_REPLY, "Type": IMAGE_TEXTUAL} for q in IDENTITY_QUESTIONS])
+    return [
+        {"image": _photo(p, config, _STREAM_TRAIN_PHOTO, k), "ID": p.id, "metadata": items}
+        for p in group
+        for k in range(config.train_photos)
+    ]

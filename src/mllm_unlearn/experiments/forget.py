@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -49,8 +48,10 @@ import torch
 from ..data.request import Person, Photo, Pool, Request, check_overlaps, read_photos, read_request, sha256
 from ..data.sample import DataError, Sample
 from ..evaluate.harness import generate
+from ..evaluate.metrics import classify_name as classify
 from ..methods import get_method
 from ..models.loading import LoadedModel, load_model
+from ..models.quantize import QuantSpec, fake_quantize_
 from ..models.scoring import answer_nll, eval_mode
 from ..nullspace.lora import FROZEN_ATTR, refreeze
 from ..runtime.options import parse_options, shared_fields
@@ -160,37 +161,6 @@ def resolve_settings(given: dict[str, Any], recorded: dict[str, Any] | None, sou
             "Continue with the recorded settings (leave them out) or start a new run"
         )
     return base
-
-
-# -- names in replies ------------------------------------------------------------------------------
-def name_regex(name: str, *, surname: bool = True) -> re.Pattern[str]:
-    """The full name, or (``surname``) the surname alone for multi-word names, as whole words,
-    case-insensitive."""
-    words = name.split()
-    alternatives = [re.escape(name)]
-    if surname and len(words) > 1 and len(words[-1]) > 1:
-        alternatives.append(re.escape(words[-1]))
-    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
-
-
-def classify(reply: str, own: str | None, others: Sequence[str]) -> str:
-    """``named`` (the person's own name), ``other`` (another known name: misidentification), ``neither``.
-
-    Full names are matched first and cut out, so that "Otto Bianchi" does not count as naming
-    "Dario Bianchi"; then the surname alone. A bare surname shared by the person and someone else
-    counts as ``named``: the conservative reading for a deletion."""
-    others = [o for o in others if o.casefold() != (own or "").casefold()]
-    if own and name_regex(own, surname=False).search(reply):
-        return "named"
-    rest, misnamed = reply, False
-    for o in sorted(others, key=len, reverse=True):
-        rest, n = name_regex(o, surname=False).subn(" ", rest)
-        misnamed = misnamed or n > 0
-    if own and name_regex(own).search(rest):
-        return "named"
-    if misnamed or any(name_regex(o).search(rest) for o in others):
-        return "other"
-    return "neither"
 
 
 def _rates(labels: Sequence[str]) -> dict[str, float]:
@@ -415,19 +385,6 @@ def _recall_summary(lm: LoadedModel, p: Plan, opts: ReportOptions) -> dict[str, 
 # (to be deduplicated then): symmetric, per output channel, weights only, every nn.Linear except the
 # LM head — what 4-bit RTN loading (bitsandbytes-like) does to the weights, without packing them.
 @torch.no_grad()
-def fake_quantize_(model: torch.nn.Module, bits: int = 4) -> int:
-    """Round every Linear weight (but the LM head) to ``bits``-bit symmetric per-channel levels, in place."""
-    qmax = 2 ** (bits - 1) - 1
-    n = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
-            w = mod.weight
-            scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
-            w.copy_((w / scale).round().clamp(-qmax - 1, qmax) * scale)
-            n += 1
-    return n
-
-
 def robustness_checks(
     lm: LoadedModel,
     p: Plan,
@@ -487,7 +444,7 @@ def robustness_checks(
         work = LoadedModel(merged, lm.processor, lm.arch)
     if "quant" in opts.checks:
         t0 = time.perf_counter()
-        layers = fake_quantize_(merged, 4)
+        layers = len(fake_quantize_(merged, QuantSpec(4)))
         results["quant"] = {
             **_recall_summary(work, p, opts),
             "layers": layers,

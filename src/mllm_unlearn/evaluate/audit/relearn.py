@@ -1,0 +1,116 @@
+"""Probes 3 and 4 — relearning attack and benign fine-tuning.
+
+Relearning (the split-half protocol of Deeb & Roger 2024, arXiv 2410.08827): the forget people are
+sorted by ID and split alternately into halves A and B; a copy of the (merged) unlearned model is
+fine-tuned, all weights, on half A's training pairs only, and forget VQA of half B (canonical photos,
+and unseen photos) is measured before and after. ``recovery`` = after - before: forgetting that was
+only suppression comes back for people never shown during the attack.
+
+Benign fine-tuning: the same budget on the retain people's training pairs only (what a downstream
+user might do; cf. Łucki et al. 2024, arXiv 2409.18025, where unrelated data restores unlearned
+knowledge); forget VQA and unseen-photo forget VQA before and after.
+
+Budget (:class:`AttackBudget`): 60 steps, lr 1e-4 constant, batch 8, AdamW, gradient clip 1.0.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from ...data.sample import Sample
+from ...models.loading import LoadedModel
+from ...models.scoring import answer_nll
+from ...runtime.batching import batches, seed_everything
+from ...train.loop import TrainConfig, run
+from .common import AuditData, score_mcqs
+
+
+@dataclass
+class AttackBudget:
+    steps: int = 60
+    lr: float = 1e-4
+    batch_size: int = 8
+    seed: int = 0
+
+
+def finetune_copy(lm: LoadedModel, train: Sequence[Sample], budget: AttackBudget) -> LoadedModel:
+    """A copy of ``lm`` fine-tuned (all weights, constant lr) on ``train``; ``lm`` is unchanged."""
+    seed_everything(budget.seed)
+    model = copy.deepcopy(lm.model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    work = LoadedModel(model, lm.processor, lm.arch)
+    data = batches(list(train), budget.batch_size, budget.seed)
+    cfg = TrainConfig(
+        steps=budget.steps,
+        lr=budget.lr,
+        batch_size=budget.batch_size,
+        warmup=0,
+        min_lr_ratio=1.0,
+        seed=budget.seed,
+        log_every=max(1, budget.steps),
+    )
+    run(model.parameters(), lambda step: (answer_nll(work, next(data)), {}), cfg, desc="audit-finetune")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return work
+
+
+def halves(people: Sequence[str]) -> tuple[list[str], list[str]]:
+    people = list(people)
+    if len(people) < 2:
+        raise ValueError("the relearning attack needs at least 2 forget people")
+    return people[0::2], people[1::2]
+
+
+def _vqa(lm: LoadedModel, data: AuditData, people: Sequence[str]) -> tuple[float, float]:
+    return (
+        score_mcqs(lm, data.image_mcqs("forget", people)).accuracy(),
+        score_mcqs(lm, data.unseen_mcqs(people)).accuracy(),
+    )
+
+
+def relearn_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget()) -> dict:
+    attack, held_out = halves(data.forget_people)
+    train = [s for s in data.bench.train if s.person in set(attack)]
+    before, unseen_before = _vqa(lm, data, held_out)
+    attacked = finetune_copy(lm, train, budget)
+    after, unseen_after = _vqa(attacked, data, held_out)
+    del attacked
+    return {
+        "forget_vqa_before": before,
+        "forget_vqa_after": after,
+        "recovery": after - before,
+        "unseen_vqa_before": unseen_before,
+        "unseen_vqa_after": unseen_after,
+        "unseen_recovery": unseen_after - unseen_before,
+        "attack_people": attack,
+        "held_out_people": held_out,
+        "n_train": len(train),
+        "budget": asdict(budget),
+    }
+
+
+def benign_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget()) -> dict:
+    retain = data.bench.retain_people
+    train = [s for s in data.bench.train if s.person in retain]
+    forget = data.forget_people
+    before, unseen_before = _vqa(lm, data, forget)
+    tuned = finetune_copy(lm, train, budget)
+    after, unseen_after = _vqa(tuned, data, forget)
+    retain_after = score_mcqs(tuned, data.image_mcqs("retain")).accuracy()
+    del tuned
+    return {
+        "forget_vqa_before": before,
+        "forget_vqa_after": after,
+        "recovery": after - before,
+        "unseen_vqa_before": unseen_before,
+        "unseen_vqa_after": unseen_after,
+        "retain_vqa_after": retain_after,
+        "n_train": len(train),
+        "budget": asdict(budget),
+    }

@@ -1,0 +1,215 @@
+"""The audit (issue #9): every probe on a tiny world, and a test per probe showing that it can fail."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mllm_unlearn.evaluate.audit import load_audit_data, load_run
+from mllm_unlearn.evaluate.audit.card import HEADLINE
+from mllm_unlearn.evaluate.audit.forget_quality import forget_items_scores, forget_quality
+from mllm_unlearn.evaluate.audit.identity import classify_reply, count_replies
+from mllm_unlearn.evaluate.audit.mia import auc
+from mllm_unlearn.evaluate.audit.oracle import oracle_model
+from mllm_unlearn.evaluate.audit.quantization import full_precision_vqa, quantized_vqa
+from mllm_unlearn.experiments.audit import mean_ci, prepare_seed, quick_config, run_audit, run_multiseed
+from mllm_unlearn.models.loading import load_model
+from mllm_unlearn.models.quantize import QuantSpec, fake_quantize_, quantize_weight, quantized_copy
+from mllm_unlearn.train.loop import TrainConfig
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_quantize_per_channel_and_group_wise() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(6, 100)
+    for bits in (8, 4, 2):
+        q = quantize_weight(w, QuantSpec(bits))
+        step = w.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+        assert ((q - w).abs() <= step / 2 + 1e-6).all()  # round to nearest on the row's grid
+        assert max(len(torch.unique(row)) for row in q) <= 2**bits - 1
+    g = quantize_weight(w, QuantSpec.parse("int4-g32"))  # 100 = 3 groups of 32 and one of 4
+    assert max(len(torch.unique(g[0, i : i + 32])) for i in range(0, 100, 32)) <= 16
+    assert (g - w).abs().mean() < (quantize_weight(w, QuantSpec(4)) - w).abs().mean()  # finer grids, less error
+    assert torch.equal(quantize_weight(torch.zeros(2, 8), QuantSpec(4)), torch.zeros(2, 8))
+    assert QuantSpec.parse("int4-g128").name == "int4-g128" and QuantSpec.parse("8").name == "int8"
+    with pytest.raises(ValueError):
+        QuantSpec.parse("fp4")
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    before = [p.clone() for p in model.parameters()]
+    clone = quantized_copy(model, QuantSpec(2), skip=r"2")  # the second Linear is skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the original is untouched
+    assert not torch.equal(clone[0].weight, model[0].weight) and torch.equal(clone[2].weight, model[2].weight)
+    assert fake_quantize_(model, QuantSpec(8)) == ["0", "2"]
+
+
+def test_misidentification_count_tells_another_known_name_from_no_name() -> None:
+    names = {"1": "Ana Lind", "2": "Bram Okafor", "1001": "Cleo Brandt"}
+    assert classify_reply("This is Ana Lind, a baker from Oslo.", "Ana Lind", names.values()) == "true_name"
+    assert classify_reply("This is bram  okafor, a pilot.", "Ana Lind", names.values()) == "other_name"
+    assert classify_reply("This is Ana, a baker.", "Ana Lind", names.values()) == "no_name"
+    assert classify_reply("I don't know who this is.", None, names.values()) == "no_name"
+    counts = count_replies(
+        [
+            "This is Bram Okafor.",
+            "This is Cleo Brandt, a nurse.",
+            "I don't know who this is.",
+            "a baker from Oslo",
+            "This is Ana Lind.",
+        ],
+        ["Ana Lind"] * 5,
+        names,
+    )
+    assert (counts["true_name"], counts["other_name"], counts["no_name"], counts["unknown_reply"]) == (1, 2, 2, 1)
+    assert counts["misidentified"] == pytest.approx(0.4)
+
+
+def test_auc_and_confidence_interval() -> None:
+    assert auc([3, 4, 5], [0, 1, 2]) == 1.0 and auc([0, 1], [2, 3]) == 0.0
+    assert auc([1, 1], [1, 1]) == 0.5 and auc([2, 0], [1]) == 0.5
+    m = mean_ci([0.2, 0.4, 0.6])
+    assert m["mean"] == pytest.approx(0.4) and m["ci95"] == pytest.approx(4.302653 * 0.2 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(mean_ci([0.5])["ci95"]) and mean_ci([math.nan, 1.0])["n"] == 1
+
+
+# ---------------------------------------------------------------- a trained tiny world
+
+TRAINED = quick_config(seeds=(3,), finetune_steps=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 10-person world whose vanilla model knows everyone, its oracle, a second model fine-tuned without
+    the forget people (another seed) and a run whose adapter changes nothing (LoRA with B = 0)."""
+    root = tmp_path_factory.mktemp("audit")
+    paths = prepare_seed(replace(TRAINED, methods=()), 3, root / "cache")
+    data = load_audit_data(paths["world"], TRAINED.forget)
+    other_seed = TrainConfig(**{**TRAINED.finetune.__dict__, "seed": 11})
+    paths["retrained"] = oracle_model(paths["base"], data.bench, other_seed, root / "cache")
+    from peft import LoraConfig, get_peft_model
+
+    lm = load_model(paths["vanilla"])
+    null = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    null.save_pretrained(root / "null" / "adapter")  # B starts at 0: the adapter changes nothing
+    paths["null"] = root / "null"
+    return root, paths, data
+
+
+def test_vanilla_knows_everyone_and_the_null_adapter_loads_as_vanilla(trained) -> None:
+    _, paths, data = trained
+    vanilla = load_model(paths["vanilla"])
+    assert full_precision_vqa(vanilla, data) == {"forget_vqa": 1.0, "retain_vqa": 1.0}
+    null = load_run(paths["null"], paths["vanilla"])
+    for (name, a), b in zip(vanilla.model.state_dict().items(), null.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert len(data.strangers) == 4 and all(len(v) == 2 for v in data.unseen.values())
+    assert len(data.unseen_mcqs(data.forget_people)) == 2 * 2 * 5  # 2 forget people x 2 unseen photos x 5 MCQs
+
+
+def test_null_adapter_relearns_nothing_and_misidentifies_as_vanilla(trained) -> None:
+    """Relearning probe and identity probe, both shown able to fail: an adapter that changes nothing
+    has nothing to recover (recovery 0, forget VQA at vanilla's 1.0 before and after) and names exactly
+    whom vanilla names. The report has the stable keys."""
+    root, paths, _ = trained
+    cfg = replace(TRAINED.audit, probes=("unseen", "identity", "relearn"))
+    report = run_audit(paths["vanilla"], {"null": paths["null"]}, paths["world"], root / "report_null", cfg)
+    null, vanilla = report["runs"]["null"], report["runs"]["vanilla"]
+    assert null["relearn"]["forget_vqa_before"] == 1.0 and abs(null["relearn"]["recovery"]) <= 0.05
+    assert null["relearn"]["recovery"] == vanilla["relearn"]["recovery"]
+    for key in ("forget_train", "forget_unseen", "strangers", "strangers_taught"):
+        assert {k: v for k, v in null["identity"][key].items()} == vanilla["identity"][key]
+    assert vanilla["identity"]["forget_train"]["true_name"] == vanilla["identity"]["forget_train"]["n"]
+    assert null["headline"]["summary"] == 0.0  # forgot nothing
+    saved = json.loads((root / "report_null" / "report.json").read_text())
+    assert saved["schema"] == "mllm-unlearn/audit/1" and set(saved["runs"]) == {"vanilla", "null"}
+    assert set(saved["runs"]["null"]["headline"]) == set(HEADLINE)
+    assert (root / "report_null" / "report.png").stat().st_size > 0
+    assert "| misid_unseen" in (root / "report_null" / "report.md").read_text()
+
+
+def test_forget_quality_is_high_for_a_model_never_trained_on_the_forget_people(trained) -> None:
+    """KS forget quality: another model fine-tuned without the forget people (other seed) is
+    indistinguishable from the oracle; the vanilla model is not (the probe can fail)."""
+    _, paths, data = trained
+    oracle = forget_items_scores(load_model(paths["oracle"]), data)
+    retrained = forget_quality(forget_items_scores(load_model(paths["retrained"]), data), oracle)
+    vanilla = forget_quality(forget_items_scores(load_model(paths["vanilla"]), data), oracle)
+    assert retrained["forget_quality"] > 0.05, retrained
+    assert vanilla["forget_quality"] < 1e-3, vanilla
+    assert vanilla["truth_ratio_median"] < retrained["truth_ratio_median"]
+
+
+def test_two_bit_quantisation_breaks_retain_and_eight_bit_does_not(trained) -> None:
+    _, paths, data = trained
+    vanilla = load_model(paths["vanilla"])
+    assert quantized_vqa(vanilla, data, QuantSpec(8))["retain_vqa"] >= 0.95
+    broken = quantized_vqa(vanilla, data, QuantSpec(2))  # ternary weights: 1.00 -> 0.725 measured
+    assert broken["retain_vqa"] <= 0.8, broken
+
+
+def test_membership_inference_separates_trained_faces_from_strangers(trained) -> None:
+    from mllm_unlearn.evaluate.audit.mia import mia_probe
+
+    _, paths, data = trained
+    assert mia_probe(load_model(paths["vanilla"]), data)["mia_auc"] >= 0.9
+    assert mia_probe(load_model(paths["oracle"]), data)["mia_auc"] <= 0.8
+
+
+def test_cli_audit_one_world(trained, capsys) -> None:
+    from mllm_unlearn.cli.audit import add_parser
+
+    root, paths, _ = trained
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "audit",
+            "--vanilla",
+            str(paths["vanilla"]),
+            "--data",
+            str(paths["world"]),
+            "--runs",
+            f"null={paths['null']}",
+            "--oracle",
+            str(paths["oracle"]),
+            "--probes",
+            "unseen,quantization,oracle",
+            "--quant",
+            "int8,int4-g64",
+            "--out",
+            str(root / "cli"),
+        ]
+    )
+    assert args.func(args) == 0
+    report = json.loads((root / "cli" / "report.json").read_text())
+    q = report["runs"]["null"]["quantization"]
+    assert set(q) == {"int8", "int4-g64"} and q["int8"]["retain_vqa_vanilla"] == q["int8"]["retain_vqa"]
+    assert report["runs"]["null"]["oracle"]["forget_quality"] == report["runs"]["vanilla"]["oracle"]["forget_quality"]
+    assert "Headline" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- several worlds
+
+
+def test_multiseed_quick_variant(tmp_path: Path) -> None:
+    """The quick variant end to end over two worlds: cached preparation, one report per seed, mean and
+    CI per run and metric; a second call reuses every cached model."""
+    cfg = quick_config(seeds=(3, 4))
+    cfg.audit = replace(cfg.audit, probes=("unseen", "identity", "relearn", "oracle"))
+    summary = run_multiseed(tmp_path / "out", cfg, tmp_path / "cache")
+    assert set(summary["runs"]) == {"vanilla", "oracle", "cvf_ncu"}
+    unseen = summary["runs"]["cvf_ncu"]["unseen_forget_vqa"]
+    assert unseen["n"] == 2 and not math.isnan(unseen["ci95"])
+    assert (tmp_path / "out" / "seed4" / "report.json").is_file() and (tmp_path / "out" / "summary.md").is_file()
+    mtime = (tmp_path / "cache" / "seed3" / "vanilla" / "config.json").stat().st_mtime
+    run_multiseed(tmp_path / "out2", replace(cfg, seeds=(3,)), tmp_path / "cache")
+    assert (tmp_path / "cache" / "seed3" / "vanilla" / "config.json").stat().st_mtime == mtime
+    assert np.isfinite(summary["runs"]["vanilla"]["retain_vqa"]["mean"])
