@@ -150,3 +150,11 @@ def test_every_command_scores_umu_bench_with_the_umu_protocol(setup, tmp_path, m
     assert [c.mcq_mode for c in seen] == ["likelihood", "likelihood", "generate"]
     assert (seen[0].batch_size, seen[0].max_new_tokens) == (32, 50)  # --batch-size is unlearn's training batch
     assert (seen[2].batch_size, seen[2].max_new_tokens) == (4, 7)
+
+
+def test_audit_and_forget_are_sub_commands_that_report_bad_input(tmp_path, capsys):
+    """Both commands are wired into the main parser and end bad input with exit 2 and one message."""
+    assert main(["audit", "--out", str(tmp_path / "a")]) == 2
+    assert "give --vanilla and --data" in capsys.readouterr().err
+    assert main(["forget", "--request", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "f")]) == 2
+    assert "--model is required" in capsys.readouterr().err

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
-
-_THREADS_ENV = "MLLM_UNLEARN_THREADS"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -71,8 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sp.add_argument("--unseen-photos", type=int, default=None, help="at most this many unseen photos per person")
     sp.add_argument("--max-new-tokens", type=int, default=24)
     sp.add_argument("--seed", type=int, default=0, help="seed of the relearning / benign fine-tunes")
-    sp.add_argument("--threads", type=int, default=None)
-    sp.set_defaults(func=cmd_audit)
+    sp.set_defaults(fn=cmd_audit)
     return sp
 
 
@@ -97,17 +93,12 @@ def _runs(items: list[str]) -> dict[str, str]:
     for item in items:
         name, _, path = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
         if name in runs or name in ("vanilla", "oracle"):
-            raise SystemExit(f"audit: run name {name!r} is used twice (or is 'vanilla' / 'oracle'); write NAME=PATH")
+            raise ValueError(f"run name {name!r} is used twice (or is 'vanilla' / 'oracle'); write NAME=PATH")
         runs[name] = path
     return runs
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(int(args.threads or os.environ.get(_THREADS_ENV, 1)))
-    hf_logging.set_verbosity_error()
     cache = Path(args.cache) if args.cache else Path(args.out).resolve().parent / ".audit_cache"
     if args.seeds:
         from ..experiments.audit import MultiSeedConfig, quick_config, run_multiseed, summary_markdown
@@ -126,7 +117,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(summary_markdown(summary["runs"], list(seeds)))
         return 0
     if not (args.vanilla and args.data):
-        raise SystemExit("audit: give --vanilla and --data (one world), or --seeds (several synthetic worlds)")
+        raise ValueError("give --vanilla and --data (one world), or --seeds (several synthetic worlds)")
     from ..experiments.audit import run_audit
 
     cfg = _audit_config(args)
