@@ -80,7 +80,9 @@ def _audit_config(args: argparse.Namespace, base=None):
     cfg = base or AuditConfig()
     changes = {"forget": args.forget, "max_new_tokens": args.max_new_tokens, "unseen_photos": args.unseen_photos}
     if base is None or args.relearn_steps != 60 or args.relearn_lr != 1e-4 or args.relearn_batch_size != 8:
-        changes["budget"] = AttackBudget(args.relearn_steps, args.relearn_lr, args.relearn_batch_size, args.seed)
+        changes["budget"] = AttackBudget(
+            steps=args.relearn_steps, lr=args.relearn_lr, batch_size=args.relearn_batch_size, seed=args.seed
+        )
     if args.probes:
         changes["probes"] = tuple(p.strip() for p in args.probes.split(",") if p.strip())
     if args.quant:

@@ -20,52 +20,24 @@ from PIL import Image, ImageDraw
 
 RGB = tuple[int, int, int]
 
-BACKGROUNDS: dict[str, RGB] = {
-    "sky": (140, 190, 240),
-    "mint": (160, 230, 180),
-    "lilac": (200, 170, 235),
-    "slate": (100, 110, 130),
-    "rose": (240, 150, 180),
-    "teal": (50, 160, 160),
-    "olive": (150, 160, 60),
-    "indigo": (70, 60, 150),
-}
+# Palettes: one entry per trait value, kept compact.
+# fmt: off
+BACKGROUNDS: dict[str, RGB] = {"sky": (140, 190, 240), "mint": (160, 230, 180), "lilac": (200, 170, 235),
+                               "slate": (100, 110, 130), "rose": (240, 150, 180), "teal": (50, 160, 160),
+                               "olive": (150, 160, 60), "indigo": (70, 60, 150)}
 FACE_SHAPES = ("circle", "tall_oval", "square", "diamond", "pear", "triangle")
-SKINS: dict[str, RGB] = {
-    "porcelain": (255, 226, 200),
-    "sand": (236, 192, 145),
-    "honey": (214, 160, 95),
-    "bronze": (176, 114, 58),
-    "umber": (128, 78, 40),
-    "ebony": (80, 50, 30),
-}
+SKINS: dict[str, RGB] = {"porcelain": (255, 226, 200), "sand": (236, 192, 145), "honey": (214, 160, 95),
+                         "bronze": (176, 114, 58), "umber": (128, 78, 40), "ebony": (80, 50, 30)}
 HAIR_STYLES = ("short", "spiky", "long", "bun", "mohawk", "curly")
-HAIR_COLOURS: dict[str, RGB] = {
-    "black": (25, 25, 25),
-    "brown": (105, 65, 35),
-    "blonde": (240, 210, 100),
-    "red": (190, 55, 25),
-    "white": (240, 240, 240),
-    "blue": (40, 80, 210),
-}
-EYE_COLOURS: dict[str, RGB] = {
-    "brown": (90, 50, 20),
-    "blue": (30, 110, 230),
-    "green": (30, 160, 60),
-    "grey": (130, 130, 130),
-    "violet": (150, 40, 190),
-}
+HAIR_COLOURS: dict[str, RGB] = {"black": (25, 25, 25), "brown": (105, 65, 35), "blonde": (240, 210, 100),
+                                "red": (190, 55, 25), "white": (240, 240, 240), "blue": (40, 80, 210)}
+EYE_COLOURS: dict[str, RGB] = {"brown": (90, 50, 20), "blue": (30, 110, 230), "green": (30, 160, 60),
+                               "grey": (130, 130, 130), "violet": (150, 40, 190)}
 ACCESSORIES = ("none", "glasses", "earrings", "bow_tie", "headband", "necklace")
-SHIRT_COLOURS: dict[str, RGB] = {
-    "red": (210, 30, 40),
-    "orange": (245, 130, 20),
-    "yellow": (245, 220, 30),
-    "green": (40, 150, 50),
-    "blue": (30, 60, 200),
-    "purple": (120, 40, 150),
-    "black": (20, 20, 20),
-    "white": (245, 245, 245),
-}
+SHIRT_COLOURS: dict[str, RGB] = {"red": (210, 30, 40), "orange": (245, 130, 20), "yellow": (245, 220, 30),
+                                 "green": (40, 150, 50), "blue": (30, 60, 200), "purple": (120, 40, 150),
+                                 "black": (20, 20, 20), "white": (245, 245, 245)}
+# fmt: on
 SHIRT_PATTERNS = ("plain", "stripes", "dots", "v_neck")
 
 _ACCESSORY_COLOURS: dict[str, RGB] = {

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,14 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _detail(title: str, header: Sequence[str], rows: list[tuple]) -> list[str]:
+    """A titled Markdown table (nothing when there are no rows)."""
+    if not rows:
+        return []
+    head = ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return head + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
 def markdown_report(report: dict) -> str:
     runs = report["runs"]
     lines = [
@@ -246,38 +255,26 @@ def markdown_report(report: dict) -> str:
         lines.append(
             f"| {k} ({HEADLINE[k]}) | " + " | ".join(_fmt(c["headline"].get(k, math.nan)) for c in runs.values()) + " |"
         )
-    idents = {n: c["identity"] for n, c in runs.items() if "identity" in c}
-    if idents:
-        lines += [
-            "",
-            "## Identity replies (true name / another known name / no name; 'don't know' among no name)",
-            "",
-            "| run | set | n | true_name | other_name | no_name | unknown_reply | example |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, ident in idents.items():
-            for key, row in ident.items():
-                example = (row["examples"] or [""])[0].replace("|", "/")
-                lines.append(
-                    f"| {name} | {key} | {row['n']} | {row['true_name']} | {row['other_name']} | "
-                    f"{row['no_name']} | {row['unknown_reply']} | {example} |"
-                )
-    quants = {n: c["quantization"] for n, c in runs.items() if "quantization" in c}
-    if quants:
-        lines += [
-            "",
-            "## Quantisation (forget VQA / retain ratio; vanilla under the same quantisation)",
-            "",
-            "| run | spec | forget VQA | retain VQA | retain ratio | vanilla forget | vanilla ratio |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name, q in quants.items():
-            for spec, row in q.items():
-                lines.append(
-                    f"| {name} | {spec} | {_fmt(row['forget_vqa'])} | {_fmt(row['retain_vqa'])} | "
-                    f"{_fmt(row['retain_ratio'])} | {_fmt(row.get('forget_vqa_vanilla', math.nan))} | "
-                    f"{_fmt(row.get('retain_ratio_vanilla', math.nan))} |"
-                )
+    ident_cols = ("n", "true_name", "other_name", "no_name", "unknown_reply")
+    lines += _detail(
+        "Identity replies (true name / another known name / no name; 'don't know' among no name)",
+        ("run", "set", *ident_cols, "example"),
+        [
+            (name, key, *(row[c] for c in ident_cols), (row["examples"] or [""])[0].replace("|", "/"))
+            for name, c in runs.items()
+            for key, row in c.get("identity", {}).items()
+        ],
+    )
+    quant_cols = ("forget_vqa", "retain_vqa", "retain_ratio", "forget_vqa_vanilla", "retain_ratio_vanilla")
+    lines += _detail(
+        "Quantisation (forget VQA / retain ratio; vanilla under the same quantisation)",
+        ("run", "spec", *quant_cols),
+        [
+            (name, spec, *(row.get(c, math.nan) for c in quant_cols))
+            for name, c in runs.items()
+            for spec, row in c.get("quantization", {}).items()
+        ],
+    )
     if report.get("references", {}).get("oracle"):
         o = report["references"]["oracle"]
         lines += [

@@ -10,14 +10,15 @@ Benign fine-tuning: the same budget on the retain people's training pairs only (
 user might do; cf. Łucki et al. 2024, arXiv 2409.18025, where unrelated data restores unlearned
 knowledge); forget VQA and unseen-photo forget VQA before and after.
 
-Budget (:class:`AttackBudget`): 60 steps, lr 1e-4 constant, batch 8, AdamW, gradient clip 1.0.
+Budget (:class:`AttackBudget`, a :class:`~mllm_unlearn.train.loop.TrainConfig`): 60 steps, lr 1e-4
+constant, batch 8, AdamW, gradient clip 1.0.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ...data.sample import Sample
 from ...models.loading import LoadedModel
@@ -28,11 +29,14 @@ from .common import AuditData, score_mcqs
 
 
 @dataclass
-class AttackBudget:
+class AttackBudget(TrainConfig):
+    """The attack's fine-tune: all weights, AdamW, constant learning rate (no warm-up, no decay)."""
+
     steps: int = 60
     lr: float = 1e-4
     batch_size: int = 8
-    seed: int = 0
+    warmup: int = 0
+    min_lr_ratio: float = 1.0
 
 
 def finetune_copy(lm: LoadedModel, train: Sequence[Sample], budget: AttackBudget) -> LoadedModel:
@@ -44,15 +48,7 @@ def finetune_copy(lm: LoadedModel, train: Sequence[Sample], budget: AttackBudget
     model.train()
     work = LoadedModel(model, lm.processor, lm.arch)
     data = batches(list(train), budget.batch_size, budget.seed)
-    cfg = TrainConfig(
-        steps=budget.steps,
-        lr=budget.lr,
-        batch_size=budget.batch_size,
-        warmup=0,
-        min_lr_ratio=1.0,
-        seed=budget.seed,
-        log_every=max(1, budget.steps),
-    )
+    cfg = replace(budget, log_every=max(1, budget.steps))
     run(model.parameters(), lambda step: (answer_nll(work, next(data)), {}), cfg, desc="audit-finetune")
     model.eval()
     for p in model.parameters():
@@ -74,34 +70,12 @@ def _vqa(lm: LoadedModel, data: AuditData, people: Sequence[str]) -> tuple[float
     )
 
 
-def relearn_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget()) -> dict:
-    attack, held_out = halves(data.forget_people)
-    train = [s for s in data.bench.train if s.person in set(attack)]
-    before, unseen_before = _vqa(lm, data, held_out)
-    attacked = finetune_copy(lm, train, budget)
-    after, unseen_after = _vqa(attacked, data, held_out)
-    del attacked
-    return {
-        "forget_vqa_before": before,
-        "forget_vqa_after": after,
-        "recovery": after - before,
-        "unseen_vqa_before": unseen_before,
-        "unseen_vqa_after": unseen_after,
-        "unseen_recovery": unseen_after - unseen_before,
-        "attack_people": attack,
-        "held_out_people": held_out,
-        "n_train": len(train),
-        "budget": asdict(budget),
-    }
-
-
-def benign_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget()) -> dict:
-    retain = data.bench.retain_people
-    train = [s for s in data.bench.train if s.person in retain]
-    forget = data.forget_people
-    before, unseen_before = _vqa(lm, data, forget)
+def _attack(lm: LoadedModel, data: AuditData, train: Sequence[Sample], people: Sequence[str], budget) -> dict:
+    """Forget VQA of ``people`` (canonical and unseen photos) before and after fine-tuning a copy on
+    ``train``; the retain VQA of the fine-tuned copy."""
+    before, unseen_before = _vqa(lm, data, people)
     tuned = finetune_copy(lm, train, budget)
-    after, unseen_after = _vqa(tuned, data, forget)
+    after, unseen_after = _vqa(tuned, data, people)
     retain_after = score_mcqs(tuned, data.image_mcqs("retain")).accuracy()
     del tuned
     return {
@@ -110,7 +84,20 @@ def benign_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = Attack
         "recovery": after - before,
         "unseen_vqa_before": unseen_before,
         "unseen_vqa_after": unseen_after,
+        "unseen_recovery": unseen_after - unseen_before,
         "retain_vqa_after": retain_after,
         "n_train": len(train),
         "budget": asdict(budget),
     }
+
+
+def relearn_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget()) -> dict:
+    attack, held_out = halves(data.forget_people)
+    train = [s for s in data.bench.train if s.person in set(attack)]
+    return {**_attack(lm, data, train, held_out, budget), "attack_people": attack, "held_out_people": held_out}
+
+
+def benign_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget()) -> dict:
+    retain = data.bench.retain_people
+    train = [s for s in data.bench.train if s.person in retain]
+    return _attack(lm, data, train, data.forget_people, budget)
