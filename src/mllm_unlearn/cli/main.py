@@ -205,6 +205,8 @@ def cmd_demo(args):
 
     check_writable(args.out)
     cfg = DemoConfig(seed=args.seed, forget=args.forget)
+    if args.no_audit:
+        cfg.audit = None
     if args.methods == "all":
         from ..methods import available_methods
 
@@ -376,6 +378,7 @@ def _add_demo(sub) -> None:
         default=None,
         help="comma-separated rows, 'all' for every registered method (default: vanilla,cvf_ncu)",
     )
+    sp.add_argument("--no-audit", action="store_true", help="skip the audit of the unlearned runs (and the oracle)")
     sp.set_defaults(fn=cmd_demo)
 
 
