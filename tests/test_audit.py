@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mllm_unlearn.evaluate.audit import load_audit_data, load_run
-from mllm_unlearn.evaluate.audit.card import HEADLINE
+from mllm_unlearn.evaluate.audit.card import HEADLINE, References, summary_score
 from mllm_unlearn.evaluate.audit.forget_quality import forget_items_scores, forget_quality
 from mllm_unlearn.evaluate.audit.identity import classify_reply, count_replies
 from mllm_unlearn.evaluate.audit.mia import auc
@@ -213,3 +213,17 @@ def test_multiseed_quick_variant(tmp_path: Path) -> None:
     run_multiseed(tmp_path / "out2", replace(cfg, seeds=(3,)), tmp_path / "cache")
     assert (tmp_path / "cache" / "seed3" / "vanilla" / "config.json").stat().st_mtime == mtime
     assert np.isfinite(summary["runs"]["vanilla"]["retain_vqa"]["mean"])
+
+
+def test_summary_score_pays_for_lost_text_knowledge() -> None:
+    """F on unseen photos (oracle-scaled), R = the weakest kept ratio (retain / real VQA, text QA)."""
+    refs = References()
+    refs.vanilla = {"unseen_forget_vqa": 0.9, "retain_vqa": 1.0, "real_vqa": 1.0, "forget_qa": 1.0, "retain_qa": 1.0}
+    refs.oracle = {"unseen_forget_vqa": 0.2}
+    kept = {"retain_vqa": 1.0, "real_vqa": 1.0, "forget_qa": 1.0, "retain_qa": 1.0}
+    assert summary_score({"unseen_forget_vqa": 0.2, **kept}, refs) == pytest.approx(1.0)
+    # same forgetting, but half of the forget people's text-only answers lost: R = 0.5, 2FR/(F+R) = 2/3
+    assert summary_score({"unseen_forget_vqa": 0.2, **kept, "forget_qa": 0.5}, refs) == pytest.approx(2 / 3)
+    # half the gap closed, everything kept: F = 0.5
+    assert summary_score({"unseen_forget_vqa": 0.55, **kept}, refs) == pytest.approx(2 / 3)
+    assert summary_score({"unseen_forget_vqa": 0.9, **kept}, refs) == 0.0

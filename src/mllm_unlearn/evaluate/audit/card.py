@@ -11,7 +11,10 @@ Summary score (``headline.summary``): the harmonic mean of
 * forgetting ``F = clip((V - M) / (V - O), 0, 1)`` on unseen-photo forget VQA, where ``V``, ``M``, ``O``
   are the vanilla model's, this model's and the oracle's (chance, 0.25, without an oracle): the share
   of the vanilla-to-oracle gap closed on photos never used for unlearning;
-* retention ``R = clip(M_retain / V_retain, 0, 1)`` on retain VQA.
+* retention ``R = min_k clip(M_k / V_k, 0, 1)`` over retain VQA, real-world VQA, and the text-only
+  QA of the forget and the retain people: the weakest of what must be kept. "Forgotten" means the
+  face, not the text knowledge (the forget people's text-only QA must stay) nor anyone else, so a
+  method that forgets the face by damaging text knowledge or other people pays for it here.
 
 It is 1 for a model that forgets as far as the oracle on unseen photos while keeping every retain
 answer, 0 when either part is 0 (a model that changes nothing scores F = 0, hence 0).
@@ -71,8 +74,13 @@ class References:
 
 
 def reference_metrics(lm: LoadedModel, data: AuditData) -> dict[str, float]:
-    """Forget / retain / real-world VQA on the canonical photos (option likelihood)."""
-    return {f"{split}_vqa": score_mcqs(lm, data.image_mcqs(split)).accuracy() for split in ("forget", "retain", "real")}
+    """Forget / retain / real-world VQA on the canonical photos, and the forget and retain people's
+    text-only QA (option likelihood)."""
+    vqa = {f"{split}_vqa": score_mcqs(lm, data.image_mcqs(split)).accuracy() for split in ("forget", "retain", "real")}
+    qa = {
+        f"{split}_qa": score_mcqs(lm, data.bench.items(split, "mcq", "qa")).accuracy() for split in ("forget", "retain")
+    }
+    return {**vqa, **qa}
 
 
 def prepare_references(
@@ -135,6 +143,8 @@ HEADLINE = {
     "unseen_forget_vqa": "forget VQA on unseen photos ↓",
     "retain_vqa": "retain VQA ↑",
     "real_vqa": "real-world VQA ↑",
+    "forget_qa": "forget people's text-only QA (what is known by name stays) ↑",
+    "retain_qa": "retain people's text-only QA ↑",
     "unseen_retain_vqa": "retain VQA on unseen photos ↑",
     "misid_train": "share of forget training photos named as another known person ↓",
     "misid_unseen": "share of forget unseen photos named as another known person ↓",
@@ -170,6 +180,8 @@ def headline(card: dict, refs: References) -> dict[str, float]:
         "unseen_forget_vqa": _get(card, "unseen", "forget_vqa"),
         "retain_vqa": _get(card, "reference", "retain_vqa"),
         "real_vqa": _get(card, "reference", "real_vqa"),
+        "forget_qa": _get(card, "reference", "forget_qa"),
+        "retain_qa": _get(card, "reference", "retain_qa"),
         "unseen_retain_vqa": _get(card, "unseen", "retain_vqa"),
         "misid_train": _get(ident, "forget_train", "misidentified"),
         "misid_unseen": _get(ident, "forget_unseen", "misidentified"),
@@ -199,12 +211,16 @@ def summary_score(h: dict[str, float], refs: References) -> float:
     v_u = refs.vanilla.get("unseen_forget_vqa", math.nan)
     o_u = refs.oracle.get("unseen_forget_vqa", CHANCE)
     m_u = h.get("unseen_forget_vqa", math.nan)
-    v_r, m_r = refs.vanilla.get("retain_vqa", math.nan), h.get("retain_vqa", math.nan)
+    kept = [
+        (refs.vanilla.get(k, math.nan), h.get(k, math.nan))
+        for k in ("retain_vqa", "real_vqa", "forget_qa", "retain_qa")
+    ]
+    kept = [(v, m) for v, m in kept if not (math.isnan(v) or math.isnan(m)) and v > 0]
     gap = v_u - o_u
-    if any(math.isnan(x) for x in (v_u, m_u, v_r, m_r)) or gap <= 0 or v_r <= 0:
+    if math.isnan(v_u) or math.isnan(m_u) or gap <= 0 or not kept:
         return math.nan
     forgetting = min(1.0, max(0.0, (v_u - m_u) / gap))
-    retention = min(1.0, max(0.0, m_r / v_r))
+    retention = min(min(1.0, max(0.0, m / v)) for v, m in kept)
     return 0.0 if forgetting + retention == 0 else 2 * forgetting * retention / (forgetting + retention)
 
 
