@@ -135,13 +135,16 @@ def prepare_seed(cfg: MultiSeedConfig, seed: int, cache: Path) -> dict[str, Path
         run_cfg = UnlearnConfig(
             **{**asdict(cfg.unlearn), "method": method, "seed": seed, "cache_dir": str(cache / "ncu_cache")}
         )
-        key = json.dumps(asdict(run_cfg), sort_keys=True)
+        method_cls = get_method(method)
+        # the key holds the method's resolved options too: a changed default retrains the run
+        method_cfg = method_cls().cfg
+        options = asdict(method_cfg) if hasattr(method_cfg, "__dataclass_fields__") else {}
+        key = json.dumps({**asdict(run_cfg), "method_config": options}, sort_keys=True, default=str)
         run_dir = cache / "runs" / method
         if run_dir.exists() and json.loads((run_dir / "run.json").read_text()).get("audit_key") != key:
             shutil.rmtree(run_dir)
         if not run_dir.exists():
             lm, history = unlearn(load_model(vanilla), data, run_cfg)
-            method_cls = get_method(method)
             save_run(lm, run_dir, run_record(run_cfg, method_cls(), history, audit_key=key), merge=True)
         paths[method] = run_dir
     return paths
