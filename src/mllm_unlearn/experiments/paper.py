@@ -754,15 +754,19 @@ def run_paper(
     experiments = tuple(dict.fromkeys(experiments))
     jobs = plan(cfg, experiments)
     config_record = _jsonable({"schema": SCHEMA, "config": asdict(cfg), "experiments": list(experiments)})
+    # refuse changed settings before any work (and before a finished DIR is reopened), for every job
+    # whose settings are known now: all but those that take the search's result
+    existing = _work_dir(out) if _work_dir(out).exists() else out
+    if (existing / "jobs").is_dir():
+        old = JobStore(existing)
+        preselect = cfg.given_selection
+        for j in jobs:
+            if not j.selected or preselect is not None:
+                old.get(j, job_settings(cfg, j, preselect))
     work = _open_work(out, config_record)
     store = JobStore(work)
     ctx = _Context(cfg, work)
     timings = {"ran": 0, "skipped": 0, "job_s": {}}
-    # refuse changed settings before any work, for every job whose settings are known now
-    preselect = cfg.given_selection if cfg.real is not None or cfg.given_selection is not None else None
-    known_now = [j for j in jobs if not j.selected or preselect is not None]
-    for j in known_now:
-        store.get(j, job_settings(cfg, j, preselect))
 
     bar = tqdm(total=len(jobs), desc="paper", dynamic_ncols=True, disable=not progress, position=0)
     done: set[str] = set()
