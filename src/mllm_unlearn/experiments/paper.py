@@ -712,6 +712,17 @@ def search(cfg: PaperConfig, run_one: Callable[[Job], dict[str, Any]]) -> dict[s
 # -- the whole plan ----------------------------------------------------------------------------------
 
 
+def _release() -> None:
+    """Free the last job's model before the next loads its own (a 7B model on a GPU)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _work_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
@@ -778,6 +789,7 @@ def run_paper(
             bar.set_postfix_str(job.name)
             t0 = time.perf_counter()
             rec = store.put(job, settings, execute(ctx, job, selection), time.perf_counter() - t0)
+            _release()
             timings["ran"] += 1
             timings["job_s"][job.name] = rec["wall_s"]
         elif job.name not in done:
