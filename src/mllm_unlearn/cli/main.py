@@ -385,6 +385,7 @@ def _add_demo(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .audit import add_parser as add_audit_parser
     from .forget import add_parser as add_forget_parser
+    from .paper import add_parser as add_paper_parser
 
     p = argparse.ArgumentParser(prog="mllm-unlearn", description=__doc__)
     p.add_argument("--threads", type=int, default=None, help=f"torch threads (default: ${_THREADS_ENV} or 1)")
@@ -399,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_demo,
         add_forget_parser,
         add_audit_parser,
+        add_paper_parser,
     ):
         add(sub)
     return p
