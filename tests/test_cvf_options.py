@@ -133,3 +133,34 @@ def test_without_strangers_the_stranger_anchor_falls_back_to_the_retain_anchor(w
     _, z_default, _ = _train(data, model, CVFConfig(anchor="retain"), [])
     _, z_fallback, _ = _train(data, model, CVFConfig(anchor="stranger"), [])
     assert torch.allclose(z_default, z_fallback)
+
+
+def test_b_l2_and_ret_strangers_add_their_terms_by_formula(world_with_strangers):
+    """L = Eq. 11 + b_l2 * sum ||B||_F^2; ret_strangers adds Eq. 9 on a stranger batch to L_RET."""
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    strangers = stranger_samples(data)
+    cls = get_method("cvf_ncu")
+    lm = attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random"), cls)
+    for n, p in lm.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    size = sum((p.detach() ** 2).sum() for n, p in lm.model.named_parameters() if "lora_B" in n)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0, strangers=strangers)
+        method = cls(CVFConfig(queue_size=8, **kw))
+        method.setup(ctx)
+        return method.loss(ctx, 0)
+
+    (plain, logs), (decayed, logs_d) = run(), run(b_l2=0.5)
+    assert decayed.item() == pytest.approx(plain.item() + 0.5 * size.item(), rel=1e-5)
+    assert logs_d["b_norm2"] == pytest.approx(size.item(), rel=1e-5)
+    _, logs_s = run(ret_strangers=True)
+    ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0, strangers=strangers)
+    batch = ctx.stream("strangers_ret", lambda: strangers, 16)
+    with torch.no_grad():
+        extra = ((ctx.visual_tokens(batch) - ctx.visual_tokens(batch, reference=True)) ** 2).sum(-1).mean()
+    assert extra.item() > 0
+    assert logs_s["ret"] == pytest.approx(logs["ret"] + extra.item(), rel=1e-4)

@@ -80,6 +80,12 @@ class CVFConfig:
     views: int = 0
     #: strength of the augmentation (:func:`augment_pixels`): shifts, crop-and-scale, colour, noise
     augment: float = 1.0
+    #: L_RET (Eq. 9) also on a batch of strangers' photos: faces outside the retain set keep their
+    #: reference tokens too (needs stranger photos; ignored without them)
+    ret_strangers: bool = False
+    #: weight of ||B||_F^2 summed over the LoRA layers (the update's size: with A orthonormal,
+    #: ||Delta W||_F = (lora_alpha / r) ||B||_F); large rows of Delta W widen a per-channel 4-bit grid
+    b_l2: float = 0.0
     #: L_GUM on the first N pairs of the retain batch only (0: all ``retain_batch_size``)
     gum_batch_size: int = 0
 
@@ -162,7 +168,8 @@ class CVFNCU(UnlearningMethod):
         # driver's calibration pass may already have computed them, in these same batches)
         ctx.cache_reference(retain_images)
         ctx.cache_reference(forget_images)
-        self.strangers = distinct_images(ctx.strangers) if cfg.anchor != "retain" else []
+        wants = cfg.anchor != "retain" or cfg.ret_strangers
+        self.strangers = distinct_images(ctx.strangers) if wants else []
         if self.strangers:
             ctx.cache_reference(self.strangers)
         self.generator = torch.Generator().manual_seed(ctx.seed + 7919)
@@ -204,7 +211,7 @@ class CVFNCU(UnlearningMethod):
         """p^a of Eq. 6 for ``n`` forget IVRs (pooled: (d,); token level: (n * T, d), per position)."""
         cfg = self.cfg
         source = h_rr_all
-        if self.strangers:
+        if self.strangers and cfg.anchor != "retain":
             batch = ctx.stream("strangers", lambda: self.strangers, cfg.stranger_batch_size)
             source = gather(ctx.visual_tokens(batch, reference=True))
             if cfg.anchor == "stranger_pair":
@@ -246,6 +253,9 @@ class CVFNCU(UnlearningMethod):
             push = zero
         pull = cvf_pull(z_fu, anchor) if cfg.pull else zero
         ret = retention_mse(h_ru, h_rr) if cfg.ret else zero
+        if cfg.ret and cfg.ret_strangers and self.strangers:
+            others = ctx.stream("strangers_ret", lambda: self.strangers, cfg.stranger_batch_size)
+            ret = ret + retention_mse(ctx.visual_tokens(others), ctx.visual_tokens(others, reference=True))
         if not cfg.gum:
             gum = zero
         else:
@@ -256,6 +266,10 @@ class CVFNCU(UnlearningMethod):
             self._enqueue(z_rr[keep] - self.center)
 
         loss = total_loss(cvf_loss(push, pull, cfg.lam), ret, gum, cfg.alpha, cfg.ret_weight)
+        if cfg.b_l2:
+            size = sum((p**2).sum() for n, p in ctx.lm.model.named_parameters() if "lora_B" in n and p.requires_grad)
+            loss = loss + cfg.b_l2 * size
+            logs["b_norm2"] = float(size)
         with torch.no_grad():
             cos_ref = torch.nn.functional.cosine_similarity(z_fu - self.center, z_fr - self.center).mean()
         logs.update(push=push.item(), pull=pull.item(), ret=ret.item(), gum=gum.item(), cos_ref=cos_ref.item())
