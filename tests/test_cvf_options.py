@@ -164,3 +164,38 @@ def test_b_l2_and_ret_strangers_add_their_terms_by_formula(world_with_strangers)
         extra = ((ctx.visual_tokens(batch) - ctx.visual_tokens(batch, reference=True)) ** 2).sum(-1).mean()
     assert extra.item() > 0
     assert logs_s["ret"] == pytest.approx(logs["ret"] + extra.item(), rel=1e-4)
+
+
+def test_keep_forgotten_holds_earlier_requests_at_their_tokens_by_formula(world_with_strangers):
+    """Continual without replay: L_RET gains keep_forgotten * Eq. 9 between the earlier-forgotten photos'
+    tokens now and the tokens the model gave them when the stage began (0 until B moves)."""
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    earlier = [s for s in retain if s.person == sorted({r.person for r in retain})[0]]
+    retain = [s for s in retain if s not in earlier]
+    cls = get_method("cvf_ncu")
+    lm = attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random"), cls)
+
+    def run(perturb: bool, **kw):
+        torch.manual_seed(0)
+        for n, p in lm.model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.zeros_(p)
+        ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0, forgotten=earlier)
+        method = cls(CVFConfig(queue_size=8, **kw))
+        method.setup(ctx)
+        moved = 0.0
+        if perturb:
+            with torch.no_grad():
+                before = ctx.visual_tokens(distinct_images(earlier))
+                for n, p in lm.model.named_parameters():
+                    if "lora_B" in n:
+                        torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+                moved = ((ctx.visual_tokens(distinct_images(earlier)) - before) ** 2).sum(-1).mean().item()
+        return method.loss(ctx, 0)[1], moved
+
+    (still, _), (off, _) = run(False), run(False, keep_forgotten=0.0)
+    assert still["ret"] == pytest.approx(off["ret"], abs=1e-6)  # B has not moved since setup
+    (moved_on, moved), (moved_off, _) = run(True, keep_forgotten=2.0), run(True, keep_forgotten=0.0)
+    assert moved > 0
+    assert moved_on["ret"] == pytest.approx(moved_off["ret"] + 2.0 * moved, rel=1e-4)

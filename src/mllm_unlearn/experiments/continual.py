@@ -166,7 +166,19 @@ def run_continual(
         later = {p for task in tasks[t + 1 :] for p in task}
         stage_retain = retain + [s for s in data.train if s.person in later]
         method = method_cls(method_cfg)
-        unlearn_stage(lm, method, forget, stage_retain, cfg, desc=f"stage {t + 1}/{n_tasks}", strangers=strangers)
+        # without replay, the earlier requests' photos are held where this stage found them
+        earlier = {p for task in tasks[:t] for p in task} if not replay else set()
+        forgotten = [s for s in data.train if s.person in earlier]
+        unlearn_stage(
+            lm,
+            method,
+            forget,
+            stage_retain,
+            cfg,
+            desc=f"stage {t + 1}/{n_tasks}",
+            strangers=strangers,
+            forgotten=forgotten,
+        )
         metrics = _stage_metrics(lm, data, tasks, eval_cfg)
         state["stages"].append(metrics)
         distributed.on_main(_save_stage, lm, out / f"stage-{t + 1}", state, state_file)

@@ -63,6 +63,8 @@ class UnlearnContext:
     reference_memory_mb: float = DEFAULT_MEMORY_MB
     reference: ReferenceFeatures | None = None
     strangers: list[Sample] = field(default_factory=list)
+    #: photos of people forgotten by earlier requests (continual unlearning without replay)
+    forgotten: list[Sample] = field(default_factory=list)
     _streams: dict[str, Iterator[list[Sample]]] = field(default_factory=dict, repr=False)
     _pixel_cache: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _pixel_bytes: int = field(default=0, repr=False)

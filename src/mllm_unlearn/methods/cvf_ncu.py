@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..nullspace.reference import image_key
 from ..runtime.distributed import gather
 from .base import UnlearnContext, UnlearningMethod, distinct_images, register
 from .losses import cvf_loss, cvf_pull, cvf_push, nmse_push, pool, retention_mse, total_loss
@@ -88,6 +89,9 @@ class CVFConfig:
     #: weight of ||B||_F^2 summed over the LoRA layers (the update's size: with A orthonormal,
     #: ||Delta W||_F = (lora_alpha / r) ||B||_F); large rows of Delta W widen a per-channel 4-bit grid
     b_l2: float = 0.0
+    #: continual: weight of an L_RET-like term (Eq. 9's form) holding the earlier requests' forgotten
+    #: photos at the tokens the model gave them when this request began (:attr:`UnlearnContext.forgotten`)
+    keep_forgotten: float = 1.0
     #: L_GUM on the first N pairs of the retain batch only (0: all ``retain_batch_size``). 8 halves the
     #: LLM pass that dominates a step at 7B (issue #13) and cost nothing measurable on the dev worlds
     #: (docs/method.md)
@@ -177,6 +181,12 @@ class CVFNCU(UnlearningMethod):
         if self.strangers:
             ctx.cache_reference(self.strangers)
         self.generator = torch.Generator().manual_seed(ctx.seed + 7919)
+        self.forgotten = distinct_images(ctx.forgotten) if cfg.keep_forgotten else []
+        if self.forgotten:  # the tokens the (already unlearned) model gives them now
+            with torch.no_grad():
+                self.forgotten_target = {
+                    image_key(s): t for s, t in zip(self.forgotten, ctx.visual_tokens(self.forgotten).detach())
+                }
         with torch.no_grad():
             pooled = self._ivr(ctx.visual_tokens(retain_images, reference=True))
         self.center = pooled.mean(0) if cfg.center else torch.zeros_like(pooled[0])
@@ -257,6 +267,10 @@ class CVFNCU(UnlearningMethod):
             push = zero
         pull = cvf_pull(z_fu, anchor) if cfg.pull else zero
         ret = retention_mse(h_ru, h_rr) if cfg.ret else zero
+        if self.forgotten:
+            kept = ctx.stream("forgotten", lambda: self.forgotten, cfg.retain_batch_size)
+            target = torch.stack([self.forgotten_target[image_key(s)] for s in kept])
+            ret = ret + cfg.keep_forgotten * retention_mse(ctx.visual_tokens(kept), target)
         if cfg.ret and cfg.ret_strangers and self.strangers:
             others = ctx.stream("strangers_ret", lambda: self.strangers, cfg.stranger_batch_size)
             ret = ret + retention_mse(ctx.visual_tokens(others), ctx.visual_tokens(others, reference=True))

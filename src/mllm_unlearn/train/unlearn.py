@@ -188,9 +188,11 @@ def unlearn_stage(
     log_file: Path | None = None,
     desc: str | None = None,
     strangers: Sequence[Sample] = (),
+    forgotten: Sequence[Sample] = (),
 ) -> list[dict]:
     """Train the adapters of ``lm`` (already attached) to forget ``forget``; returns the log rows.
-    ``strangers``: photos of people the model does not know (:attr:`UnlearnContext.strangers`)."""
+    ``strangers``: photos of people the model does not know (:attr:`UnlearnContext.strangers`);
+    ``forgotten``: photos of people earlier requests forgot (:attr:`UnlearnContext.forgotten`)."""
     seed_everything(cfg.seed)
     ctx = UnlearnContext(
         lm,
@@ -201,6 +203,7 @@ def unlearn_stage(
         cfg.ivr_level,
         cfg.reference_memory_mb,
         strangers=list(strangers),
+        forgotten=list(forgotten),
     )
     lm.model.train()
     method.setup(ctx)
