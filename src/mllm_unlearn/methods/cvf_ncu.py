@@ -54,6 +54,7 @@ class CVFConfig:
     """Defaults: see docs/method.md for the measurements behind each (dev worlds, seeds 0-2). The options
     added for issue #10 (stranger anchor, augmented views, L_RET on strangers, ||B|| penalty) are off
     by default: none improved unseen-photo forgetting without costing real-world VQA or robustness.
+    ``keep_forgotten`` is on: it only acts in continual unlearning without replay.
 
     The first defaults were chosen on the demo world (forget_15, 200 steps at lr 3e-2: forget VQA
     1.00 -> 0.25 = chance, retain VQA 0.995 -> 0.995, real VQA 0.99 -> 0.91; alpha 3 / 5 / 10 all reach
