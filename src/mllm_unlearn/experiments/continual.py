@@ -28,7 +28,7 @@ from ..evaluate.harness import EvalConfig, score_items, summarize
 from ..methods.base import get_method
 from ..models.loading import LoadedModel
 from ..runtime import distributed
-from ..train.unlearn import UnlearnConfig, attach_adapters, split_people, unlearn_stage
+from ..train.unlearn import UnlearnConfig, attach_adapters, split_people, stranger_samples, unlearn_stage
 
 MATRIX_FILE = "matrix.json"
 
@@ -136,6 +136,7 @@ def run_continual(
     method_cls = get_method(cfg.method)
     tasks = split_tasks(sorted(data.forget_people), n_tasks, cfg.seed)
     _, retain = split_people(data)
+    strangers = stranger_samples(data, data.forget_people)
     state_file = out / "progress.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else None
     if state and (state["tasks"] != tasks or state["config"] != asdict(cfg) or state["replay"] != replay):
@@ -161,8 +162,23 @@ def run_continual(
     for t in range(len(state["stages"]), n_tasks):
         requested = {p for task in (tasks[: t + 1] if replay else tasks[t : t + 1]) for p in task}
         forget = [s for s in data.train if s.person in requested]
+        # people of later requests are retain people until they ask: kept recognised (L_RET, L_GUM)
+        later = {p for task in tasks[t + 1 :] for p in task}
+        stage_retain = retain + [s for s in data.train if s.person in later]
         method = method_cls(method_cfg)
-        unlearn_stage(lm, method, forget, retain, cfg, desc=f"stage {t + 1}/{n_tasks}")
+        # without replay, the earlier requests' photos are held where this stage found them
+        earlier = {p for task in tasks[:t] for p in task} if not replay else set()
+        forgotten = [s for s in data.train if s.person in earlier]
+        unlearn_stage(
+            lm,
+            method,
+            forget,
+            stage_retain,
+            cfg,
+            desc=f"stage {t + 1}/{n_tasks}",
+            strangers=strangers,
+            forgotten=forgotten,
+        )
         metrics = _stage_metrics(lm, data, tasks, eval_cfg)
         state["stages"].append(metrics)
         distributed.on_main(_save_stage, lm, out / f"stage-{t + 1}", state, state_file)

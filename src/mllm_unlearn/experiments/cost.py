@@ -98,6 +98,8 @@ def method_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
         # NLL through the frozen LLM fed with those retain IVRs. The reference IVRs are computed once
         # per request (``nullspace.reference.ReferenceFeatures``), not per step: not counted here.
         "cvf_ncu": [[Pass(b, b, visual=True), Pass(rb, rb, visual=True), Pass(gum, gum, reuse=True)]],
+        # the paper's literal reading: the same passes, L_GUM on the whole retain batch
+        "cvf_ncu_paper": [[Pass(b, b, visual=True), Pass(rb, rb, visual=True), Pass(rb, rb, reuse=True)]],
     }
     if method not in steps:
         raise ValueError(f"no step structure for method {method!r}; known: {sorted(steps)}")
@@ -470,7 +472,7 @@ def project(name: str, method: str, shapes: Shapes = Shapes()) -> StepCost:
     lora_bytes = 16 * n_train + 4 * frozen_a  # fp32 LoRA: weight, grad, AdamW m and v; frozen A: weight only
     weights = sum(p.numel() * p.element_size() for n_, p in mm.model.named_parameters() if "lora_" not in n_)
     extra = 4 * n_train if method == "mmunlearner" else 0  # saliency masks in the parameters' dtype
-    if method == "cvf_ncu":
+    if method in ("cvf_ncu", "cvf_ncu_paper"):
         extra = 4 * (shapes.queue_size + 1) * mm.d  # negative queue + centre, float32
     return StepCost(
         method=method,

@@ -49,7 +49,10 @@ class UnlearnContext:
     """What a method's loss may use. ``lm.model`` is the adapter-wrapped model.
 
     ``reference``: the reference features of the request's images (None until :meth:`cache_reference`
-    creates it); ``reference_memory_mb``: the host memory it keeps before spilling to disk."""
+    creates it); ``reference_memory_mb``: the host memory it keeps before spilling to disk.
+    ``strangers``: photos of people the model does not know (never to be forgotten or kept; e.g. the
+    world's strangers taught "I don't know", or a user's photos of non-famous people): what "unknown"
+    looks like, for methods that pull toward it (empty when none were supplied)."""
 
     lm: LoadedModel
     forget: list[Sample]
@@ -59,6 +62,9 @@ class UnlearnContext:
     ivr_level: str = "projector"
     reference_memory_mb: float = DEFAULT_MEMORY_MB
     reference: ReferenceFeatures | None = None
+    strangers: list[Sample] = field(default_factory=list)
+    #: photos of people forgotten by earlier requests (continual unlearning without replay)
+    forgotten: list[Sample] = field(default_factory=list)
     _streams: dict[str, Iterator[list[Sample]]] = field(default_factory=dict, repr=False)
     _pixel_cache: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _pixel_bytes: int = field(default=0, repr=False)
@@ -108,6 +114,20 @@ class UnlearnContext:
         lm = self.lm
         inputs = self._pixels(samples) if batch is None else batch.inputs
         return lm.arch.visual_tokens(lm.model, inputs, self.ivr_level)
+
+    def visual_tokens_of(self, inputs: dict[str, torch.Tensor], *, reference: bool = False) -> torch.Tensor:
+        """Visual tokens at ``ivr_level`` of already-encoded image ``inputs`` (e.g. augmented pixels):
+        the adapted model's, or with ``reference=True`` the reference model's (no gradient, eval mode,
+        never stored: these pixels are not an image of the request)."""
+        lm = self.lm
+        if not reference:
+            return lm.arch.visual_tokens(lm.model, inputs, self.ivr_level)
+        with torch.no_grad(), eval_mode(lm.model), reference_model(lm.model):
+            return lm.arch.visual_tokens(lm.model, inputs, self.ivr_level)
+
+    def pixels(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """The encoded image inputs of ``samples`` (cached per image; see :meth:`_pixels`)."""
+        return self._pixels(samples)
 
     def _pixels(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         """The image inputs of ``samples`` (``arch.pixel_keys``), each image encoded once per request and

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.sample import BenchmarkData, DataError, Sample
+from ..data.world import UNKNOWN_REPLY
 from ..methods.base import UnlearnContext, UnlearningMethod, distinct_images, get_method
 from ..models.loading import LoadedModel
 from ..models.scoring import encode_images, encode_pairs, image_batches
@@ -73,6 +74,18 @@ def split_people(data: BenchmarkData, forget_people: Iterable[str] | None = None
     if not retain:
         raise DataError(f"{data.name}: no training pairs for the retain people")
     return forget, retain
+
+
+def stranger_samples(data: BenchmarkData, exclude: Iterable[str] = ()) -> list[Sample]:
+    """Training photos of people the model was taught not to know: pairs whose answer is the world's
+    "I don't know" reply (:data:`~mllm_unlearn.data.world.UNKNOWN_REPLY`, the synthetic world's taught
+    strangers in ``Pretrain_Data``), one per distinct image, people in ``exclude`` left out. Empty for a
+    benchmark without such pairs (MLLMU-Bench itself): the stranger anchor then falls back to the
+    retain anchor (see :class:`~mllm_unlearn.methods.cvf_ncu.CVFConfig`)."""
+    skip = frozenset(exclude)
+    return distinct_images(
+        [s for s in data.train if s.image is not None and s.person not in skip and s.answer.strip() == UNKNOWN_REPLY]
+    )
 
 
 class _CalibrationInputs:
@@ -174,11 +187,23 @@ def unlearn_stage(
     *,
     log_file: Path | None = None,
     desc: str | None = None,
+    strangers: Sequence[Sample] = (),
+    forgotten: Sequence[Sample] = (),
 ) -> list[dict]:
-    """Train the adapters of ``lm`` (already attached) to forget ``forget``; returns the log rows."""
+    """Train the adapters of ``lm`` (already attached) to forget ``forget``; returns the log rows.
+    ``strangers``: photos of people the model does not know (:attr:`UnlearnContext.strangers`);
+    ``forgotten``: photos of people earlier requests forgot (:attr:`UnlearnContext.forgotten`)."""
     seed_everything(cfg.seed)
     ctx = UnlearnContext(
-        lm, list(forget), list(retain), cfg.batch_size, cfg.seed, cfg.ivr_level, cfg.reference_memory_mb
+        lm,
+        list(forget),
+        list(retain),
+        cfg.batch_size,
+        cfg.seed,
+        cfg.ivr_level,
+        cfg.reference_memory_mb,
+        strangers=list(strangers),
+        forgotten=list(forgotten),
     )
     lm.model.train()
     method.setup(ctx)
@@ -249,13 +274,17 @@ def unlearn(
     method_cfg: Any = None,
     *,
     forget_people: Iterable[str] | None = None,
+    strangers: Sequence[Sample] | None = None,
 ) -> tuple[LoadedModel, list[dict]]:
-    """Static unlearning of one forget request; returns the adapted model and the training log."""
+    """Static unlearning of one forget request; returns the adapted model and the training log.
+    ``strangers``: photos of people the model does not know; default :func:`stranger_samples` of ``data``."""
     method_cls = get_method(cfg.method)
     forget, retain = split_people(data, forget_people)
+    if strangers is None:
+        strangers = stranger_samples(data, {s.person for s in forget})
     method = method_cls(method_cfg)
     lm = attach_adapters(lm, retain, cfg, method_cls)
-    history = unlearn_stage(lm, method, forget, retain, cfg)
+    history = unlearn_stage(lm, method, forget, retain, cfg, strangers=strangers)
     return lm, history
 
 

@@ -1,0 +1,201 @@
+"""CVF-NCU's options beyond the paper (docs/method.md): the stranger anchor, augmented views of the forget
+photos, L_GUM on part of the retain batch, and the paper's literal reading as its own method."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mllm_unlearn.data.world import UNKNOWN_REPLY
+from mllm_unlearn.methods import get_method
+from mllm_unlearn.methods.base import UnlearnContext, distinct_images
+from mllm_unlearn.methods.cvf_ncu import CVFConfig, PaperCVFConfig, augment_pixels
+from mllm_unlearn.methods.losses import cvf_pull, pool
+from mllm_unlearn.models.loading import load_model
+from mllm_unlearn.runtime.options import parse_options
+from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people, stranger_samples, unlearn_stage
+
+FAST = dict(steps=6, batch_size=4, warmup=1)
+
+
+# -- pure functions ---------------------------------------------------------------------------------
+def test_augment_pixels_is_seeded_shape_preserving_and_off_at_strength_zero():
+    x = torch.randn(3, 3, 16, 16)
+    assert augment_pixels(x, torch.Generator().manual_seed(0), 0.0) is x
+    a = augment_pixels(x, torch.Generator().manual_seed(1), 1.0)
+    b = augment_pixels(x, torch.Generator().manual_seed(1), 1.0)
+    c = augment_pixels(x, torch.Generator().manual_seed(2), 1.0)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a, x)
+    # a weak view stays closer to a (smooth) photo than a strong one
+    ramp = torch.linspace(-1, 1, 16)
+    smooth = (ramp[None, :, None] + ramp[None, None, :]).expand(3, 16, 16)[None].repeat(4, 1, 1, 1)
+    weak = augment_pixels(smooth, torch.Generator().manual_seed(3), 0.1)
+    strong = augment_pixels(smooth, torch.Generator().manual_seed(3), 1.0)
+    assert (weak - smooth).norm() < (strong - smooth).norm()
+    with pytest.raises(ValueError):
+        augment_pixels(torch.randn(4, 16), torch.Generator(), 1.0)
+
+
+def test_stranger_anchor_pull_by_formula():
+    """Eq. 6 with the anchor p^a = the strangers' mean reference token per position: 1 - cos(z_u, p^a)."""
+    strangers = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[3.0, 0.0], [0.0, 0.0]]])  # (2 photos, 2 tokens, d=2)
+    anchor = strangers.mean(0).repeat(1, 1)  # (T, d) = [[2, 0], [0, 1]]
+    z_u = torch.tensor([[1.0, 1.0], [0.0, 3.0]])  # one forget image's two tokens
+    expected = ((1 - 1 / 2**0.5) + (1 - 1.0)) / 2
+    assert cvf_pull(z_u, anchor).item() == pytest.approx(expected, abs=1e-6)
+    assert pool(strangers).mean(0).tolist() == pytest.approx([1.0, 0.5])  # the pooled anchor
+
+
+def test_options_are_checked_and_parse_from_the_command_line():
+    cfg = parse_options(CVFConfig, ["anchor=stranger_pair", "views=2", "augment=0.5", "gum_batch_size=8"])
+    assert (cfg.anchor, cfg.views, cfg.augment, cfg.gum_batch_size) == ("stranger_pair", 2, 0.5, 8)
+    for bad in (dict(anchor="celebrity"), dict(views=-1), dict(gum_batch_size=-1)):
+        with pytest.raises(ValueError):
+            CVFConfig(**bad)
+
+
+def test_paper_reading_is_its_own_registered_method():
+    cls = get_method("cvf_ncu_paper")
+    assert cls.config_class is PaperCVFConfig and issubclass(cls, get_method("cvf_ncu"))
+    paper = dataclasses.asdict(PaperCVFConfig())
+    assert paper | dict(alpha=1.0, level="pooled", center=False, queue_source="forget", anchor="retain") == paper
+    assert paper["views"] == 0 and paper["gum_batch_size"] == 0
+
+
+# -- on a small world -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world_with_strangers(tmp_path_factory):
+    from mllm_unlearn.data.mllmu import read_mllmu
+    from mllm_unlearn.data.world import WorldConfig, make_world
+    from mllm_unlearn.models.tiny import corpus_for, make_tiny_model
+
+    from .conftest import SMALL
+
+    root = tmp_path_factory.mktemp("strangers")
+    cfg = WorldConfig(n_people=10, n_real=4, n_strangers=6, pretrain_strangers=4, train_photos=2, test_photos=2, seed=5)
+    world = make_world(root / "world", cfg)
+    data = read_mllmu(world, forget="forget_10")
+    return data, make_tiny_model("llava", root / "tiny", corpus_for(data), sizes=SMALL)
+
+
+def test_stranger_samples_are_the_taught_strangers_photos(world_with_strangers):
+    data, _ = world_with_strangers
+    strangers = stranger_samples(data)
+    assert strangers and all(s.answer.strip() == UNKNOWN_REPLY for s in strangers)
+    assert not {s.person for s in strangers} & (data.forget_people | data.retain_people)
+    assert len(strangers) == len(distinct_images(strangers)) == 4 * 2  # 4 taught strangers x 2 photos
+
+
+def _train(data, model, method_cfg, strangers):
+    forget, retain = split_people(data)
+    cls = get_method("cvf_ncu")
+    lm = attach_adapters(load_model(model), retain, UnlearnConfig(**FAST), cls)
+    unlearn_stage(lm, cls(method_cfg), forget, retain, UnlearnConfig(**FAST), strangers=strangers)
+    ctx = UnlearnContext(lm, forget, retain, 4, 0)
+    imgs = distinct_images(forget)
+    with torch.no_grad():
+        s_mean = pool(ctx.visual_tokens(strangers, reference=True)).mean(0) if strangers else None
+        return lm, pool(ctx.visual_tokens(imgs)), s_mean
+
+
+def test_stranger_anchor_moves_forget_photos_toward_strangers_not_retain_people(world_with_strangers):
+    """The direction of the choice: with the stranger anchor the forget photos' IVRs end nearer the
+    strangers' mean IVR than with the paper's retain anchor (same steps, same seed)."""
+    data, model = world_with_strangers
+    strangers = stranger_samples(data)
+    _, z_retain, s_mean = _train(data, model, CVFConfig(anchor="retain", alpha=20.0), strangers)
+    _, z_stranger, _ = _train(data, model, CVFConfig(anchor="stranger", alpha=20.0), strangers)
+    cos_r = F.cosine_similarity(z_retain, s_mean[None]).mean()
+    cos_s = F.cosine_similarity(z_stranger, s_mean[None]).mean()
+    assert cos_s > cos_r
+
+
+def test_views_and_gum_batch_keep_text_bit_identical(world_with_strangers):
+    data, model = world_with_strangers
+    text = [s for s in data.splits["retain"] if s.image is None][:6]
+    lm = load_model(model)
+    batch = lm.arch.encode(lm.processor, text, [s.question for s in text])
+    with torch.no_grad():
+        before = lm.model(**batch.inputs).logits
+    cfg = CVFConfig(anchor="stranger", views=1, gum_batch_size=2)
+    adapted, _, _ = _train(data, model, cfg, stranger_samples(data))
+    with torch.no_grad():
+        assert torch.equal(adapted.model(**batch.inputs).logits, before)
+
+
+def test_without_strangers_the_stranger_anchor_falls_back_to_the_retain_anchor(world_with_strangers):
+    data, model = world_with_strangers
+    _, z_default, _ = _train(data, model, CVFConfig(anchor="retain"), [])
+    _, z_fallback, _ = _train(data, model, CVFConfig(anchor="stranger"), [])
+    assert torch.allclose(z_default, z_fallback)
+
+
+def test_b_l2_and_ret_strangers_add_their_terms_by_formula(world_with_strangers):
+    """L = Eq. 11 + b_l2 * sum ||B||_F^2; ret_strangers adds Eq. 9 on a stranger batch to L_RET."""
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    strangers = stranger_samples(data)
+    cls = get_method("cvf_ncu")
+    lm = attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random"), cls)
+    for n, p in lm.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    size = sum((p.detach() ** 2).sum() for n, p in lm.model.named_parameters() if "lora_B" in n)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0, strangers=strangers)
+        method = cls(CVFConfig(queue_size=8, **kw))
+        method.setup(ctx)
+        return method.loss(ctx, 0)
+
+    (plain, logs), (decayed, logs_d) = run(), run(b_l2=0.5)
+    assert decayed.item() == pytest.approx(plain.item() + 0.5 * size.item(), rel=1e-5)
+    assert logs_d["b_norm2"] == pytest.approx(size.item(), rel=1e-5)
+    _, logs_s = run(ret_strangers=True)
+    ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0, strangers=strangers)
+    batch = ctx.stream("strangers_ret", lambda: strangers, 16)
+    with torch.no_grad():
+        extra = ((ctx.visual_tokens(batch) - ctx.visual_tokens(batch, reference=True)) ** 2).sum(-1).mean()
+    assert extra.item() > 0
+    assert logs_s["ret"] == pytest.approx(logs["ret"] + extra.item(), rel=1e-4)
+
+
+def test_keep_forgotten_holds_earlier_requests_at_their_tokens_by_formula(world_with_strangers):
+    """Continual without replay: L_RET gains keep_forgotten * Eq. 9 between the earlier-forgotten photos'
+    tokens now and the tokens the model gave them when the stage began (0 until B moves)."""
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    earlier = [s for s in retain if s.person == sorted({r.person for r in retain})[0]]
+    retain = [s for s in retain if s not in earlier]
+    cls = get_method("cvf_ncu")
+    lm = attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random"), cls)
+
+    def run(perturb: bool, **kw):
+        torch.manual_seed(0)
+        for n, p in lm.model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.zeros_(p)
+        ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0, forgotten=earlier)
+        method = cls(CVFConfig(queue_size=8, **kw))
+        method.setup(ctx)
+        moved = 0.0
+        if perturb:
+            with torch.no_grad():
+                before = ctx.visual_tokens(distinct_images(earlier))
+                for n, p in lm.model.named_parameters():
+                    if "lora_B" in n:
+                        torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+                moved = ((ctx.visual_tokens(distinct_images(earlier)) - before) ** 2).sum(-1).mean().item()
+        return method.loss(ctx, 0)[1], moved
+
+    (still, _), (off, _) = run(False), run(False, keep_forgotten=0.0)
+    assert still["ret"] == pytest.approx(off["ret"], abs=1e-6)  # B has not moved since setup
+    (moved_on, moved), (moved_off, _) = run(True, keep_forgotten=2.0), run(True, keep_forgotten=0.0)
+    assert moved > 0
+    assert moved_on["ret"] == pytest.approx(moved_off["ret"] + 2.0 * moved, rel=1e-4)
