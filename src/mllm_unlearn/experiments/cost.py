@@ -51,7 +51,7 @@ class Shapes:
     vqa_fraction: float = 0.5
     batch_size: int = 8
     cvf_retain_batch: int = 16
-    gum_batch: int | None = None  # what-if: GUM on this many of the retain batch (None: all of it)
+    gum_batch: int | None = None  # what-if: GUM on this many of the retain batch (None: cvf_ncu's default)
     rank: int = 8
     queue_size: int = 256
 
@@ -80,7 +80,7 @@ def method_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
     alternates two). Mirrors ``mllm_unlearn.methods`` (forget_modality ``all`` mixes pairs with and
     without the image; MMUnlearner's forget set is ``vqa``)."""
     b, rb = shapes.batch_size, shapes.cvf_retain_batch
-    gum = shapes.gum_batch or rb
+    gum = shapes.gum_batch or get_method("cvf_ncu").config_class().gum_batch_size or rb
     mix = Pass(b, _mixed(b, shapes))
     ref_mix = Pass(b, _mixed(b, shapes), grad=False)
     steps = {
