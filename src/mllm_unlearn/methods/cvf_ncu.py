@@ -93,7 +93,7 @@ class CVFConfig:
     #: continual: weight of an L_RET-like term (Eq. 9's form) holding the earlier requests' forgotten
     #: photos at the tokens the model gave them when this request began (:attr:`UnlearnContext.forgotten`)
     keep_forgotten: float = 1.0
-    #: L_GUM on the first N pairs of the retain batch only (0: all ``retain_batch_size``). 8 halves the
+    #: L_GUM on N pairs of the retain batch only, every (retain_batch_size // N)-th (0: all). 8 halves the
     #: LLM pass that dominates a step at 7B (issue #13) and cost nothing measurable on the dev worlds
     #: (docs/method.md)
     gum_batch_size: int = 8
@@ -247,8 +247,11 @@ class CVFNCU(UnlearningMethod):
         # projector outputs) instead of running the visual module a third time; at another IVR level
         # h_ru is not the LLM's input and L_GUM encodes the images itself
         reuse = cfg.gum and ctx.ivr_level == "projector"
-        gum_pairs = retain[: cfg.gum_batch_size] if cfg.gum_batch_size else retain
-        whole = len(gum_pairs) == len(retain)
+        # L_GUM on every stride-th pair of the (global) batch: with several processes each contiguous shard
+        # takes the same pairs it would hold of that subset in one process
+        stride = max(1, cfg.retain_batch_size // cfg.gum_batch_size) if cfg.gum_batch_size else 1
+        gum_pairs = retain[::stride]
+        whole = stride == 1
         gum_batch = ctx.pairs(gum_pairs) if reuse else None
         h_ru = ctx.visual_tokens(retain, batch=gum_batch if whole else None)  # Eq. 8
         h_rr = ctx.visual_tokens(retain, reference=True)  # reference features: read, not computed
@@ -278,7 +281,7 @@ class CVFNCU(UnlearningMethod):
         if not cfg.gum:
             gum = zero
         else:
-            gum = ctx.nll(gum_pairs, h_ru[: len(gum_pairs)], batch=gum_batch) if reuse else ctx.nll(gum_pairs)
+            gum = ctx.nll(gum_pairs, h_ru[::stride], batch=gum_batch) if reuse else ctx.nll(gum_pairs)
         if cfg.queue_source == "retain":
             z_rr = self._ivr(h_rr_all)
             keep = torch.randperm(len(z_rr))[: max(1, self.cfg.queue_size // 4)]  # fresh, varied negatives
