@@ -49,7 +49,9 @@ def summary(world) -> dict:
 def setup(tmp_path_factory):
     """(root, world dir, BenchmarkData, tiny model dir): a 10-person world and an untrained tiny LLaVA."""
     root = tmp_path_factory.mktemp("small")
-    world = make_world(root / "world", WorldConfig(n_people=10, n_real=4, train_photos=2, seed=3))
+    world = make_world(
+        root / "world", WorldConfig(n_people=10, n_real=4, train_photos=2, n_strangers=0, pretrain_strangers=0, seed=3)
+    )
     data = read_mllmu(world, forget="forget_10")
     return root, world, data, make_tiny_model("llava", root / "tiny", corpus_for(data), sizes=SMALL)
 

@@ -188,7 +188,7 @@ def test_cli_audit_one_world(trained, capsys) -> None:
             str(root / "cli"),
         ]
     )
-    assert args.func(args) == 0
+    assert args.fn(args) == 0
     report = json.loads((root / "cli" / "report.json").read_text())
     q = report["runs"]["null"]["quantization"]
     assert set(q) == {"int8", "int4-g64"} and q["int8"]["retain_vqa_vanilla"] == q["int8"]["retain_vqa"]

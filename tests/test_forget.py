@@ -35,7 +35,9 @@ from mllm_unlearn.train.loop import TrainConfig
 torch.set_num_threads(1)
 
 SIZES = TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=400)
-WORLD = WorldConfig(n_people=10, n_real=4, train_photos=4, test_photos=2, image_size=32, seed=0)
+WORLD = WorldConfig(
+    n_people=10, n_real=4, train_photos=4, test_photos=2, n_strangers=0, pretrain_strangers=0, image_size=32, seed=0
+)
 N_FORGET, N_STRANGERS = 2, 2
 THINGS = [
     ("a red square", (220, 30, 30)),

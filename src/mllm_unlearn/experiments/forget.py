@@ -381,10 +381,6 @@ def _recall_summary(lm: LoadedModel, p: Plan, opts: ReportOptions) -> dict[str, 
 
 
 # -- robustness checks ---------------------------------------------------------------------------
-# Minimal round-to-nearest fake quantisation, kept here until a shared ``models.quantize`` exists
-# (to be deduplicated then): symmetric, per output channel, weights only, every nn.Linear except the
-# LM head — what 4-bit RTN loading (bitsandbytes-like) does to the weights, without packing them.
-@torch.no_grad()
 def robustness_checks(
     lm: LoadedModel,
     p: Plan,
