@@ -46,11 +46,18 @@ def test_evaluate_writes_every_stable_key(setup, tmp_path):
                 "tiny",
                 "--out",
                 str(out),
+                "--predictions",
+                str(tmp_path / "replies" / "items.jsonl"),
             ]
         )
         == 0
     )
     metrics = json.loads(out.read_text())["tiny"]
+    items = [json.loads(line) for line in (tmp_path / "replies" / "items.jsonl").read_text().splitlines()]
+    assert {"id", "split", "metric", "score", "prediction"} <= items[0].keys()
+    generated = [i for i in items if i["metric"] in ("letter", "cloze", "rougeL")]
+    assert generated and all(isinstance(i["prediction"], str) for i in generated)  # what the model said
+    assert {i["split"] for i in items} >= {"forget", "retain", "real"}
     assert metrics.keys() >= STABLE_KEYS
     assert {"forget_vqa_lik", "forget_vqa_letter", "retain_vqa_cloze", "retain_qa_rougeL_recall"} <= metrics.keys()
     assert all(0.0 <= v <= 1.0 for v in metrics.values())

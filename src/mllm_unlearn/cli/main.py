@@ -132,8 +132,11 @@ def cmd_evaluate(args):
     cfg = _eval_config(args)
     if args.out and Path(args.out).is_dir():
         raise IsADirectoryError(f"--out {args.out} is a folder; give the JSON file to write")
-    data = _prepare(args, train=False, eval_cfg=cfg, outs=(args.out,))
-    metrics = evaluate(_load(args), data, cfg)
+    data = _prepare(args, train=False, eval_cfg=cfg, outs=(args.out, args.predictions))
+    predictions = Path(args.predictions) if args.predictions else None
+    if predictions is not None:
+        predictions.parent.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate(_load(args), data, cfg, predictions_file=predictions)
     name = args.name or Path(args.model).name
     _say(markdown_table({name: metrics}))
     if args.out:
@@ -325,6 +328,9 @@ def _add_evaluate(sub) -> None:
     sp.add_argument("--max-new-tokens", type=int, default=50)
     sp.add_argument("--name", default=None, help="row name in the table (default: the model folder)")
     sp.add_argument("--out", default=None, help="write {name: metrics} JSON here")
+    sp.add_argument(
+        "--predictions", default=None, metavar="FILE", help="write every item's reply and score here (JSON lines)"
+    )
     sp.set_defaults(fn=cmd_evaluate)
 
 
