@@ -164,20 +164,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def child(what: str, args: argparse.Namespace) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        what,
-        "--model",
-        args.model,
-        "--data",
-        args.data,
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-    ]
+    flags = ["--model", args.model, "--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [sys.executable, __file__, "--child", what, *flags]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"{what} failed:\n{res.stderr[-3000:]}")

@@ -89,18 +89,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def child(what: str, args: argparse.Namespace) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        what,
-        "--model",
-        args.model,
-        "--data",
-        args.data,
-        "--steps",
-        str(args.steps),
-    ]
+    flags = ["--model", args.model, "--data", args.data, "--steps", str(args.steps)]
+    cmd = [sys.executable, __file__, "--child", what, *flags]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
