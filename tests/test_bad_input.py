@@ -157,22 +157,15 @@ def test_finetune_out_that_is_a_file_is_refused_before_loading(setup, tmp_path, 
     assert not no_model
 
 
-def test_evaluate_out_that_cannot_be_written_is_refused_before_loading(setup, tmp_path, capsys, no_model):
+@pytest.mark.parametrize(
+    ("command", "target"), [("evaluate", "m.json"), ("finetune", "run"), ("unlearn", "run"), ("ablations", "run")]
+)
+def test_an_out_that_cannot_be_written_is_refused_before_loading(setup, tmp_path, capsys, no_model, command, target):
     _, world, _, model = setup
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    assert main(["evaluate", *common(world, model), "--out", str(blocker / "m.json")]) == 2
-    refused(capsys, str(blocker / "m.json"), "not a folder")
-    assert not no_model
-
-
-@pytest.mark.parametrize("command", ["finetune", "unlearn", "ablations"])
-def test_an_out_folder_that_cannot_be_written_is_refused_before_loading(setup, tmp_path, capsys, no_model, command):
-    _, world, _, model = setup
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    assert main([command, *common(world, model), "--out", str(blocker / "run")]) == 2
-    refused(capsys, str(blocker / "run"), "not a folder")
+    assert main([command, *common(world, model), "--out", str(blocker / target)]) == 2
+    refused(capsys, str(blocker / target), "not a folder")
     assert not no_model
 
 

@@ -559,23 +559,10 @@ def test_evaluate_cli_on_umu_uses_its_protocol_and_cross_modal_metrics(umu_root:
     out = tmp_path / "m.json"
     assert (
         main(
-            [
-                "evaluate",
-                "--benchmark",
-                "umu",
-                "--model",
-                str(model),
-                "--data",
-                str(umu_root),
-                "--mcq-mode",
-                "both",
-                "--max-new-tokens",
-                "4",
-                "--name",
-                "t",
-                "--out",
-                str(out),
-            ]
+            (
+                f"evaluate --benchmark umu --model {model} --data {umu_root} --mcq-mode both "
+                f"--max-new-tokens 4 --name t --out {out}"
+            ).split()
         )
         == 0
     )

@@ -32,23 +32,10 @@ def test_evaluate_writes_every_stable_key(setup, tmp_path):
     out = tmp_path / "metrics.json"
     assert (
         main(
-            [
-                "evaluate",
-                "--model",
-                str(model),
-                "--data",
-                str(world),
-                "--mcq-mode",
-                "both",
-                "--max-new-tokens",
-                "4",
-                "--name",
-                "tiny",
-                "--out",
-                str(out),
-                "--predictions",
-                str(tmp_path / "replies" / "items.jsonl"),
-            ]
+            (
+                f"evaluate --model {model} --data {world} --mcq-mode both --max-new-tokens 4 "
+                f"--name tiny --out {out} --predictions {tmp_path / 'replies' / 'items.jsonl'}"
+            ).split()
         )
         == 0
     )
@@ -68,23 +55,10 @@ def test_merge_writes_a_plain_model_equal_to_the_adapted_one(setup, tmp_path):
     out = tmp_path / "run"
     assert (
         main(
-            [
-                "unlearn",
-                "--model",
-                str(model),
-                "--data",
-                str(world),
-                "--out",
-                str(out),
-                "--steps",
-                "3",
-                "--batch-size",
-                "2",
-                "--no-eval",
-                "--merge",
-                "--cache-dir",
-                str(root / "cache"),
-            ]
+            (
+                f"unlearn --model {model} --data {world} --out {out} --steps 3 --batch-size 2 "
+                f"--no-eval --merge --cache-dir {root / 'cache'}"
+            ).split()
         )
         == 0
     )
@@ -101,24 +75,10 @@ def test_unlearn_runs_on_a_bf16_base_with_float32_adapters(setup, tmp_path):
     out = tmp_path / "bf16"
     assert (
         main(
-            [
-                "unlearn",
-                "--model",
-                str(model),
-                "--data",
-                str(world),
-                "--out",
-                str(out),
-                "--steps",
-                "2",
-                "--batch-size",
-                "2",
-                "--dtype",
-                "bf16",
-                "--no-eval",
-                "--cache-dir",
-                str(tmp_path / "c"),
-            ]
+            (
+                f"unlearn --model {model} --data {world} --out {out} --steps 2 --batch-size 2 "
+                f"--dtype bf16 --no-eval --cache-dir {tmp_path / 'c'}"
+            ).split()
         )
         == 0
     )

@@ -53,24 +53,10 @@ def test_unlearn_cli_writes_a_peft_adapter_that_reloads(setup, capsys):
     root, world, data, model = setup
     out = root / "run"
     code = main(
-        [
-            "unlearn",
-            "--model",
-            str(model),
-            "--data",
-            str(world),
-            "--out",
-            str(out),
-            "--steps",
-            "4",
-            "--batch-size",
-            "4",
-            "--no-eval",
-            "--opt",
-            "push=nmse",
-            "--cache-dir",
-            str(root / "cache"),
-        ]
+        (
+            f"unlearn --model {model} --data {world} --out {out} --steps 4 --batch-size 4 "
+            f"--no-eval --opt push=nmse --cache-dir {root / 'cache'}"
+        ).split()
     )
     assert code == 0
     record = json.loads((out / "run.json").read_text())
@@ -101,24 +87,10 @@ def test_nan_loss_stops_with_a_clear_error_and_writes_nothing(setup, tmp_path):
     root, world, data, model = setup
     out = tmp_path / "nan_run"
     code = main(
-        [
-            "unlearn",
-            "--model",
-            str(model),
-            "--data",
-            str(world),
-            "--out",
-            str(out),
-            "--steps",
-            "3",
-            "--batch-size",
-            "2",
-            "--no-eval",
-            "--lr",
-            "nan",
-            "--cache-dir",
-            str(root / "cache"),
-        ]
+        (
+            f"unlearn --model {model} --data {world} --out {out} --steps 3 --batch-size 2 "
+            f"--no-eval --lr nan --cache-dir {root / 'cache'}"
+        ).split()
     )
     assert code == 2
     assert not out.exists() and not list(tmp_path.glob(".nan_run*"))
