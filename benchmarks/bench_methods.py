@@ -13,12 +13,18 @@ clipping, AdamW step — ``--warmup`` times untimed and ``--steps`` times timed.
 - tensor MiB: what the step holds by accounting, the same figure on any device: weights, trainable
   parameters with their gradients and AdamW state, and the tensors autograd saves for backward;
 - GFLOP/step: one more step counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
-  convolutions and attention; untimed).
+  convolutions and attention; untimed);
+- forget/s: forget samples per second (``batch_size`` / step time): an epoch over the forget set takes
+  (forget samples) / this;
+- setup s: the once-per-request work before the first step — LoRA attached (for cvf_ncu the NCU
+  calibration, Eq. 12-13, computed here: no cache) and the method's ``setup`` (reference IVRs).
 
 Methods that do not train (MANU prunes once) have no step: their one-off ``apply`` time is shown.
 
 Usage: python benchmarks/bench_methods.py [--model VANILLA --data WORLD] [--steps 20] [--json OUT]
        python benchmarks/bench_methods.py --quick        (a smaller world and model, few steps: a smoke test)
+       python benchmarks/bench_methods.py --published llava-1.5-7b --dtype bf16 --batch-size 4 \
+           --methods ga_diff cvf_ncu npo kl_min            (on a GPU: the published size, random weights)
 Without --model/--data it builds the demo's world and an untrained tiny LLaVA (the demo's sizes) in a
 temporary folder: timings do not depend on what the weights know. The NCU calibration figure that
 ``bench_unlearn.py`` prints stays there.
@@ -66,30 +72,51 @@ def measure(args: argparse.Namespace) -> dict:
     from mllm_unlearn.data.mllmu import read_mllmu
     from mllm_unlearn.methods import get_method
     from mllm_unlearn.methods.base import UnlearnContext
-    from mllm_unlearn.models.loading import load_model
+    from mllm_unlearn.models.loading import load_model, torch_dtype
     from mllm_unlearn.nullspace import trainable_parameters
     from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people
 
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # on CUDA the CPU threads go to the calibration's eigendecompositions
+    torch.manual_seed(0)
+    dtype = torch_dtype(args.dtype)
     data = read_mllmu(args.data)
     forget, retain = split_people(data)
-    lm = load_model(args.model, device=device)
+    t = time.perf_counter()
+    if args.published:
+        from mllm_unlearn.models.published import build_random, published_config
+        from mllm_unlearn.models.tiny import corpus_for
+
+        arch = published_config(args.published).model_type
+        corpus = corpus_for(data, arch)
+        lm = build_random(args.published, corpus, device=device, dtype=dtype, image_size=args.image_size)
+    else:
+        lm = load_model(args.model, device=device, dtype=dtype, image_size=args.image_size)
+    build_s = time.perf_counter() - t
     cls = get_method(args.what)
-    cfg = UnlearnConfig(method=args.what, cache_dir=None)
+    batch = {"batch_size": args.batch_size} if args.batch_size else {}
+    cfg = UnlearnConfig(method=args.what, cache_dir=None, **batch)
+    t = time.perf_counter()
     lm = attach_adapters(lm, retain, cfg, cls)
+    attach_s = time.perf_counter() - t
     method = cls()
     ctx = UnlearnContext(lm, forget, retain, cfg.batch_size, cfg.seed, cfg.ivr_level)
     lm.model.train()
+    t = time.perf_counter()
     method.setup(ctx)
     out: dict = {
         "method": args.what,
         "scope": cfg.scope or cls.default_scope,
         "subspace": cfg.subspace or cls.default_subspace,
         "batch": cfg.batch_size,
-        "device": device,
+        "device": torch.cuda.get_device_name() if device == "cuda" else device,
+        "dtype": args.dtype,
+        "model": args.published or args.model,
+        "load_s": build_s,
+        "attach_s": attach_s,  # LoRA attached; for a null subspace the NCU calibration (Eq. 12-13)
+        "setup_s": time.perf_counter() - t,  # the method's once-per-request work (reference IVRs)
     }
     if cfg.batch_size and hasattr(method.cfg, "retain_batch_size"):
         out["batch"] = f"{cfg.batch_size}+{method.cfg.retain_batch_size}r"
@@ -126,6 +153,7 @@ def measure(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t)
     pairs = [(a + b) / 2 for a, b in zip(times[::2], times[1::2])] or times
     out["step_s"] = statistics.median(pairs)
+    out["forget_samples_per_s"] = cfg.batch_size / out["step_s"]
     if device == "cuda":
         out["peak_bytes"], out["peak_kind"] = torch.cuda.max_memory_allocated(), "cuda allocator, steps"
     elif reset and _vm_hwm_bytes():
@@ -164,7 +192,10 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def child(what: str, args: argparse.Namespace) -> dict:
-    flags = ["--model", args.model, "--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    flags = ["--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype]
+    flags += ["--published", args.published] if args.published else ["--model", args.model]
+    flags += ["--batch-size", str(args.batch_size)] if args.batch_size else []
+    flags += ["--image-size", str(args.image_size)] if args.image_size else []
     cmd = [sys.executable, __file__, "--child", what, *flags]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
@@ -176,7 +207,8 @@ def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["method"] == BASELINE and "step_s" in r), None)
     head = (
         f"{'method':<12} {'scope':<7} {'batch':<7} {'ms/step':>8} {'x ' + BASELINE:>10} {'peak MiB':>9} "
-        f"{'x ' + BASELINE:>10} {'tensor MiB':>10} {'x ' + BASELINE:>10} {'GFLOP/step':>10} {'x ' + BASELINE:>10}"
+        f"{'x ' + BASELINE:>10} {'tensor MiB':>10} {'x ' + BASELINE:>10} {'GFLOP/step':>10} {'x ' + BASELINE:>10} "
+        f"{'forget/s':>8} {'setup s':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -194,7 +226,7 @@ def table(rows: list[dict]) -> str:
             f"{r['method']:<12} {r['scope']:<7} {r['batch']!s:<7} {1000 * r['step_s']:>8.1f} "
             f"{ratio('step_s'):>10} {r['peak_bytes'] / 2**20:>9.0f} {ratio('peak_bytes'):>10} "
             f"{r['tensor_bytes'] / 2**20:>10.1f} {ratio('tensor_bytes'):>10} {r['flops'] / 1e9:>10.2f} "
-            f"{ratio('flops'):>10}"
+            f"{ratio('flops'):>10} {r['forget_samples_per_s']:>8.2f} {r['attach_s'] + r['setup_s']:>7.1f}"
         )
     return "\n".join(lines)
 
@@ -208,6 +240,14 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", help="default: every registered method")
     p.add_argument("--quick", action="store_true", help="small world and model, 2 warm-up + 4 timed steps")
     p.add_argument("--json", help="also write the rows as JSON to this file")
+    p.add_argument(
+        "--published",
+        help="instead of --model: a published architecture at full size with random weights "
+        "(llava-1.5-7b, qwen2-vl-7b; models.published.build_random), built in each method's process",
+    )
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype")
+    p.add_argument("--batch-size", type=int, help="UnlearnConfig.batch_size (default: its default, 8)")
+    p.add_argument("--image-size", type=int, help="Qwen2-VL: square image size (--published default 448)")
     p.add_argument("--child", dest="what", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.what:
@@ -220,18 +260,20 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup = 4, 2
     with tempfile.TemporaryDirectory() as tmp:
-        if not (args.model and args.data):
-            from mllm_unlearn.data.mllmu import read_mllmu
+        if not args.data:
             from mllm_unlearn.data.world import WorldConfig, make_world
-            from mllm_unlearn.models.tiny import TinySizes, corpus_for, make_tiny_model
 
             world = WorldConfig(n_people=12, n_real=4, seed=0) if args.quick else WorldConfig()
+            args.data = str(make_world(Path(tmp) / "world", world))
+        if not (args.model or args.published):
+            from mllm_unlearn.data.mllmu import read_mllmu
+            from mllm_unlearn.models.tiny import TinySizes, corpus_for, make_tiny_model
+
             sizes = (
                 TinySizes(vision_hidden=32, text_hidden=64, text_intermediate=128, vocab_size=400)
                 if args.quick
                 else TinySizes()
             )
-            args.data = str(make_world(Path(tmp) / "world", world))
             args.model = str(
                 make_tiny_model("llava", Path(tmp) / "tiny", corpus_for(read_mllmu(args.data)), sizes=sizes)
             )
@@ -240,16 +282,16 @@ def main() -> None:
             t = time.perf_counter()
             rows.append(child(m, args))
             print(f"  {m}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+            if args.json:  # after every method: a run cut short keeps what it measured
+                Path(args.json).write_text(
+                    json.dumps({"device": rows[0]["device"], "steps": args.steps, "warmup": args.warmup, "rows": rows})
+                )
     device = rows[0]["device"] if rows else "?"
     print(
         f"device: {device}; {args.warmup} warm-up + {args.steps} timed steps per method, one process each; "
         f"peak memory: {rows[0].get('peak_kind', '-') if rows else '-'}"
     )
     print(table(rows))
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"device": device, "steps": args.steps, "warmup": args.warmup, "rows": rows}, indent=2)
-        )
 
 
 if __name__ == "__main__":

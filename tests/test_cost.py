@@ -22,6 +22,7 @@ from mllm_unlearn.experiments.cost import (
     trained_methods,
 )
 from mllm_unlearn.models.published import PUBLISHED, build_on_meta, published_config
+from mllm_unlearn.models.tiny import corpus_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = Shapes(text_tokens=40, answer_tokens=10, batch_size=4, cvf_retain_batch=8, queue_size=16)
@@ -125,7 +126,19 @@ def test_the_demo_benchmark_measures_a_step(setup):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = [
-        bench.measure(argparse.Namespace(what=m, model=str(model), data=str(world), steps=2, warmup=1))
+        bench.measure(
+            argparse.Namespace(
+                what=m,
+                model=str(model),
+                published=None,
+                data=str(world),
+                steps=2,
+                warmup=1,
+                dtype="fp32",
+                batch_size=None,
+                image_size=None,
+            )
+        )
         for m in ("ga_diff", "cvf_ncu")
     ]
     for r in rows:
@@ -134,3 +147,48 @@ def test_the_demo_benchmark_measures_a_step(setup):
     assert rows[1]["scope"] == "visual" and rows[0]["scope"] == "llm"
     ga_diff_row = next(line for line in bench.table(rows).splitlines() if line.startswith("ga_diff"))
     assert ga_diff_row.split()[4] == "1.00"  # its own ratio
+
+
+# shrunk published configs: the published image processing and vocabulary, 1-2 layers of small width
+_SHRINK = {
+    "llava-1.5-7b": {
+        "vision_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4),
+        "text_config": dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+        ),
+    },
+    "qwen2-vl-7b": {
+        "vision_config": dict(depth=1, embed_dim=64, num_heads=4, hidden_size=64),
+        "text_config": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_window_layers=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        ),
+    },
+}
+
+
+@pytest.mark.parametrize("name,image_tokens", [("llava-1.5-7b", 576), ("qwen2-vl-7b", 256)])
+def test_a_random_published_model_has_the_published_shapes_and_trains(setup, name, image_tokens):
+    """The GPU benchmark's model (``--published``): the published config's architecture with random
+    weights, the world's tokenizer inside the published vocabulary, the published image grid."""
+    from mllm_unlearn.models.published import build_random
+    from mllm_unlearn.models.scoring import encode_pairs
+
+    _, _, data, _ = setup
+    arch = published_config(name).model_type
+    lm = build_random(name, corpus_for(data, arch), dtype=torch.float32, overrides=_SHRINK[name])
+    config = lm.model.config
+    assert config.text_config.vocab_size == published_config(name).text_config.vocab_size
+    assert config.image_token_id < len(lm.processor.tokenizer) <= config.text_config.vocab_size
+    sample = next(s for s in data.train if s.image is not None)
+    batch = encode_pairs(lm, [sample])
+    assert int((batch.inputs["input_ids"] == config.image_token_id).sum()) == image_tokens
+    loss = lm.model(**batch.inputs, labels=batch.labels).loss
+    assert torch.isfinite(loss) and loss.item() > 5  # random weights over a 32 k / 152 k vocabulary
+    again = build_random(name, corpus_for(data, arch), dtype=torch.float32, overrides=_SHRINK[name]).model
+    assert all(torch.equal(a, b) for a, b in zip(lm.model.parameters(), again.parameters()))  # seeded

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-_DTYPES = ("fp32", "bf16", "fp16")
+from ..runtime.options import DTYPE_NAMES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -62,7 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="cvf_ncu option, e.g. --opt alpha=5 (repeatable)",
     )
-    sp.add_argument("--dtype", default=None, choices=_DTYPES, help="weights' dtype (bf16 for 7B models on a GPU)")
+    dtypes = sorted(DTYPE_NAMES)
+    sp.add_argument("--dtype", default=None, choices=dtypes, help="weights' dtype (bf16 for 7B models on a GPU)")
     sp.add_argument("--image-size", type=int, default=None, help="Qwen2-VL/2.5-VL: square image size, e.g. 448")
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     sp.add_argument("--trust-remote-code", action="store_true")

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..runtime.options import DTYPE_NAMES
+
 # The tiny models run faster on one thread than two on these CPUs; users can override.
 _THREADS_ENV = "MLLM_UNLEARN_THREADS"
 
@@ -63,19 +65,14 @@ def _eval_config(args: argparse.Namespace):
     )
 
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def _load(args: argparse.Namespace):
     """The --model checkpoint on --device in --dtype (LoRA adapters stay float32 on a bf16 base)."""
-    import torch
-
     from ..models import loading
 
     return loading.load_model(
         args.model,
         device=args.device,
-        dtype=getattr(torch, _DTYPES[args.dtype]),
+        dtype=loading.torch_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code,
         image_size=args.image_size,
     )
@@ -241,7 +238,7 @@ def _model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own code")
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     sp.add_argument(
-        "--dtype", default="fp32", choices=sorted(_DTYPES), help="weights' dtype (bf16 for 7B models on a GPU)"
+        "--dtype", default="fp32", choices=sorted(DTYPE_NAMES), help="weights' dtype (bf16 for 7B models on a GPU)"
     )
     sp.add_argument(
         "--image-size",

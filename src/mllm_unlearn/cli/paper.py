@@ -20,6 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..runtime.options import DTYPE_NAMES
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..experiments.paper import EXPERIMENTS
@@ -49,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     real.add_argument("--data", default=None, help="the benchmark folder")
     real.add_argument("--benchmark", default="mllmu", choices=("mllmu", "clear", "umu"))
     real.add_argument("--device", default="cpu")
-    real.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    real.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES))
     real.add_argument("--image-size", type=int, default=None)
     real.add_argument("--trust-remote-code", action="store_true")
     sp.set_defaults(fn=cmd_paper)
@@ -109,7 +111,7 @@ def build_config(args: argparse.Namespace):
             raise ValueError("real data needs both --model (the vanilla model) and --data (the benchmark folder)")
         from ..evaluate.harness import EvalConfig
 
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+        dtype = DTYPE_NAMES[args.dtype]
         changes["real"] = RealData(
             args.model, args.data, args.benchmark, args.device, dtype, args.trust_remote_code, args.image_size
         )

@@ -21,6 +21,8 @@ MODALITIES = ("vqa", "qa")
 #: ``qa`` = free-form training pair, ``mcq`` = multiple choice, ``cloze`` = fill the blank,
 #: ``gen`` = open generation scored by ROUGE-L.
 TASKS = ("qa", "mcq", "cloze", "gen")
+#: what the built-in world's stand-in pre-training teaches the model to say for a face it does not know
+UNKNOWN_REPLY = "I don't know who this is."
 
 
 class DataError(ValueError):

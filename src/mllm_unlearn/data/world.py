@@ -53,6 +53,7 @@ from PIL import Image as PILImage
 
 from .portraits import Traits, draw_portrait, sample_traits
 from .prompts import format_cloze, format_mcq
+from .sample import UNKNOWN_REPLY
 
 IMAGE_TEXTUAL = "Image_Textual"
 PURE_TEXT = "Pure_Text"
@@ -63,8 +64,6 @@ REAL_ID_START = 1001
 #: IDs of strangers (Strangers_Set) start here.
 STRANGER_ID_START = 2001
 STRANGERS_FOLDER = "Strangers_Set"
-#: what the stand-in pre-training teaches the model to say for a face it does not know
-UNKNOWN_REPLY = "I don't know who this is."
 #: the identity questions asked about a stranger in Pretrain_Data (both are asked of known people in
 #: ft_Data, where the answers name them)
 IDENTITY_QUESTIONS = (

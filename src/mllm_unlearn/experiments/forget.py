@@ -50,7 +50,7 @@ from ..data.sample import DataError, Sample
 from ..evaluate.harness import generate
 from ..evaluate.metrics import classify_name as classify
 from ..methods import get_method
-from ..models.loading import LoadedModel, load_model
+from ..models.loading import LoadedModel, load_model, torch_dtype
 from ..models.quantize import QuantSpec, fake_quantize_
 from ..models.scoring import answer_nll, eval_mode
 from ..nullspace.lora import FROZEN_ATTR, refreeze
@@ -528,7 +528,7 @@ def run_forget(
     opts = replace(opts or ReportOptions(), known_names=tuple(p.known_names))
 
     t0 = time.perf_counter()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.dtype]
+    dtype = torch_dtype(settings.dtype)
     lm = load_model(
         settings.model,
         device=opts.device,

@@ -9,7 +9,15 @@ from typing import Any
 
 import torch
 
+from ..runtime.options import DTYPE_NAMES
 from .base import ArchAdapter, get_arch, supported_archs
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` name (fp32, bf16, fp16)."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 @dataclass

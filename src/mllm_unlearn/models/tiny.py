@@ -94,14 +94,7 @@ def _text_sizes(sizes: TinySizes, tokenizer) -> dict:
 
 def build_tiny_llava(corpus: Iterable[str], sizes: TinySizes = TinySizes(), seed: int = 0):
     """(model, processor) for a tiny random ``LlavaForConditionalGeneration``."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = train_tokenizer(corpus, sizes.vocab_size)
     text = LlamaConfig(
@@ -129,18 +122,25 @@ def build_tiny_llava(corpus: Iterable[str], sizes: TinySizes = TinySizes(), seed
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, llava_processor(tokenizer, sizes.image_size, sizes.patch_size)
+
+
+def llava_processor(tokenizer, image_size: int, patch_size: int):
+    """LLaVA-1.5's processor around ``tokenizer``: CLIP preprocessing to ``image_size`` px squares,
+    ``(image_size / patch_size)²`` image tokens (the CLS token dropped), our chat template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": sizes.image_size}, crop_size={"height": sizes.image_size, "width": sizes.image_size}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=sizes.patch_size,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    return model, processor
 
 
 def train_qwen_tokenizer(corpus: Iterable[str], vocab_size: int):
@@ -202,15 +202,7 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 
 def _build_tiny_qwen(arch: str, corpus: Iterable[str], sizes: TinySizes, seed: int):
-    from .qwen2_vl import (
-        IM_END,
-        IMAGE_PAD,
-        VIDEO_PAD,
-        VISION_END,
-        VISION_START,
-        QwenVLProcessor,
-        image_processor_class,
-    )
+    from .qwen2_vl import IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
     merge = 2
     if sizes.image_size % (sizes.patch_size * merge):
@@ -271,14 +263,22 @@ def _build_tiny_qwen(arch: str, corpus: Iterable[str], sizes: TinySizes, seed: i
     model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = ids[IM_END]
-    pixels = sizes.image_size**2  # min = max pixels: a square image becomes image_size x image_size
+    return model, qwen_processor(tokenizer, sizes.image_size, sizes.patch_size, merge)
+
+
+def qwen_processor(tokenizer, image_size: int, patch_size: int, merge: int = 2):
+    """Qwen2-VL's processor around ``tokenizer`` with min = max pixels = ``image_size``², so that a
+    square image becomes ``image_size`` px square: ``(image_size / patch_size / merge)²`` LLM tokens."""
+    from .qwen2_vl import QwenVLProcessor, image_processor_class
+
+    pixels = image_size**2
     image_processor = image_processor_class()(
         size={"shortest_edge": pixels, "longest_edge": pixels},
-        patch_size=sizes.patch_size,
+        patch_size=patch_size,
         merge_size=merge,
         temporal_patch_size=2,
     )
-    return model, QwenVLProcessor(image_processor, tokenizer)
+    return QwenVLProcessor(image_processor, tokenizer)
 
 
 def build_tiny_qwen2_vl(corpus: Iterable[str], sizes: TinySizes = TinySizes(), seed: int = 0):

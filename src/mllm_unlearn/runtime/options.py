@@ -13,6 +13,10 @@ from typing import Any
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
+#: the command line's ``--dtype`` names -> torch's dtype names (``models.loading.torch_dtype``)
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def parse_bool(key: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:

@@ -17,8 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.sample import BenchmarkData, DataError, Sample
-from ..data.world import UNKNOWN_REPLY
+from ..data.sample import UNKNOWN_REPLY, BenchmarkData, DataError, Sample
 from ..methods.base import UnlearnContext, UnlearningMethod, distinct_images, get_method
 from ..models.loading import LoadedModel
 from ..models.scoring import encode_images, encode_pairs, image_batches
@@ -78,7 +77,7 @@ def split_people(data: BenchmarkData, forget_people: Iterable[str] | None = None
 
 def stranger_samples(data: BenchmarkData, exclude: Iterable[str] = ()) -> list[Sample]:
     """Training photos of people the model was taught not to know: pairs whose answer is the world's
-    "I don't know" reply (:data:`~mllm_unlearn.data.world.UNKNOWN_REPLY`, the synthetic world's taught
+    "I don't know" reply (:data:`~mllm_unlearn.data.sample.UNKNOWN_REPLY`, the synthetic world's taught
     strangers in ``Pretrain_Data``), one per distinct image, people in ``exclude`` left out. Empty for a
     benchmark without such pairs (MLLMU-Bench itself): the stranger anchor then falls back to the
     retain anchor (see :class:`~mllm_unlearn.methods.cvf_ncu.CVFConfig`)."""
