@@ -199,3 +199,41 @@ def test_keep_forgotten_holds_earlier_requests_at_their_tokens_by_formula(world_
     (moved_on, moved), (moved_off, _) = run(True, keep_forgotten=2.0), run(True, keep_forgotten=0.0)
     assert moved > 0
     assert moved_on["ret"] == pytest.approx(moved_off["ret"] + 2.0 * moved, rel=1e-4)
+
+
+def test_the_default_rank_is_the_methods_capped_at_half_the_narrowest_layer():
+    from mllm_unlearn.train.unlearn import default_rank
+
+    cvf, paper, ga = (get_method(m) for m in ("cvf_ncu", "cvf_ncu_paper", "ga"))
+    assert (cvf.default_rank, paper.default_rank, ga.default_rank) == (32, 8, 8)
+    assert default_rank(cvf, [64, 256, 128]) == 32  # the demo model's vision tower + projector
+    assert default_rank(cvf, [1024, 4096]) == 32  # CLIP ViT-L
+    assert default_rank(cvf, [32, 128]) == 16  # the tests' 32-wide tower: never the whole input space
+    assert default_rank(ga, [64]) == 8 and default_rank(cvf, [1]) == 1
+
+
+def test_a_larger_null_space_moves_the_forget_photos_further(world_with_strangers):
+    """The direction of the rank choice (docs/method.md): with r = 16 (the default on this 32-wide
+    tower) the forget photos' IVRs leave their reference further than with r = 4, same steps and seed
+    (measured: 1 - cos 1.02 vs 0.37; retain photos 0.61 vs 0.11)."""
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    cls = get_method("cvf_ncu")
+    moved = {}
+    for rank in (4, None):
+        cfg = UnlearnConfig(**FAST, rank=rank)
+        lm = attach_adapters(load_model(model), retain, cfg, cls)
+        lora_a = next(p for n, p in lm.model.named_parameters() if "lora_A" in n)
+        assert lora_a.shape[0] == (rank or 16)
+        unlearn_stage(lm, cls(CVFConfig()), forget, retain, cfg)
+        ctx = UnlearnContext(lm, forget, retain, 4, 0)
+        moved[rank] = {}
+        for who, samples in (("forget", forget), ("retain", retain)):
+            images = distinct_images(samples)
+            with torch.no_grad():
+                now, ref = pool(ctx.visual_tokens(images)), pool(ctx.visual_tokens(images, reference=True))
+            moved[rank][who] = 1 - F.cosine_similarity(now, ref).mean().item()
+    assert moved[None]["forget"] > 2 * moved[4]["forget"]
+    # the price, visible even on this untrained 32-wide tower: retain photos move more too, but less than
+    # the forget photos (on the trained demo model Retain VQA stayed at 1.00, docs/method.md)
+    assert moved[4]["retain"] < moved[None]["retain"] < moved[None]["forget"]

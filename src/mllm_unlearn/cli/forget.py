@@ -51,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sp.add_argument("--holdout", type=float, default=None, help="share of each person's photos held out (0.34)")
     sp.add_argument("--steps", type=int, default=None, help="training steps (200)")
     sp.add_argument("--lr", type=float, default=None, help="learning rate of B (cvf_ncu's default, 3e-2)")
-    sp.add_argument("--rank", type=int, default=None, help="null-space LoRA rank (8)")
+    sp.add_argument("--rank", type=int, default=None, help="null-space LoRA rank (default: cvf_ncu's, 32)")
     sp.add_argument("--lora-alpha", type=float, default=None)
     sp.add_argument("--batch-size", type=int, default=None, help="forget images per step (8)")
     sp.add_argument("--seed", type=int, default=None)

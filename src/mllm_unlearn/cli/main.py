@@ -262,7 +262,9 @@ def _unlearn_args(sp: argparse.ArgumentParser) -> None:
         choices=["null", "random", "none"],
         help="LoRA A: null-space basis (NCU), random orthonormal, or trained (plain LoRA)",
     )
-    sp.add_argument("--rank", type=int, default=8)
+    sp.add_argument(
+        "--rank", type=int, default=None, help="LoRA rank (default: the method's; 32 for cvf_ncu, 8 otherwise)"
+    )
     sp.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
     sp.add_argument("--steps", type=int, default=200)
     sp.add_argument("--lr", type=float, default=None, help="default: the method's")

@@ -132,10 +132,16 @@ def prepare_seed(cfg: MultiSeedConfig, seed: int, cache: Path) -> dict[str, Path
     oracle = oracle_model(base, data, train_cfg, cache)
     paths = {"world": world, "base": base, "vanilla": vanilla, "oracle": oracle}
     for method in cfg.methods:
-        run_cfg = UnlearnConfig(
-            **{**asdict(cfg.unlearn), "method": method, "seed": seed, "cache_dir": str(cache / "ncu_cache")}
-        )
         method_cls = get_method(method)
+        run_cfg = UnlearnConfig(
+            **{
+                **asdict(cfg.unlearn),
+                "method": method,
+                "seed": seed,
+                "cache_dir": str(cache / "ncu_cache"),
+                "rank": cfg.unlearn.rank or method_cls.default_rank,  # in the key: a changed default retrains
+            }
+        )
         # the key holds the method's resolved options too: a changed default retrains the run
         method_cfg = method_cls().cfg
         options = asdict(method_cfg) if hasattr(method_cfg, "__dataclass_fields__") else {}

@@ -52,7 +52,7 @@ class Shapes:
     batch_size: int = 8
     cvf_retain_batch: int = 16
     gum_batch: int | None = None  # what-if: GUM on this many of the retain batch (None: cvf_ncu's default)
-    rank: int = 8
+    rank: int | None = None  # None: the method's default_rank (32 for cvf_ncu, 8 for the baselines)
     queue_size: int = 256
 
 
@@ -295,7 +295,7 @@ class StepCost:
 class MetaModel:
     """A published model on meta with LoRA on one update scope; runs passes of synthetic inputs."""
 
-    def __init__(self, name: str, scope: str, frozen_a: bool, shapes: Shapes) -> None:
+    def __init__(self, name: str, scope: str, frozen_a: bool, shapes: Shapes, rank: int = 8) -> None:
         self.config = published_config(name)
         self.arch = get_arch(self.config.model_type)
         self.shapes = shapes
@@ -303,7 +303,7 @@ class MetaModel:
         names = list(target_linears(model, self.arch.scope_pattern(scope)))
         exclude = _unused_vision_layers(model, self.config, names) if scope != "llm" else []
         self.model = attach_lora(
-            model, self.arch.scope_pattern(scope), NCUConfig(rank=shapes.rank, subspace="none"), exclude=exclude
+            model, self.arch.scope_pattern(scope), NCUConfig(rank=rank, subspace="none"), exclude=exclude
         )
         if frozen_a:  # NCU: A frozen, only B trains
             for n, p in self.model.named_parameters():
@@ -441,7 +441,8 @@ def project(name: str, method: str, shapes: Shapes = Shapes()) -> StepCost:
     if not cls.trains:
         raise ValueError(f"method {method!r} does not train (no step to count)")
     scope = cls.default_scope
-    mm = MetaModel(name, scope, frozen_a=cls.default_subspace != "none", shapes=shapes)
+    rank = shapes.rank or cls.default_rank
+    mm = MetaModel(name, scope, frozen_a=cls.default_subspace != "none", shapes=shapes, rank=rank)
     steps = method_steps(method, shapes)
     param_storages = {p.untyped_storage()._cdata for p in mm.model.parameters()}
     flops, by_part, acts, hand = [], [], [], []

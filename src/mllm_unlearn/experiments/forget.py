@@ -93,7 +93,7 @@ class ForgetSettings:
     holdout: float = 0.34  # share of each person's photos held out for the report
     steps: int = 200
     lr: float | None = None  # None: cvf_ncu's default
-    rank: int = 8
+    rank: int | None = None  # None: cvf_ncu's default (32)
     lora_alpha: float | None = None
     batch_size: int = 8
     ivr_level: str = "projector"

@@ -373,7 +373,9 @@ def job_settings(cfg: PaperConfig, job: Job, selection: dict[str, float] | None)
     if job.kind == "vanilla" and job.params.get("case"):
         s["case_items"] = cfg.case_items
     if job.kind in ("run", "continual"):
-        s["unlearn"] = asdict(cfg.unlearn)
+        # the method's resolved rank: a changed default redoes that method's jobs, not the others'
+        rank = cfg.unlearn.rank or get_method(job.params["method"]).default_rank
+        s["unlearn"] = {**asdict(cfg.unlearn), "rank": rank}
         s["options"] = method_options(job, selection)
         if job.params.get("case"):
             s["case_items"] = cfg.case_items

@@ -187,6 +187,8 @@ class UnlearningMethod:
     default_subspace: ClassVar[str] = "none"
     #: learning rate the method's public configs use
     default_lr: ClassVar[float] = 1e-4
+    #: LoRA rank r (for a null subspace also the number of null directions, Eq. 15)
+    default_rank: ClassVar[int] = 8
     #: True for methods that read the reference model's visual tokens (:meth:`UnlearnContext.visual_tokens`
     #: with ``reference=True``): the driver then keeps what NCU calibration computes of them
     uses_reference_features: ClassVar[bool] = False

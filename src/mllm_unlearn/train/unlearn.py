@@ -46,7 +46,7 @@ class UnlearnConfig:
     method: str = "cvf_ncu"
     scope: str | None = None  # None: the method's default (visual for cvf_ncu, llm for baselines)
     subspace: str | None = None  # None: the method's default (null for cvf_ncu, none otherwise)
-    rank: int = 8
+    rank: int | None = None  # None: the method's default (32 for cvf_ncu, 8 otherwise)
     lora_alpha: float | None = None
     steps: int = 200
     lr: float | None = None  # None: the method's default
@@ -105,6 +105,15 @@ class _CalibrationInputs:
             yield self.encode(self.lm, self.current).inputs
 
 
+def default_rank(method: type[UnlearningMethod], widths: Sequence[int]) -> int:
+    """The LoRA rank when none is given: the method's ``default_rank``, at most half the narrowest
+    adapted layer's input width. The cap keeps a null space a null space: r of the d directions with
+    the least retain energy, never all of them (at r = d, NCU's A spans everything and protects
+    nothing: on the dev worlds 0-2, r = 64 on the demo model's 64-wide vision layers dropped Real-world
+    VQA to 0.26-0.77, see docs/method.md). The tests' and ``--quick``'s 32-wide towers get r = 16."""
+    return max(1, min(method.default_rank, min(widths, default=2 * method.default_rank) // 2))
+
+
 def attach_adapters(
     lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfig, method: type[UnlearningMethod]
 ) -> LoadedModel:
@@ -135,7 +144,8 @@ def attach_adapters(
     scope = cfg.scope or method.default_scope
     subspace = cfg.subspace or method.default_subspace
     pattern = lm.arch.scope_pattern(scope)
-    names = list(target_linears(lm.model, pattern))
+    linears = target_linears(lm.model, pattern)
+    names = list(linears)
     visual = scope in ("visual", "projector")
     images = distinct_images(retain)
     exclude = []
@@ -167,7 +177,8 @@ def attach_adapters(
                 )
         else:
             covariances = collect_covariances(lm.model, names, inputs, forward=forward)
-    ncu = NCUConfig(rank=cfg.rank, alpha=cfg.lora_alpha, subspace=subspace, seed=cfg.seed)
+    rank = cfg.rank or default_rank(method, [linears[n].in_features for n in names])
+    ncu = NCUConfig(rank=rank, alpha=cfg.lora_alpha, subspace=subspace, seed=cfg.seed)
     for p in lm.model.parameters():
         p.requires_grad_(False)
     model = attach_lora(lm.model, pattern, ncu, covariances, exclude=exclude)
@@ -297,6 +308,7 @@ def run_record(cfg: UnlearnConfig, method: UnlearningMethod, history: list[dict]
             "scope": cfg.scope or method.default_scope,
             "subspace": cfg.subspace or method.default_subspace,
             "lr": cfg.lr or method.default_lr,
+            "rank": cfg.rank or method.default_rank,
         },
         "log": history,
         **extra,
