@@ -298,7 +298,7 @@ class CVFNCU(UnlearningMethod):
         if cfg.b_l2:
             size = sum((p**2).sum() for n, p in ctx.lm.model.named_parameters() if "lora_B" in n and p.requires_grad)
             loss = loss + cfg.b_l2 * size
-            logs["b_norm2"] = float(size)
+            logs["b_norm2"] = size.detach().item()
         with torch.no_grad():
             cos_ref = torch.nn.functional.cosine_similarity(z_fu - self.center, z_fr - self.center).mean()
         logs.update(push=push.item(), pull=pull.item(), ret=ret.item(), gum=gum.item(), cos_ref=cos_ref.item())
