@@ -595,11 +595,20 @@ def _continual(ctx: _Context, job: Job, options: dict[str, Any]) -> dict[str, An
     p = job.params
     data = ctx.data(job.seed, p["forget"])
     folder = ctx.work / "continual" / job.file.removesuffix(".json")
+    cfg = ctx.unlearn_config(job)
+    # the folder resumes an interrupted run of this job; one left by the job's earlier settings (whose
+    # record was deleted to redo it, e.g. after a changed default) is the plan's own scratch: start over
+    key = json.dumps({"unlearn": asdict(cfg), "options": options, "params": p}, sort_keys=True, default=str)
+    marker = folder / "job_settings.json"
+    if folder.exists() and not (marker.is_file() and marker.read_text() == key):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key)
     state = run_continual(
         ctx.load(job.seed),
         data,
         folder,
-        ctx.unlearn_config(job),
+        cfg,
         _method_config(p["method"], options),
         n_tasks=p["n_tasks"],
         eval_cfg=ctx.cfg.eval,
