@@ -139,10 +139,10 @@ def prepare_seed(cfg: MultiSeedConfig, seed: int, cache: Path) -> dict[str, Path
                 "method": method,
                 "seed": seed,
                 "cache_dir": str(cache / "ncu_cache"),
-                "rank": cfg.unlearn.rank or method_cls.default_rank,  # in the key: a changed default retrains
+                "rank": cfg.unlearn.rank or method_cls.default_rank,
             }
         )
-        # the key holds the method's resolved options too: a changed default retrains the run
+        # the key holds the resolved rank and method options: a changed default retrains the run
         method_cfg = method_cls().cfg
         options = asdict(method_cfg) if hasattr(method_cfg, "__dataclass_fields__") else {}
         key = json.dumps({**asdict(run_cfg), "method_config": options}, sort_keys=True, default=str)
