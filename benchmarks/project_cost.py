@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--text-tokens", type=int, default=Shapes.text_tokens)
     p.add_argument("--answer-tokens", type=int, default=Shapes.answer_tokens)
     p.add_argument("--batch-size", type=int, default=Shapes.batch_size)
-    p.add_argument("--cvf-retain-batch", type=int, default=Shapes.cvf_retain_batch)
+    p.add_argument("--cvf-retain-batch", type=int, default=None, help="default: cvf_ncu's retain_batch_size")
     p.add_argument("--gum-batch", type=int, default=None, help="what-if: CVF's GUM on fewer retain samples")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     args = p.parse_args()

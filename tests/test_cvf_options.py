@@ -237,3 +237,106 @@ def test_a_larger_null_space_moves_the_forget_photos_further(world_with_stranger
     # the price, visible even on this untrained 32-wide tower: retain photos move more too, but less than
     # the forget photos (on the trained demo model Retain VQA stayed at 1.00, docs/method.md)
     assert moved[4]["retain"] < moved[None]["retain"] < moved[None]["forget"]
+
+
+def _ctx_and_method(data, model, strangers=(), **kw):
+    forget, retain = split_people(data)
+    cls = get_method("cvf_ncu")
+    lm = attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random"), cls)
+    for n, p in lm.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0, strangers=list(strangers))
+    method = cls(CVFConfig(queue_size=8, **kw))
+    method.setup(ctx)
+    return ctx, method
+
+
+def test_stranger_reply_is_the_reference_models_reply_about_a_stranger_learnt_on_forget_photos(world_with_strangers):
+    """L_SR: each forget image pair's target is the reference model's greedy reply to the same question
+    asked about a stranger's photo; the term is the answer NLL of a batch of those, added with its weight."""
+    from mllm_unlearn.models.scoring import answer_nll, generate
+    from mllm_unlearn.nullspace import reference_model
+
+    data, model = world_with_strangers
+    strangers = stranger_samples(data)
+    ctx, method = _ctx_and_method(data, model, strangers, stranger_reply=0.5, stranger_reply_batch_size=2)
+    pairs = [s for s in ctx.forget if s.image is not None]
+    targets = method.stranger_targets
+    assert [dataclasses.replace(s, answer="") for s in targets] == [dataclasses.replace(s, answer="") for s in pairs]
+    assert any(t.answer != s.answer for t, s in zip(targets, pairs))
+    # the replies are the reference model's about the strangers' photos (same draws as setup)
+    g = torch.Generator().manual_seed(ctx.seed + 7919)
+    photos = [method.strangers[i] for i in torch.randint(0, len(method.strangers), (len(pairs),), generator=g)]
+    with torch.no_grad(), reference_model(ctx.lm.model):
+        replies = generate(ctx.lm, photos[:3], [s.question for s in pairs[:3]], max_new_tokens=32)
+    assert [t.answer for t in targets[:3]] == replies
+    with torch.no_grad():
+        _, with_sr = method.loss(ctx, 0)
+        batch = UnlearnContext(ctx.lm, ctx.forget, ctx.retain, 2, 0).stream("stranger_reply", lambda: targets, 2)
+        assert with_sr["stranger_reply"] == pytest.approx(answer_nll(ctx.lm, batch).item(), rel=1e-5)
+    # added with its weight: the same step with weights 0.5 and 1.5 differs by one term
+    losses = []
+    for w in (0.5, 1.5):
+        ctx_w, method_w = _ctx_and_method(data, model, strangers, stranger_reply=w, stranger_reply_batch_size=2)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            losses.append(method_w.loss(ctx_w, 0)[0].item())
+    assert losses[1] - losses[0] == pytest.approx(with_sr["stranger_reply"], rel=1e-4)
+    # without stranger photos the term is off (no targets), as every stranger option
+    _, without = _ctx_and_method(data, model, (), stranger_reply=0.5)
+    assert without.stranger_targets == []
+
+
+def test_relearn_sim_gradient_is_eq7_of_the_held_out_half_at_the_attacked_weights(world_with_strangers):
+    """The meta step: W' = W - lr * sign(grad_W NLL(A)); the surrogate's value is 0 and its gradient
+    w.r.t. B is that of Eq. 7 on B's photos at W'; W is restored bit for bit."""
+    data, model = world_with_strangers
+    ctx, method = _ctx_and_method(data, model, relearn_sim=1.0, relearn_sim_lr=1e-2)
+    weights = [w.detach().clone() for w in method.attack_weights]
+    retain = ctx.stream("retain_vqa", lambda: [s for s in ctx.retain if s.image is not None], 16)
+    h_rr_all = ctx.visual_tokens(retain, reference=True)
+    gen = method.generator.get_state()
+    surrogate, meta = method._relearn_sim(ctx, h_rr_all)
+    assert surrogate.item() == 0.0
+    assert all(torch.equal(w, v) for w, v in zip(method.attack_weights, weights))
+    params = [p for p in ctx.lm.model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(surrogate, params, allow_unused=True)
+    # by hand, with the same draws
+    method.generator.set_state(gen)
+    g = method.generator
+    people = [method.forget_people[i] for i in torch.randperm(len(method.forget_people), generator=g).tolist()]
+    half = max(1, len(people) // 2)
+    pool_a = [s for s in method.forget_pairs if s.person in set(people[:half])]
+    pairs = [pool_a[i] for i in torch.randperm(len(pool_a), generator=g)[:2].tolist()]
+    held = set(people[half:]) or set(people[:half])  # one forget person here: A = B
+    pool_b = distinct_images([s for s in method.forget_pairs if s.person in held])
+    photos = [pool_b[i] for i in torch.randperm(len(pool_b), generator=g)[:2].tolist()]
+    for w in method.attack_weights:
+        w.requires_grad_(True)
+    grads = torch.autograd.grad(ctx.nll(pairs), method.attack_weights)
+    for w in method.attack_weights:
+        w.requires_grad_(False)
+    with torch.no_grad():
+        for w, gw in zip(method.attack_weights, grads):
+            w.sub_(1e-2 * gw.sign())
+    h_u, h_r = ctx.visual_tokens(photos), ctx.visual_tokens(photos, reference=True)
+    z_u, z_r = h_u.reshape(-1, h_u.shape[-1]), h_r.reshape(-1, h_r.shape[-1])
+    anchor = h_rr_all.mean(0).repeat(len(h_u), 1)
+    want = cvf_pull(z_u, anchor) + cvf_push_of(method, z_u, z_r)
+    assert want.item() == pytest.approx(meta, rel=1e-5)
+    expected = torch.autograd.grad(want, params, allow_unused=True)
+    with torch.no_grad():
+        for w, v in zip(method.attack_weights, weights):
+            w.copy_(v)
+    for a, b in zip(got, expected):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(a is not None and a.abs().sum() > 0 for a in got)
+
+
+def cvf_push_of(method, z_u, z_r):
+    from mllm_unlearn.methods.losses import cvf_push
+
+    return cvf_push(z_u - method.center, z_r - method.center, method.queue, method.cfg.tau)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..data.prompts import format_cloze, format_mcq
 from ..data.sample import SPLITS, BenchmarkData, Sample
 from ..models.loading import LoadedModel
-from ..models.scoring import answer_logprobs, eval_mode
+from ..models.scoring import answer_logprobs, eval_mode, generate
 from .metrics import cloze_correct, parse_choice, rouge_l
 from .protocols import cross_modal, match_option_text, pair_modalities, umu_mcq_body
 
@@ -71,17 +71,6 @@ class ItemResult:
 def _chunks(items: Sequence, n: int) -> Iterable[Sequence]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
-
-
-@torch.no_grad()
-def generate(lm: LoadedModel, samples: Sequence[Sample], bodies: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy replies, one per sample (left-padded batch)."""
-    batch = lm.arch.encode(lm.processor, samples, bodies, padding_side="left").to(lm.model.device)
-    out = lm.model.generate(
-        **batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.processor.tokenizer.pad_token_id
-    )
-    new = out[:, batch.inputs["input_ids"].shape[1] :]
-    return [t.strip() for t in lm.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def _score_mcq_letter(lm, split, items, cfg) -> list[ItemResult]:

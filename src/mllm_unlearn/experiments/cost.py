@@ -42,7 +42,8 @@ class Shapes:
     answer + EOS (where the loss is); ``image_size``: pixels of the square image (None: the vision
     config's size for LLaVA, 448 for Qwen2-VL, i.e. 1024 patches -> 256 LLM tokens); ``vqa_fraction``:
     share of a person's training pairs asked with the image (MLLMU-Bench and the demo world: half).
-    Batches: the library's defaults (``UnlearnConfig.batch_size`` 8, CVF's retain batch 16).
+    Batches: the library's defaults (``UnlearnConfig.batch_size`` 8; CVF's retain and L_GUM batches
+    from :class:`~mllm_unlearn.methods.cvf_ncu.CVFConfig` unless given).
     """
 
     text_tokens: int = 60
@@ -50,7 +51,7 @@ class Shapes:
     image_size: int | None = None
     vqa_fraction: float = 0.5
     batch_size: int = 8
-    cvf_retain_batch: int = 16
+    cvf_retain_batch: int | None = None  # None: cvf_ncu's default retain_batch_size
     gum_batch: int | None = None  # what-if: GUM on this many of the retain batch (None: cvf_ncu's default)
     rank: int | None = None  # None: the method's default_rank (32 for cvf_ncu, 8 for the baselines)
     queue_size: int = 256
@@ -79,8 +80,9 @@ def method_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
     """The passes of one step of ``method`` at its defaults (a list per kind of step: MMUnlearner
     alternates two). Mirrors ``mllm_unlearn.methods`` (forget_modality ``all`` mixes pairs with and
     without the image; MMUnlearner's forget set is ``vqa``)."""
-    b, rb = shapes.batch_size, shapes.cvf_retain_batch
-    gum = shapes.gum_batch or get_method("cvf_ncu").config_class().gum_batch_size or rb
+    cvf = get_method("cvf_ncu").config_class()
+    b, rb = shapes.batch_size, shapes.cvf_retain_batch or cvf.retain_batch_size
+    gum = shapes.gum_batch or cvf.gum_batch_size or rb
     mix = Pass(b, _mixed(b, shapes))
     ref_mix = Pass(b, _mixed(b, shapes), grad=False)
     steps = {

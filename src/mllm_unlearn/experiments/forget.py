@@ -47,12 +47,11 @@ import torch
 
 from ..data.request import Person, Photo, Pool, Request, check_overlaps, read_photos, read_request, sha256
 from ..data.sample import DataError, Sample
-from ..evaluate.harness import generate
 from ..evaluate.metrics import classify_name as classify
 from ..methods import get_method
 from ..models.loading import LoadedModel, load_model, torch_dtype
 from ..models.quantize import QuantSpec, fake_quantize_
-from ..models.scoring import answer_nll, eval_mode
+from ..models.scoring import answer_nll, eval_mode, generate
 from ..nullspace.lora import FROZEN_ATTR, refreeze
 from ..runtime.options import parse_options, shared_fields
 from ..runtime.outputs import atomic_dir, check_writable, refuse_existing

@@ -35,9 +35,10 @@ from typing import Any
 from ..data.mllmu import read_mllmu
 from ..data.sample import BenchmarkData, Sample
 from ..data.world import WorldConfig, make_world
-from ..evaluate.harness import EvalConfig, evaluate, generate
+from ..evaluate.harness import EvalConfig, evaluate
 from ..methods import available_methods, get_method
 from ..models.loading import LoadedModel, load_model
+from ..models.scoring import generate
 from ..models.tiny import TinySizes, corpus_for, make_tiny_model
 from ..train.finetune import finetune
 from ..train.loop import TrainConfig

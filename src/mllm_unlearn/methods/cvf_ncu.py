@@ -35,11 +35,15 @@ within 2e-5) — exactly what the old code differs from itself run with 2 thread
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from ..data.sample import Sample
+from ..models.scoring import eval_mode, generate
+from ..nullspace import lora_layers, reference_model, trainable_parameters
 from ..nullspace.reference import image_key
+from ..runtime import distributed
 from ..runtime.distributed import gather
 from .base import UnlearnContext, UnlearningMethod, distinct_images, register
 from .losses import cvf_loss, cvf_pull, cvf_push, nmse_push, pool, retention_mse, total_loss
@@ -97,6 +101,18 @@ class CVFConfig:
     #: LLM pass that dominates a step at 7B (issue #13) and cost nothing measurable on the dev worlds
     #: (docs/method.md)
     gum_batch_size: int = 8
+    #: weight of L_SR, "answer about a forgotten face as about a stranger's": the answer NLL, on the forget
+    #: set's image pairs, of the reference model's own greedy reply to the same question asked about a
+    #: stranger's photo (generated once per request; needs stranger photos, no term without them)
+    stranger_reply: float = 0.0
+    stranger_reply_batch_size: int = 8
+    #: weight of the simulated relearning step (first-order meta-unlearning): every
+    #: ``relearn_sim_every`` steps the adapted modules' base weights take one sign-gradient step of size
+    #: ``relearn_sim_lr`` that relearns half of the forget people (their image pairs' answer NLL), and
+    #: the push / pull of the other half's photos is taken at those attacked weights
+    relearn_sim: float = 0.0
+    relearn_sim_lr: float = 1e-3
+    relearn_sim_every: int = 1
 
     def __post_init__(self) -> None:
         if self.push not in PUSHES:
@@ -111,6 +127,12 @@ class CVFConfig:
             raise ValueError(f"views must be >= 0, not {self.views}")
         if self.gum_batch_size < 0:
             raise ValueError(f"gum_batch_size must be >= 0 (0: the whole retain batch), not {self.gum_batch_size}")
+        for key in ("stranger_reply", "relearn_sim", "relearn_sim_lr"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
+        for key in ("stranger_reply_batch_size", "relearn_sim_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, not {getattr(self, key)}")
 
 
 @dataclass
@@ -184,11 +206,18 @@ class CVFNCU(UnlearningMethod):
         # driver's calibration pass may already have computed them, in these same batches)
         ctx.cache_reference(retain_images)
         ctx.cache_reference(forget_images)
-        wants = cfg.anchor != "retain" or cfg.ret_strangers
+        wants = cfg.anchor != "retain" or cfg.ret_strangers or cfg.stranger_reply > 0
         self.strangers = distinct_images(ctx.strangers) if wants else []
         if self.strangers:
             ctx.cache_reference(self.strangers)
         self.generator = torch.Generator().manual_seed(ctx.seed + 7919)
+        self.stranger_targets = self._stranger_replies(ctx) if cfg.stranger_reply and self.strangers else []
+        if cfg.relearn_sim:
+            if distributed.active():
+                raise ValueError("relearn_sim is not supported with several processes (its inner step is local)")
+            self.forget_pairs = [s for s in ctx.forget if s.image is not None]
+            self.forget_people = sorted({s.person for s in self.forget_pairs})
+            self.attack_weights = [layer.base_layer.weight for layer in lora_layers(ctx.lm.model).values()]
         self.forgotten = distinct_images(ctx.forgotten) if cfg.keep_forgotten else []
         if self.forgotten:  # the tokens the (already unlearned) model gives them now
             with torch.no_grad():
@@ -205,6 +234,81 @@ class CVFNCU(UnlearningMethod):
             self.queue = pooled[idx] - self.center
         else:
             self.queue = pooled[:0] - self.center
+
+    def _stranger_replies(self, ctx: UnlearnContext) -> list[Sample]:
+        """The forget set's image pairs with their answers replaced: each pair's question asked about a
+        stranger's photo (one drawn per pair), answered by the reference model (greedy): what the model
+        says about a face it does not know, generated once per request."""
+        pairs = [s for s in ctx.forget if s.image is not None]
+        idx = torch.randint(0, len(self.strangers), (len(pairs),), generator=self.generator).tolist()
+        photos = [self.strangers[i] for i in idx]
+        replies: list[str] = []
+        with torch.no_grad(), eval_mode(ctx.lm.model), reference_model(ctx.lm.model):
+            for i in range(0, len(pairs), 16):
+                replies += generate(
+                    ctx.lm, photos[i : i + 16], [s.question for s in pairs[i : i + 16]], max_new_tokens=32
+                )
+        return [replace(s, answer=r) for s, r in zip(pairs, replies) if r]
+
+    def _like_stranger(self, ctx: UnlearnContext) -> torch.Tensor:
+        """L_SR: mean answer NLL of a batch of :meth:`_stranger_replies` (forget photo, its question, the
+        reference model's reply about a stranger)."""
+        batch = ctx.stream("stranger_reply", lambda: self.stranger_targets, self.cfg.stranger_reply_batch_size)
+        return ctx.nll(batch)
+
+    def _push_pull(self, z_u: torch.Tensor, z_r: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Eq. 4 (or Eq. 5) and Eq. 6 of unlearned / reference IVRs, as the config switches them."""
+        cfg = self.cfg
+        zero = z_u.new_zeros(())
+        if cfg.push == "cvf":
+            push = cvf_push(z_u - self.center, z_r - self.center, self.queue, cfg.tau)
+        elif cfg.push == "nmse":
+            push = nmse_push(z_u, z_r)
+        else:
+            push = zero
+        return push, cvf_pull(z_u, anchor) if cfg.pull else zero
+
+    def _relearn_sim(self, ctx: UnlearnContext, h_rr_all: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """First-order meta-unlearning against relearning (cf. MAML's first-order variant, Finn et al.
+        2017; TAR, Tamirisa et al. 2024): the forget people are split at random into an attack half A
+        and a held-out half B (A = B with one person); the adapted modules' base weights W take one step
+        W - relearn_sim_lr * sign(grad_W NLL(A's image pairs)) (Adam's first steps are sign steps), the
+        push / pull of B's photos (Eq. 7) is taken at the attacked weights, and its gradient w.r.t. the
+        trainable B's is returned as a surrogate (value 0, gradient = that gradient); W is restored.
+        Returns (surrogate, Eq. 7 at the attacked weights)."""
+        cfg, g = self.cfg, self.generator
+        people = [self.forget_people[i] for i in torch.randperm(len(self.forget_people), generator=g).tolist()]
+        half = max(1, len(people) // 2)
+        attack, held = set(people[:half]), set(people[half:]) or set(people[:half])
+        pool_a = [s for s in self.forget_pairs if s.person in attack]
+        pairs = [pool_a[i] for i in torch.randperm(len(pool_a), generator=g)[: ctx.batch_size].tolist()]
+        pool_b = distinct_images([s for s in self.forget_pairs if s.person in held])
+        photos = [pool_b[i] for i in torch.randperm(len(pool_b), generator=g)[: ctx.batch_size].tolist()]
+        weights = self.attack_weights
+        for w in weights:
+            w.requires_grad_(True)
+        try:
+            grads = torch.autograd.grad(ctx.nll(pairs), weights, allow_unused=True)
+        finally:
+            for w in weights:
+                w.requires_grad_(False)
+        saved = [w.detach().clone() for w in weights]
+        params = trainable_parameters(ctx.lm.model)
+        try:
+            with torch.no_grad():
+                for w, gw in zip(weights, grads):
+                    if gw is not None:
+                        w.sub_(cfg.relearn_sim_lr * gw.sign())
+            h_u, h_r = ctx.visual_tokens(photos), ctx.visual_tokens(photos, reference=True)
+            z_u, z_r = self._ivr(h_u), self._ivr(h_r)
+            meta = cvf_loss(*self._push_pull(z_u, z_r, self._anchor(ctx, h_rr_all, len(h_u))), cfg.lam)
+            meta_grads = torch.autograd.grad(meta, params, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for w, s in zip(weights, saved):
+                    w.copy_(s)
+        surrogate = sum((p * gp).sum() for p, gp in zip(params, meta_grads) if gp is not None)
+        return surrogate - surrogate.detach(), meta.item()
 
     def _ivr(self, h: torch.Tensor) -> torch.Tensor:
         """The IVRs the contrastive terms compare: (B, d) pooled, or (B*T, d) tokens."""
@@ -248,6 +352,14 @@ class CVFNCU(UnlearningMethod):
         cfg = self.cfg
         forget = ctx.stream("forget_images", lambda: distinct_images(ctx.forget))
         retain = ctx.stream("retain_vqa", lambda: [s for s in ctx.retain if s.image is not None], cfg.retain_batch_size)
+        h_rr = ctx.visual_tokens(retain, reference=True)  # reference features: read, not computed
+        # anchor p_r^a: mean reference IVR of the retain batch (per position at token level), or strangers'
+        h_rr_all = gather(h_rr)  # the whole retain batch's (several processes: every shard, in rank order)
+        logs: dict[str, float] = {}
+        meta_surrogate = None
+        if cfg.relearn_sim and step % cfg.relearn_sim_every == 0:
+            # first: it moves the base weights and puts them back, which the step's graph must not see
+            meta_surrogate, logs["relearn_sim"] = self._relearn_sim(ctx, h_rr_all)
         h_fu, h_fr = self._forget_tokens(ctx, forget)  # Eq. 1, unlearned and reference model
         z_fu, z_fr = self._ivr(h_fu), self._ivr(h_fr)  # Eq. 2
         # one encoding of the retain pairs: its pixels give h_ru, and L_GUM reads h_ru (the same images'
@@ -261,22 +373,12 @@ class CVFNCU(UnlearningMethod):
         whole = stride == 1
         gum_batch = ctx.pairs(gum_pairs) if reuse else None
         h_ru = ctx.visual_tokens(retain, batch=gum_batch if whole else None)  # Eq. 8
-        h_rr = ctx.visual_tokens(retain, reference=True)  # reference features: read, not computed
-        # anchor p_r^a: mean reference IVR of the retain batch (per position at token level), or strangers'
-        h_rr_all = gather(h_rr)  # the whole retain batch's (several processes: every shard, in rank order)
         anchor = self._anchor(ctx, h_rr_all, len(h_fu))
         zero = z_fu.new_zeros(())
-        logs: dict[str, float] = {}
 
         if cfg.queue_source == "forget":
             self._enqueue(gather(z_fr) - self.center)
-        if cfg.push == "cvf":
-            push = cvf_push(z_fu - self.center, z_fr - self.center, self.queue, cfg.tau)
-        elif cfg.push == "nmse":
-            push = nmse_push(z_fu, z_fr)
-        else:
-            push = zero
-        pull = cvf_pull(z_fu, anchor) if cfg.pull else zero
+        push, pull = self._push_pull(z_fu, z_fr, anchor)
         ret = retention_mse(h_ru, h_rr) if cfg.ret else zero
         if self.forgotten:
             kept = ctx.stream("forgotten", lambda: self.forgotten, cfg.retain_batch_size)
@@ -295,6 +397,12 @@ class CVFNCU(UnlearningMethod):
             self._enqueue(z_rr[keep] - self.center)
 
         loss = total_loss(cvf_loss(push, pull, cfg.lam), ret, gum, cfg.alpha, cfg.ret_weight)
+        if self.stranger_targets:
+            sr = self._like_stranger(ctx)
+            loss = loss + cfg.stranger_reply * sr
+            logs["stranger_reply"] = sr.item()
+        if meta_surrogate is not None:
+            loss = loss + cfg.alpha * cfg.relearn_sim * meta_surrogate
         if cfg.b_l2:
             size = sum((p**2).sum() for n, p in ctx.lm.model.named_parameters() if "lora_B" in n and p.requires_grad)
             loss = loss + cfg.b_l2 * size

@@ -1,5 +1,5 @@
 """Scoring helpers written once and used by fine-tuning, every unlearning method and evaluation:
-batch encoding, the answer NLL, per-sequence answer log-probabilities, and an eval-mode guard.
+batch encoding, the answer NLL, per-sequence answer log-probabilities, greedy replies and an eval-mode guard.
 
 Several processes: :func:`answer_nll` divides the shard's token sum by the answer-token count of the
 GLOBAL batch and multiplies by the number of processes, so that DDP's gradient average is the global
@@ -78,6 +78,17 @@ def answer_logprobs(
     logits, targets, rows = lm.arch.answer_logits(lm.model, batch)
     logp, lengths = sequence_logprob(logits, targets, rows, len(samples))
     return logp / lengths if length_norm else logp
+
+
+@torch.no_grad()
+def generate(lm: LoadedModel, samples: Sequence[Sample], bodies: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy replies, one per sample (left-padded batch)."""
+    batch = lm.arch.encode(lm.processor, samples, bodies, padding_side="left").to(lm.model.device)
+    out = lm.model.generate(
+        **batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.processor.tokenizer.pad_token_id
+    )
+    new = out[:, batch.inputs["input_ids"].shape[1] :]
+    return [t.strip() for t in lm.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 @contextmanager

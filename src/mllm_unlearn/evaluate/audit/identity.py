@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from ...data.sample import ImageRef, Sample
 from ...data.world import IDENTITY_QUESTIONS
 from ...models.loading import LoadedModel
-from ..harness import generate
+from ...models.scoring import generate
 from ..metrics import classify_name
 from .common import AuditData
 

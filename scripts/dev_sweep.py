@@ -1,0 +1,175 @@
+"""Measure method variants on the audit's worlds: the command behind docs/method.md's dev tables.
+
+Usage::
+
+    mllm-unlearn audit --seeds 0,1,2 --methods cvf_ncu --cache CACHE --out OUT   # builds the worlds
+    python scripts/dev_sweep.py --cache CACHE --seeds 0,1,2 --out sweep.jsonl \\
+        --variant default --variant "gum4:gum_batch_size=4" --variant "r16:rank=16"
+
+A variant is ``NAME[:KEY=VALUE,...]``: method options (``--opt`` keys of the method's config) and the
+driver's ``rank``, ``steps``, ``lr`` and ``method`` (default ``cvf_ncu``). Per seed the cached vanilla
+model is unlearned with the variant (the audit's default ``UnlearnConfig`` otherwise), merged, and
+audited with the chosen probes against the cached vanilla and oracle (the audit's own code, so its
+numbers are the audit's). Rows go to ``--out`` (JSON lines; a (seed, variant, settings) row already
+there is not redone), and the table of means over the seeds (± 95 % t-interval) is printed.
+``--attack-seeds 0,1`` repeats the relearning and benign probes with other batch orders and averages
+them (their spread between batch orders is ±0.2 on one world).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from mllm_unlearn.data.mllmu import read_mllmu
+from mllm_unlearn.evaluate.audit import AuditConfig, audit_model, load_audit_data, prepare_references
+from mllm_unlearn.experiments.audit import mean_ci
+from mllm_unlearn.methods import get_method
+from mllm_unlearn.models.loading import load_model
+from mllm_unlearn.runtime.options import parse_options
+from mllm_unlearn.train.unlearn import UnlearnConfig, unlearn
+
+DRIVER_KEYS = {"rank": int, "steps": int, "lr": float, "method": str}
+COLUMNS = (
+    "forget_vqa",
+    "unseen_forget_vqa",
+    "retain_vqa",
+    "real_vqa",
+    "misid_train",
+    "misid_unseen",
+    "unknown_train",
+    "unknown_unseen",
+    "relearn_recovery",
+    "benign_forget_after",
+    "int4_forget_vqa",
+    "int4_retain_ratio",
+    "summary",
+)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str], dict]:
+    name, _, rest = text.partition(":")
+    opts, driver = {}, {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"variant {text!r}: {item!r} is not KEY=VALUE")
+        if key in DRIVER_KEYS:
+            driver[key] = DRIVER_KEYS[key](value)
+        else:
+            opts[key] = value
+    return name, opts, driver
+
+
+def headline_extra(card: dict) -> dict[str, float]:
+    ident = card.get("identity", {})
+    out = {}
+    for key, col in (("forget_train", "unknown_train"), ("forget_unseen", "unknown_unseen")):
+        if key in ident:
+            out[col] = ident[key]["unknown_reply"] / max(1, ident[key]["n"])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", required=True, help="an audit --seeds cache (seed<N>/world, vanilla, oracle)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--variant", action="append", required=True)
+    p.add_argument("--out", required=True, help="JSON lines, appended")
+    p.add_argument("--probes", default="unseen,identity,relearn,benign,quantization")
+    p.add_argument("--quant", default="int4")
+    p.add_argument("--attack-seeds", default="0")
+    p.add_argument("--forget", default="forget_15")
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    attack_seeds = [int(s) for s in args.attack_seeds.split(",")]
+    variants = [parse_variant(v) for v in args.variant]
+    probes = tuple(args.probes.split(","))
+    out = Path(args.out)
+    done = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row
+    for seed in seeds:
+        root = Path(args.cache) / f"seed{seed}"
+        refs = data = audit_data = None
+        for name, opts, driver in variants:
+            method = driver.get("method", "cvf_ncu")
+            method_cls = get_method(method)
+            method_cfg = parse_options(method_cls.config_class, [f"{k}={v}" for k, v in opts.items()])
+            run_cfg = UnlearnConfig(
+                method=method,
+                seed=seed,
+                cache_dir=str(root / "ncu_cache"),
+                **{k: v for k, v in driver.items() if k != "method"},
+            )
+            key = json.dumps(
+                {
+                    "seed": seed,
+                    "unlearn": asdict(run_cfg),
+                    "method_config": asdict(method_cfg),
+                    "probes": probes,
+                    "quant": args.quant,
+                    "attack_seeds": attack_seeds,
+                },
+                sort_keys=True,
+            )
+            if key in done:
+                continue
+            if refs is None:
+                data = read_mllmu(root / "world", forget=args.forget)
+                audit_data = load_audit_data(root / "world", args.forget)
+                cfg = AuditConfig(forget=args.forget, probes=probes + ("oracle",), quant_specs=(args.quant,))
+                oracle = next(o for o in sorted(root.glob("oracle-*")) if o.suffix != ".partial")
+                refs = prepare_references(load_model(root / "vanilla"), audit_data, cfg, load_model(oracle))
+            t0 = time.perf_counter()
+            lm, history = unlearn(load_model(root / "vanilla"), data, run_cfg, method_cfg)
+            unlearn_s = time.perf_counter() - t0
+            lm.model = lm.model.merge_and_unload()
+            lm.model.eval()
+            cards = []
+            for k, attack_seed in enumerate(attack_seeds):
+                cfg = AuditConfig(
+                    forget=args.forget,
+                    probes=probes if k == 0 else tuple(p for p in probes if p in ("relearn", "benign")),
+                    quant_specs=(args.quant,),
+                    budget=replace(AuditConfig().budget, seed=attack_seed),
+                )
+                cards.append(audit_model(lm, audit_data, cfg, refs))
+            headline = {**cards[0]["headline"], **headline_extra(cards[0])}
+            for col in ("relearn_recovery", "relearn_after", "benign_forget_after", "benign_unseen_after"):
+                vals = [c["headline"][col] for c in cards if not math.isnan(c["headline"].get(col, math.nan))]
+                if vals:
+                    headline[col] = sum(vals) / len(vals)
+            row = {
+                "key": key,
+                "seed": seed,
+                "variant": name,
+                "headline": headline,
+                "unlearn_s": round(unlearn_s, 1),
+                "final_log": history[-1] if history else {},
+            }
+            done[key] = row
+            with open(out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"seed {seed} {name}: " + ", ".join(f"{c}={headline.get(c, math.nan):.3f}" for c in COLUMNS))
+    rows = [r for r in done.values() if r["seed"] in seeds]
+    names = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] in {v[0] for v in variants}))
+    print("\n| variant | n | " + " | ".join(COLUMNS) + " |")
+    print("|---" * (len(COLUMNS) + 2) + "|")
+    for name in names:
+        mine = [r for r in rows if r["variant"] == name]
+        cells = []
+        for col in COLUMNS:
+            m = mean_ci([r["headline"].get(col, math.nan) for r in mine])
+            cells.append("–" if math.isnan(m["mean"]) else f"{m['mean']:.3f}")
+        print(f"| {name} | {len(mine)} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
