@@ -32,8 +32,12 @@ def main() -> None:
     p.add_argument("--text-tokens", type=int, default=Shapes.text_tokens)
     p.add_argument("--answer-tokens", type=int, default=Shapes.answer_tokens)
     p.add_argument("--batch-size", type=int, default=Shapes.batch_size)
-    p.add_argument("--cvf-retain-batch", type=int, default=None, help="default: cvf_ncu's retain_batch_size")
-    p.add_argument("--gum-batch", type=int, default=None, help="what-if: CVF's GUM on fewer retain samples")
+    p.add_argument(
+        "--cvf-opt",
+        action="append",
+        default=[],
+        help="what-if: an option of CVF-NCU's config, KEY=VALUE as unlearn's --opt (repeatable)",
+    )
     p.add_argument("--json", help="also write the rows as JSON to this file")
     args = p.parse_args()
     hf_logging.set_verbosity_error()
@@ -44,8 +48,7 @@ def main() -> None:
         text_tokens=args.text_tokens,
         answer_tokens=args.answer_tokens,
         batch_size=args.batch_size,
-        cvf_retain_batch=args.cvf_retain_batch,
-        gum_batch=args.gum_batch,
+        cvf_options=tuple(args.cvf_opt),
     )
     print(f"shapes: {asdict(shapes)}")
     out = {"shapes": asdict(shapes), "models": {}}

@@ -25,7 +25,7 @@ from mllm_unlearn.models.published import PUBLISHED, build_on_meta, published_co
 from mllm_unlearn.models.tiny import corpus_for
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = Shapes(text_tokens=40, answer_tokens=10, batch_size=4, cvf_retain_batch=8, queue_size=16)
+SHAPES = Shapes(text_tokens=40, answer_tokens=10, batch_size=4, cvf_options=("retain_batch_size=8",), queue_size=16)
 
 
 @pytest.fixture(scope="module")

@@ -265,12 +265,16 @@ def test_stranger_reply_is_the_reference_models_reply_about_a_stranger_learnt_on
     targets = method.stranger_targets
     assert [dataclasses.replace(s, answer="") for s in targets] == [dataclasses.replace(s, answer="") for s in pairs]
     assert any(t.answer != s.answer for t, s in zip(targets, pairs))
-    # the replies are the reference model's about the strangers' photos (same draws as setup)
-    g = torch.Generator().manual_seed(ctx.seed + 7919)
-    photos = [method.strangers[i] for i in torch.randint(0, len(method.strangers), (len(pairs),), generator=g)]
-    with torch.no_grad(), reference_model(ctx.lm.model):
-        replies = generate(ctx.lm, photos[:3], [s.question for s in pairs[:3]], max_new_tokens=32)
-    assert [t.answer for t in targets[:3]] == replies
+    # each forget person has one impostor (a stranger, distinct ones while there are enough), and each
+    # reply is the reference model's answer to the pair's question about one of the impostor's photos
+    impostors = {p: {s.person for s in photos} for p, photos in method.impostors.items()}
+    assert set(impostors) == {s.person for s in ctx.forget} and all(len(v) == 1 for v in impostors.values())
+    assert not set().union(*impostors.values()) & (data.forget_people | data.retain_people)
+    for pair, target in list(zip(pairs, targets))[:3]:
+        photos = method.impostors[pair.person]
+        with torch.no_grad(), reference_model(ctx.lm.model):
+            replies = generate(ctx.lm, photos, [pair.question] * len(photos), max_new_tokens=32)
+        assert target.answer in replies
     with torch.no_grad():
         _, with_sr = method.loss(ctx, 0)
         batch = UnlearnContext(ctx.lm, ctx.forget, ctx.retain, 2, 0).stream("stranger_reply", lambda: targets, 2)
@@ -292,7 +296,7 @@ def test_relearn_sim_gradient_is_eq7_of_the_held_out_half_at_the_attacked_weight
     """The meta step: W' = W - lr * sign(grad_W NLL(A)); the surrogate's value is 0 and its gradient
     w.r.t. B is that of Eq. 7 on B's photos at W'; W is restored bit for bit."""
     data, model = world_with_strangers
-    ctx, method = _ctx_and_method(data, model, relearn_sim=1.0, relearn_sim_lr=1e-2)
+    ctx, method = _ctx_and_method(data, model, relearn_sim=1.0, relearn_sim_lr=1e-2, relearn_sim_batch_size=2)
     weights = [w.detach().clone() for w in method.attack_weights]
     retain = ctx.stream("retain_vqa", lambda: [s for s in ctx.retain if s.image is not None], 16)
     h_rr_all = ctx.visual_tokens(retain, reference=True)

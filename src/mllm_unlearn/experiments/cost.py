@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from ..methods import get_method
 from ..models.base import get_arch
 from ..models.published import build_on_meta, published_config
-from ..nullspace import NCUConfig, attach_lora, target_linears
+from ..nullspace import NCUConfig, attach_lora, lora_layers, target_linears
+from ..runtime.options import parse_options
 
 
 @dataclass
@@ -42,8 +43,8 @@ class Shapes:
     answer + EOS (where the loss is); ``image_size``: pixels of the square image (None: the vision
     config's size for LLaVA, 448 for Qwen2-VL, i.e. 1024 patches -> 256 LLM tokens); ``vqa_fraction``:
     share of a person's training pairs asked with the image (MLLMU-Bench and the demo world: half).
-    Batches: the library's defaults (``UnlearnConfig.batch_size`` 8; CVF's retain and L_GUM batches
-    from :class:`~mllm_unlearn.methods.cvf_ncu.CVFConfig` unless given).
+    Batches: the library's defaults (``UnlearnConfig.batch_size`` 8; CVF's from its config,
+    :class:`~mllm_unlearn.methods.cvf_ncu.CVFConfig`, with ``cvf_options`` applied).
     """
 
     text_tokens: int = 60
@@ -51,8 +52,8 @@ class Shapes:
     image_size: int | None = None
     vqa_fraction: float = 0.5
     batch_size: int = 8
-    cvf_retain_batch: int | None = None  # None: cvf_ncu's default retain_batch_size
-    gum_batch: int | None = None  # what-if: GUM on this many of the retain batch (None: cvf_ncu's default)
+    #: what-ifs: ``--opt``-style options of CVF-NCU's config (e.g. ``retain_batch_size=8``)
+    cvf_options: tuple[str, ...] = ()
     rank: int | None = None  # None: the method's default_rank (32 for cvf_ncu, 8 for the baselines)
     queue_size: int = 256
 
@@ -62,7 +63,8 @@ class Pass:
     """One pass of a step. ``rows`` samples, ``images`` of them with the image; ``grad``: in the loss's
     graph (else the reference model: adapters disabled, no gradient); ``visual``: image features only
     (no LLM); ``kl``: its logits enter a KL term (both distributions kept); ``reuse``: an LLM pass fed
-    with the image features of the step's last grad visual pass (no second vision pass)."""
+    with the image features of the step's last grad visual pass (no second vision pass); ``base_grad``:
+    the visual module's base weights get gradients too (CVF's simulated relearning attack)."""
 
     rows: int
     images: int
@@ -70,19 +72,42 @@ class Pass:
     visual: bool = False
     kl: bool = False
     reuse: bool = False
+    base_grad: bool = False
 
 
 def _mixed(n: int, shapes: Shapes) -> int:
     return round(n * shapes.vqa_fraction)
 
 
+def cvf_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
+    """CVF-NCU's steps (``cvf_ncu`` or ``cvf_ncu_paper``) at its config's defaults: Eq. 11 = the adapted
+    IVRs of the forget images and of the retain batch, and L_GUM = retain answer NLL through the frozen
+    LLM fed with those retain IVRs; with ``ret_strangers`` the adapted IVRs of a stranger batch (Eq. 9);
+    with ``relearn_sim`` every ``relearn_sim_every``-th step adds the simulated attack on half A (its
+    photos through the visual module, or its image pairs through the model, with gradients on the
+    visual base weights) and the held-out half's photos at the attacked weights. The reference IVRs are
+    computed once per request (``nullspace.reference.ReferenceFeatures``), not per step: not counted."""
+    cfg = parse_options(get_method(method).config_class, shapes.cvf_options)
+    b, rb = shapes.batch_size, cfg.retain_batch_size
+    gum = cfg.gum_batch_size or rb
+    main = [Pass(b, b, visual=True), Pass(rb, rb, visual=True), Pass(gum, gum, reuse=True)]
+    if cfg.ret_strangers:
+        main.append(Pass(cfg.stranger_batch_size, cfg.stranger_batch_size, visual=True))
+    if not cfg.relearn_sim:
+        return [main]
+    n = cfg.relearn_sim_batch_size
+    attack = Pass(n, n, visual=cfg.relearn_sim_attack == "tokens", base_grad=True)
+    return [[*main, attack, Pass(n, n, visual=True)]] + [main] * (cfg.relearn_sim_every - 1)
+
+
 def method_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
-    """The passes of one step of ``method`` at its defaults (a list per kind of step: MMUnlearner
-    alternates two). Mirrors ``mllm_unlearn.methods`` (forget_modality ``all`` mixes pairs with and
-    without the image; MMUnlearner's forget set is ``vqa``)."""
-    cvf = get_method("cvf_ncu").config_class()
-    b, rb = shapes.batch_size, shapes.cvf_retain_batch or cvf.retain_batch_size
-    gum = shapes.gum_batch or cvf.gum_batch_size or rb
+    """The passes of one step of ``method`` at its defaults (a list per kind of step, each counted once
+    per period: MMUnlearner alternates two, CVF-NCU's simulated relearning comes every k-th step).
+    Mirrors ``mllm_unlearn.methods`` (forget_modality ``all`` mixes pairs with and without the image;
+    MMUnlearner's forget set is ``vqa``)."""
+    if method in ("cvf_ncu", "cvf_ncu_paper"):
+        return cvf_steps(method, shapes)
+    b = shapes.batch_size
     mix = Pass(b, _mixed(b, shapes))
     ref_mix = Pass(b, _mixed(b, shapes), grad=False)
     steps = {
@@ -96,12 +121,6 @@ def method_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
         "mmunlearner": [[Pass(b, b)], [mix]],
         # CE + KL(ref || theta) on one batch of (a) relabelled forget VQA, (b) forget QA, (c) retain pairs
         "siu": [[Pass(3 * b, b + _mixed(b, shapes), kl=True), Pass(3 * b, b + _mixed(b, shapes), grad=False, kl=True)]],
-        # Eq. 11: adapted IVRs of the forget images and of the retain batch, and GUM = retain answer
-        # NLL through the frozen LLM fed with those retain IVRs. The reference IVRs are computed once
-        # per request (``nullspace.reference.ReferenceFeatures``), not per step: not counted here.
-        "cvf_ncu": [[Pass(b, b, visual=True), Pass(rb, rb, visual=True), Pass(gum, gum, reuse=True)]],
-        # the paper's literal reading: the same passes, L_GUM on the whole retain batch
-        "cvf_ncu_paper": [[Pass(b, b, visual=True), Pass(rb, rb, visual=True), Pass(rb, rb, reuse=True)]],
     }
     if method not in steps:
         raise ValueError(f"no step structure for method {method!r}; known: {sorted(steps)}")
@@ -359,7 +378,20 @@ class MetaModel:
         hidden = self.base.model.language_model(inputs_embeds=emb, **kw).last_hidden_state
         return self.base.lm_head(hidden[:, length - a - 1 : length - 1].reshape(-1, hidden.shape[-1]))
 
+    def attack_weights(self) -> list[torch.nn.Parameter]:
+        """The base weights of the adapted layers (what CVF's simulated relearning attack moves)."""
+        return [layer.base_layer.weight for layer in lora_layers(self.model).values()]
+
     def run(self, p: Pass, features: torch.Tensor | None = None) -> torch.Tensor:
+        if p.base_grad:
+            weights = self.attack_weights()
+            for w in weights:
+                w.requires_grad_(True)
+            try:
+                return self.run(replace(p, base_grad=False), features)
+            finally:
+                for w in weights:
+                    w.requires_grad_(False)
         if p.grad:
             return self.image_features(p.images) if p.visual else self.answer_logits(p, features)
         with torch.no_grad(), self.model.disable_adapter():
@@ -431,6 +463,8 @@ class MetaModel:
             total += vis + text
             if p.grad:
                 total += text + (vis if visual_grad else 0.0)
+            if p.base_grad:  # the weight gradients of the visual module
+                total += vis
         return total
 
     def _vision_tokens(self) -> int:
@@ -449,7 +483,12 @@ def project(name: str, method: str, shapes: Shapes = Shapes()) -> StepCost:
     param_storages = {p.untyped_storage()._cdata for p in mm.model.parameters()}
     flops, by_part, acts, hand = [], [], [], []
     visual_grad = scope != "llm"
+    counted: dict[tuple[Pass, ...], tuple] = {}
     for passes in steps:
+        if tuple(passes) in counted:  # a step kind repeated within the period: counted once, weighed as many
+            for out, value in zip((flops, by_part, acts, hand), counted[tuple(passes)]):
+                out.append(value)
+            continue
         saved: dict[int, int] = {}
 
         def pack(t: torch.Tensor, saved=saved) -> torch.Tensor:
@@ -468,6 +507,7 @@ def project(name: str, method: str, shapes: Shapes = Shapes()) -> StepCost:
         by_part.append(counter.flops)
         acts.append(sum(saved.values()))
         hand.append(mm.hand_flops(passes, visual_grad))
+        counted[tuple(passes)] = (flops[-1], by_part[-1], acts[-1], hand[-1])
     n = len(steps)
     trainable = [p for p in mm.model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
@@ -477,6 +517,8 @@ def project(name: str, method: str, shapes: Shapes = Shapes()) -> StepCost:
     extra = 4 * n_train if method == "mmunlearner" else 0  # saliency masks in the parameters' dtype
     if method in ("cvf_ncu", "cvf_ncu_paper"):
         extra = 4 * (shapes.queue_size + 1) * mm.d  # negative queue + centre, float32
+        if any(p.base_grad for passes in steps for p in passes):  # the attack's weight gradients and W's copy
+            extra += 2 * sum(w.numel() * w.element_size() for w in mm.attack_weights())
     return StepCost(
         method=method,
         scope=scope,

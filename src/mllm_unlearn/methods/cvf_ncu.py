@@ -50,7 +50,7 @@ from .losses import cvf_loss, cvf_pull, cvf_push, nmse_push, pool, retention_mse
 
 PUSHES = ("cvf", "nmse", "none")
 LEVELS = ("pooled", "token")
-ANCHORS = ("retain", "stranger", "stranger_pair")
+ANCHORS = ("retain", "stranger", "stranger_pair", "stranger_person")
 
 
 @dataclass
@@ -81,8 +81,13 @@ class CVFConfig:
     #: what the pull (Eq. 6) pulls toward: ``retain`` = the mean reference IVR of the retain batch (the
     #: paper); ``stranger`` = the mean reference IVR of a batch of strangers' photos (people the model
     #: does not know, :attr:`UnlearnContext.strangers`); ``stranger_pair`` = each forget image toward
-    #: one stranger photo's reference IVR. Without stranger photos the retain anchor is used.
+    #: one stranger photo's reference IVR; ``stranger_person`` = each forget person toward the mean
+    #: reference IVR of the photos of one stranger assigned to them (their "impostor", the same one all
+    #: along, as L_SR's). Without stranger photos the retain anchor is used.
     anchor: str = "retain"
+    #: the pull's distance to its anchor: ``cos`` = Eq. 6 (1 - cosine: direction only), ``mse`` = Eq. 9's
+    #: form (squared distance per token: direction and length, all of what the LLM reads)
+    pull_distance: str = "cos"
     stranger_batch_size: int = 16
     #: augmented views of every forget image added to the push / pull each step (0: the photos only)
     views: int = 0
@@ -113,6 +118,12 @@ class CVFConfig:
     relearn_sim: float = 0.0
     relearn_sim_lr: float = 1e-3
     relearn_sim_every: int = 1
+    #: photos (pairs) of each half per simulated step
+    relearn_sim_batch_size: int = 8
+    #: what the simulated attacker relearns half A by: ``answers`` = the answer NLL of A's image pairs
+    #: (through the LLM, as the audit's attack), ``tokens`` = Eq. 9 between A's photos' tokens and their
+    #: reference tokens (the visual module only: the attack's way back, without the LLM pass)
+    relearn_sim_attack: str = "answers"
 
     def __post_init__(self) -> None:
         if self.push not in PUSHES:
@@ -123,6 +134,10 @@ class CVFConfig:
             raise ValueError(f"queue_source must be 'retain' or 'forget', not {self.queue_source!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, not {self.anchor!r}")
+        if self.pull_distance not in ("cos", "mse"):
+            raise ValueError(f"pull_distance must be 'cos' or 'mse', not {self.pull_distance!r}")
+        if self.relearn_sim_attack not in ("answers", "tokens"):
+            raise ValueError(f"relearn_sim_attack must be 'answers' or 'tokens', not {self.relearn_sim_attack!r}")
         if self.views < 0:
             raise ValueError(f"views must be >= 0, not {self.views}")
         if self.gum_batch_size < 0:
@@ -130,7 +145,7 @@ class CVFConfig:
         for key in ("stranger_reply", "relearn_sim", "relearn_sim_lr"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
-        for key in ("stranger_reply_batch_size", "relearn_sim_every"):
+        for key in ("stranger_reply_batch_size", "relearn_sim_every", "relearn_sim_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, not {getattr(self, key)}")
 
@@ -139,15 +154,22 @@ class CVFConfig:
 class PaperCVFConfig(CVFConfig):
     """The paper's literal reading (Sec. 3.1): alpha = 1, mean-pooled IVRs (Eq. 2), no centring, the queue
     of Eq. 4 holding the forget images' reference IVRs of previous steps, the pull toward the retain
-    batch's mean reference IVR (Eq. 6), no augmentation, L_GUM on the whole retain batch."""
+    batch's mean reference IVR (Eq. 6), no augmentation, L_GUM on the whole retain batch of 16, nothing
+    beyond Eq. 11 (every option this library added is off, whatever :class:`CVFConfig`'s defaults)."""
 
     alpha: float = 1.0
     queue_source: str = "forget"
     center: bool = False
     level: str = "pooled"
     anchor: str = "retain"
+    pull_distance: str = "cos"
     views: int = 0
+    retain_batch_size: int = 16
     gum_batch_size: int = 0
+    ret_strangers: bool = False
+    b_l2: float = 0.0
+    stranger_reply: float = 0.0
+    relearn_sim: float = 0.0
 
 
 def augment_pixels(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
@@ -211,6 +233,13 @@ class CVFNCU(UnlearningMethod):
         if self.strangers:
             ctx.cache_reference(self.strangers)
         self.generator = torch.Generator().manual_seed(ctx.seed + 7919)
+        impostors = cfg.anchor == "stranger_person" or cfg.stranger_reply > 0
+        self.impostors = self._impostors(ctx) if self.strangers and impostors else {}
+        if self.impostors and cfg.anchor == "stranger_person":
+            with torch.no_grad():
+                self.impostor_tokens = {
+                    p: ctx.visual_tokens(photos, reference=True).mean(0) for p, photos in self.impostors.items()
+                }
         self.stranger_targets = self._stranger_replies(ctx) if cfg.stranger_reply and self.strangers else []
         if cfg.relearn_sim:
             if distributed.active():
@@ -235,13 +264,27 @@ class CVFNCU(UnlearningMethod):
         else:
             self.queue = pooled[:0] - self.center
 
+    def _impostors(self, ctx: UnlearnContext) -> dict[str, list[Sample]]:
+        """Forget person -> the photos of one stranger assigned to them for good (distinct strangers while
+        there are enough; drawn with the method's seed): a forgotten face is to look like, and be answered
+        about like, one face the model does not know, not like a different stranger at every step."""
+        people = sorted({s.person for s in ctx.forget})
+        by_stranger: dict[str, list[Sample]] = {}
+        for s in self.strangers:
+            by_stranger.setdefault(s.person, []).append(s)
+        names = sorted(by_stranger)
+        order = torch.randperm(len(names), generator=self.generator).tolist()
+        return {p: by_stranger[names[order[i % len(names)]]] for i, p in enumerate(people)}
+
     def _stranger_replies(self, ctx: UnlearnContext) -> list[Sample]:
         """The forget set's image pairs with their answers replaced: each pair's question asked about a
-        stranger's photo (one drawn per pair), answered by the reference model (greedy): what the model
-        says about a face it does not know, generated once per request."""
+        photo of the person's impostor (:meth:`_impostors`), answered by the reference model (greedy):
+        what the model says about a face it does not know, generated once per request."""
         pairs = [s for s in ctx.forget if s.image is not None]
-        idx = torch.randint(0, len(self.strangers), (len(pairs),), generator=self.generator).tolist()
-        photos = [self.strangers[i] for i in idx]
+        photos = []
+        for s in pairs:
+            own = self.impostors[s.person]
+            photos.append(own[int(torch.randint(0, len(own), (), generator=self.generator))])
         replies: list[str] = []
         with torch.no_grad(), eval_mode(ctx.lm.model), reference_model(ctx.lm.model):
             for i in range(0, len(pairs), 16):
@@ -266,13 +309,16 @@ class CVFNCU(UnlearningMethod):
             push = nmse_push(z_u, z_r)
         else:
             push = zero
-        return push, cvf_pull(z_u, anchor) if cfg.pull else zero
+        if not cfg.pull:
+            return push, zero
+        return push, cvf_pull(z_u, anchor) if cfg.pull_distance == "cos" else retention_mse(z_u, anchor.expand_as(z_u))
 
     def _relearn_sim(self, ctx: UnlearnContext, h_rr_all: torch.Tensor) -> tuple[torch.Tensor, float]:
         """First-order meta-unlearning against relearning (cf. MAML's first-order variant, Finn et al.
         2017; TAR, Tamirisa et al. 2024): the forget people are split at random into an attack half A
         and a held-out half B (A = B with one person); the adapted modules' base weights W take one step
-        W - relearn_sim_lr * sign(grad_W NLL(A's image pairs)) (Adam's first steps are sign steps), the
+        W - relearn_sim_lr * sign(grad_W L_A) (Adam's first steps are sign steps), L_A = the answer NLL of
+        A's image pairs or Eq. 9 of A's photos against their reference tokens (``relearn_sim_attack``), the
         push / pull of B's photos (Eq. 7) is taken at the attacked weights, and its gradient w.r.t. the
         trainable B's is returned as a surrogate (value 0, gradient = that gradient); W is restored.
         Returns (surrogate, Eq. 7 at the attacked weights)."""
@@ -281,14 +327,19 @@ class CVFNCU(UnlearningMethod):
         half = max(1, len(people) // 2)
         attack, held = set(people[:half]), set(people[half:]) or set(people[:half])
         pool_a = [s for s in self.forget_pairs if s.person in attack]
-        pairs = [pool_a[i] for i in torch.randperm(len(pool_a), generator=g)[: ctx.batch_size].tolist()]
+        pairs = [pool_a[i] for i in torch.randperm(len(pool_a), generator=g)[: cfg.relearn_sim_batch_size].tolist()]
         pool_b = distinct_images([s for s in self.forget_pairs if s.person in held])
-        photos = [pool_b[i] for i in torch.randperm(len(pool_b), generator=g)[: ctx.batch_size].tolist()]
+        photos = [pool_b[i] for i in torch.randperm(len(pool_b), generator=g)[: cfg.relearn_sim_batch_size].tolist()]
         weights = self.attack_weights
         for w in weights:
             w.requires_grad_(True)
         try:
-            grads = torch.autograd.grad(ctx.nll(pairs), weights, allow_unused=True)
+            if cfg.relearn_sim_attack == "answers":
+                attack_loss = ctx.nll(pairs)
+            else:
+                shown = distinct_images(pairs)
+                attack_loss = retention_mse(ctx.visual_tokens(shown), ctx.visual_tokens(shown, reference=True))
+            grads = torch.autograd.grad(attack_loss, weights, allow_unused=True)
         finally:
             for w in weights:
                 w.requires_grad_(False)
@@ -301,7 +352,8 @@ class CVFNCU(UnlearningMethod):
                         w.sub_(cfg.relearn_sim_lr * gw.sign())
             h_u, h_r = ctx.visual_tokens(photos), ctx.visual_tokens(photos, reference=True)
             z_u, z_r = self._ivr(h_u), self._ivr(h_r)
-            meta = cvf_loss(*self._push_pull(z_u, z_r, self._anchor(ctx, h_rr_all, len(h_u))), cfg.lam)
+            anchor = self._anchor(ctx, h_rr_all, [s.person for s in photos])
+            meta = cvf_loss(*self._push_pull(z_u, z_r, anchor), cfg.lam)
             meta_grads = torch.autograd.grad(meta, params, allow_unused=True)
         finally:
             with torch.no_grad():
@@ -333,9 +385,14 @@ class CVFNCU(UnlearningMethod):
             rs.append(ctx.visual_tokens_of(view, reference=True))
         return torch.cat(us), torch.cat(rs)
 
-    def _anchor(self, ctx: UnlearnContext, h_rr_all: torch.Tensor, n: int) -> torch.Tensor:
-        """p^a of Eq. 6 for ``n`` forget IVRs (pooled: (d,); token level: (n * T, d), per position)."""
+    def _anchor(self, ctx: UnlearnContext, h_rr_all: torch.Tensor, people: list[str]) -> torch.Tensor:
+        """p^a of Eq. 6 for the photos of ``people`` (pooled: (d,) or (n, d); token level: (n * T, d), per
+        position)."""
         cfg = self.cfg
+        n = len(people)
+        if cfg.anchor == "stranger_person" and self.impostors:
+            per = torch.stack([self.impostor_tokens[p] for p in people])  # (n, T, d)
+            return pool(per) if cfg.level == "pooled" else per.reshape(-1, per.shape[-1])
         source = h_rr_all
         if self.strangers and cfg.anchor != "retain":
             batch = ctx.stream("strangers", lambda: self.strangers, cfg.stranger_batch_size)
@@ -373,7 +430,7 @@ class CVFNCU(UnlearningMethod):
         whole = stride == 1
         gum_batch = ctx.pairs(gum_pairs) if reuse else None
         h_ru = ctx.visual_tokens(retain, batch=gum_batch if whole else None)  # Eq. 8
-        anchor = self._anchor(ctx, h_rr_all, len(h_fu))
+        anchor = self._anchor(ctx, h_rr_all, [s.person for s in forget] * (1 + cfg.views))
         zero = z_fu.new_zeros(())
 
         if cfg.queue_source == "forget":
