@@ -5,15 +5,16 @@ process loads the model, attaches the adapters the driver would (NCU calibration
 method's ``setup`` and then the training loop's step — ``method.loss(ctx, step)``, backward, gradient
 clipping, AdamW step — ``--warmup`` times untimed and ``--steps`` times timed. Reported per method:
 
-- ms/step: the median over pairs of consecutive steps of their mean (methods that alternate two kinds
-  of step, MMUnlearner, get one figure for the pair), and its ratio to ga_diff's;
+- ms/step: the median over windows of consecutive steps of their mean, a window being the method's
+  period: 2 steps (MMUnlearner alternates two kinds), or for cvf_ncu lcm(2, ``relearn_sim_every``)
+  (its simulated relearning step comes every k-th step), and its ratio to ga_diff's;
 - peak MiB: CUDA: the allocator's peak over the timed steps (reset after setup). CPU: the process's
   peak resident set size (VmHWM) over warm-up and timed steps, reset after setup where the kernel
   allows (``/proc/self/clear_refs``), else the whole process's peak (``ru_maxrss``, setup included);
 - tensor MiB: what the step holds by accounting, the same figure on any device: weights, trainable
   parameters with their gradients and AdamW state, and the tensors autograd saves for backward;
-- GFLOP/step: one more step counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
-  convolutions and attention; untimed);
+- GFLOP/step: one more period of steps counted with ``torch.utils.flop_counter.FlopCounterMode``
+  (matmuls, convolutions and attention; untimed), per step;
 - forget/s: forget samples per second (``batch_size`` / step time): an epoch over the forget set takes
   (forget samples) / this;
 - setup s: the once-per-request work before the first step — LoRA attached (for cvf_ncu the NCU
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -128,6 +130,9 @@ def measure(args: argparse.Namespace) -> dict:
 
     params = trainable_parameters(lm.model)
     opt = torch.optim.AdamW(params, lr=cfg.lr or cls.default_lr)
+    every = getattr(method.cfg, "relearn_sim_every", 1) if getattr(method.cfg, "relearn_sim", 0) else 1
+    period = math.lcm(2, every)
+    out["period"] = period
 
     def step(i: int) -> None:
         loss, _ = method.loss(ctx, i)
@@ -151,8 +156,8 @@ def measure(args: argparse.Namespace) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    pairs = [(a + b) / 2 for a, b in zip(times[::2], times[1::2])] or times
-    out["step_s"] = statistics.median(pairs)
+    windows = [sum(times[i : i + period]) / period for i in range(0, len(times) - period + 1, period)] or times
+    out["step_s"] = statistics.median(windows)
     out["forget_samples_per_s"] = cfg.batch_size / out["step_s"]
     if device == "cuda":
         out["peak_bytes"], out["peak_kind"] = torch.cuda.max_memory_allocated(), "cuda allocator, steps"
@@ -162,7 +167,7 @@ def measure(args: argparse.Namespace) -> dict:
         out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out["peak_kind"] = "ru_maxrss, whole process"
 
-    # accounted tensor memory and FLOPs of one more step (two for methods that alternate)
+    # accounted tensor memory and FLOPs of one more period of steps
     saved: dict[int, int] = {}
     param_storages = {p.untyped_storage()._cdata for p in lm.model.parameters()}
 
@@ -173,7 +178,7 @@ def measure(args: argparse.Namespace) -> dict:
         return t
 
     flops, acts = [], []
-    for i in range(args.warmup + args.steps, args.warmup + args.steps + 2):
+    for i in range(args.warmup + args.steps, args.warmup + args.steps + period):
         saved.clear()
         with FlopCounterMode(display=False) as counter:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -235,7 +240,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model")
     p.add_argument("--data")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=24, help="timed steps (whole periods of the method count)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", nargs="*", help="default: every registered method")
     p.add_argument("--quick", action="store_true", help="small world and model, 2 warm-up + 4 timed steps")

@@ -64,7 +64,10 @@ class Pass:
     graph (else the reference model: adapters disabled, no gradient); ``visual``: image features only
     (no LLM); ``kl``: its logits enter a KL term (both distributions kept); ``reuse``: an LLM pass fed
     with the image features of the step's last grad visual pass (no second vision pass); ``base_grad``:
-    the visual module's base weights get gradients too (CVF's simulated relearning attack)."""
+    the visual module's base weights get gradients too (CVF's simulated relearning attack); ``phase``:
+    a step's passes of one phase form one graph with its own backward, the phases one after another (CVF's
+    simulated relearning runs and frees its graphs before the step's own), so activations peak at the
+    largest phase's."""
 
     rows: int
     images: int
@@ -73,6 +76,7 @@ class Pass:
     kl: bool = False
     reuse: bool = False
     base_grad: bool = False
+    phase: int = 0
 
 
 def _mixed(n: int, shapes: Shapes) -> int:
@@ -96,8 +100,8 @@ def cvf_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
     if not cfg.relearn_sim:
         return [main]
     n = cfg.relearn_sim_batch_size
-    attack = Pass(n, n, visual=cfg.relearn_sim_attack == "tokens", base_grad=True)
-    return [[*main, attack, Pass(n, n, visual=True)]] + [main] * (cfg.relearn_sim_every - 1)
+    attack = Pass(n, n, visual=cfg.relearn_sim_attack == "tokens", base_grad=True, phase=-1)
+    return [[attack, Pass(n, n, visual=True, phase=-1), *main]] + [main] * (cfg.relearn_sim_every - 1)
 
 
 def method_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
@@ -497,15 +501,22 @@ def project(name: str, method: str, shapes: Shapes = Shapes()) -> StepCost:
                 saved.setdefault(s._cdata, s.nbytes())
             return t
 
+        peak = 0
         with fused_attention(), PartFlopCounter(mm.part_modules()) as counter:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = mm.step_loss(passes)
-            counter.tag_graph(loss)
-            loss.backward()
+            for phase in sorted({p.phase for p in passes}):
+                saved.clear()
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    loss = mm.step_loss([p for p in passes if p.phase == phase])
+                counter.tag_graph(loss)
+                loss.backward()
+                # the attack's weight gradients and the copy of W it restores from live through its phase
+                attack = any(p.base_grad for p in passes if p.phase == phase)
+                weight_bytes = sum(w.numel() * w.element_size() for w in mm.attack_weights()) if attack else 0
+                peak = max(peak, sum(saved.values()) + 2 * weight_bytes)
         mm.model.zero_grad(set_to_none=True)
         flops.append(counter.total())
         by_part.append(counter.flops)
-        acts.append(sum(saved.values()))
+        acts.append(peak)
         hand.append(mm.hand_flops(passes, visual_grad))
         counted[tuple(passes)] = (flops[-1], by_part[-1], acts[-1], hand[-1])
     n = len(steps)
@@ -517,8 +528,6 @@ def project(name: str, method: str, shapes: Shapes = Shapes()) -> StepCost:
     extra = 4 * n_train if method == "mmunlearner" else 0  # saliency masks in the parameters' dtype
     if method in ("cvf_ncu", "cvf_ncu_paper"):
         extra = 4 * (shapes.queue_size + 1) * mm.d  # negative queue + centre, float32
-        if any(p.base_grad for passes in steps for p in passes):  # the attack's weight gradients and W's copy
-            extra += 2 * sum(w.numel() * w.element_size() for w in mm.attack_weights())
     return StepCost(
         method=method,
         scope=scope,

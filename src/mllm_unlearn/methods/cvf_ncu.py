@@ -55,10 +55,11 @@ ANCHORS = ("retain", "stranger", "stranger_pair", "stranger_person")
 
 @dataclass
 class CVFConfig:
-    """Defaults: see docs/method.md for the measurements behind each (dev worlds, seeds 0-2). The options
-    added for issue #10 (stranger anchor, augmented views, L_RET on strangers, ||B|| penalty) are off
-    by default: none improved unseen-photo forgetting without costing real-world VQA or robustness.
-    ``keep_forgotten`` is on: it only acts in continual unlearning without replay.
+    """Defaults: see docs/method.md for the measurements behind each (dev worlds, seeds 0-2). Of the
+    options added for issue #10, the simulated relearning step (``relearn_sim``) is on; the stranger
+    anchors and L_SR, augmented views, L_RET on strangers and the ||B|| penalty are off: none improved
+    unseen-photo forgetting without costing real-world VQA or robustness. ``keep_forgotten`` is on: it
+    only acts in continual unlearning without replay.
 
     The first defaults were chosen on the demo world (forget_15, 200 steps at lr 3e-2: forget VQA
     1.00 -> 0.25 = chance, retain VQA 0.995 -> 0.995, real VQA 0.99 -> 0.91; alpha 3 / 5 / 10 all reach
@@ -102,28 +103,35 @@ class CVFConfig:
     #: continual: weight of an L_RET-like term (Eq. 9's form) holding the earlier requests' forgotten
     #: photos at the tokens the model gave them when this request began (:attr:`UnlearnContext.forgotten`)
     keep_forgotten: float = 1.0
-    #: L_GUM on N pairs of the retain batch only, every (retain_batch_size // N)-th (0: all). 8 halves the
-    #: LLM pass that dominates a step at 7B (issue #13) and cost nothing measurable on the dev worlds
-    #: (docs/method.md)
-    gum_batch_size: int = 8
+    #: L_GUM on N pairs of the retain batch only, every (retain_batch_size // N)-th (0: all). Its pass through
+    #: the LLM dominates a step at 7B (issue #13): 4 instead of 8 projects Qwen2-VL-7B's step from 1.00x to
+    #: 0.77x GA_Diff's FLOPs, and cost nothing measurable on dev worlds 0-2 (8 -> 4: unseen-photo forget VQA
+    #: 0.340 -> 0.323, Real-world VQA 0.940 -> 0.937, summary 0.829 -> 0.840; docs/method.md)
+    gum_batch_size: int = 4
     #: weight of L_SR, "answer about a forgotten face as about a stranger's": the answer NLL, on the forget
     #: set's image pairs, of the reference model's own greedy reply to the same question asked about a
-    #: stranger's photo (generated once per request; needs stranger photos, no term without them)
+    #: photo of the person's impostor (a stranger, :attr:`anchor`; generated once per request; needs
+    #: stranger photos, no term without them). Off: it lowered misidentification on one dev world only
     stranger_reply: float = 0.0
     stranger_reply_batch_size: int = 8
-    #: weight of the simulated relearning step (first-order meta-unlearning): every
-    #: ``relearn_sim_every`` steps the adapted modules' base weights take one sign-gradient step of size
-    #: ``relearn_sim_lr`` that relearns half of the forget people (their image pairs' answer NLL), and
-    #: the push / pull of the other half's photos is taken at those attacked weights
-    relearn_sim: float = 0.0
+    #: weight of the simulated relearning step (first-order meta-unlearning, :meth:`CVFNCU._relearn_sim`):
+    #: every ``relearn_sim_every`` steps the adapted modules' base weights take one sign-gradient step of
+    #: size ``relearn_sim_lr`` that relearns half of the forget people, and the push / pull of the other
+    #: half's photos is taken at those attacked weights. Chosen on dev worlds 0-2 (docs/method.md): weight
+    #: 8 every 8th step on 4 + 4 photos, attack by tokens, lowered the audit's relearning recovery
+    #: 0.183 -> 0.058 at the same unseen-photo forgetting (0.323 -> 0.320), Real-world VQA 0.937 -> 0.933,
+    #: int4 retain ratio 0.992 -> 0.970; every step at weight 1 gave 0.058-0.067 too but cost Real-world VQA
+    #: (0.887-0.913) and a step at 7B (the every-8th step keeps Qwen2-VL-7B's projection at 0.80x GA_Diff's)
+    relearn_sim: float = 8.0
     relearn_sim_lr: float = 1e-3
-    relearn_sim_every: int = 1
+    relearn_sim_every: int = 8
     #: photos (pairs) of each half per simulated step
-    relearn_sim_batch_size: int = 8
+    relearn_sim_batch_size: int = 4
     #: what the simulated attacker relearns half A by: ``answers`` = the answer NLL of A's image pairs
     #: (through the LLM, as the audit's attack), ``tokens`` = Eq. 9 between A's photos' tokens and their
-    #: reference tokens (the visual module only: the attack's way back, without the LLM pass)
-    relearn_sim_attack: str = "answers"
+    #: reference tokens (the visual module only: the attack's way back, without the LLM pass; on dev worlds
+    #: 0-2 as effective: recovery 0.050 vs 0.233 with ret_strangers, every 4th step)
+    relearn_sim_attack: str = "tokens"
 
     def __post_init__(self) -> None:
         if self.push not in PUSHES:
@@ -242,8 +250,11 @@ class CVFNCU(UnlearningMethod):
                 }
         self.stranger_targets = self._stranger_replies(ctx) if cfg.stranger_reply and self.strangers else []
         if cfg.relearn_sim:
-            if distributed.active():
-                raise ValueError("relearn_sim is not supported with several processes (its inner step is local)")
+            if distributed.sharded():
+                raise ValueError(
+                    "relearn_sim moves the full base weights of the adapted layers, which ZeRO-3 / FSDP shard: "
+                    "run with --opt relearn_sim=0, or with a DDP / ZeRO-2 config"
+                )
             self.forget_pairs = [s for s in ctx.forget if s.image is not None]
             self.forget_people = sorted({s.person for s in self.forget_pairs})
             self.attack_weights = [layer.base_layer.weight for layer in lora_layers(ctx.lm.model).values()]
