@@ -86,7 +86,8 @@ def _mixed(n: int, shapes: Shapes) -> int:
 def cvf_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
     """CVF-NCU's steps (``cvf_ncu`` or ``cvf_ncu_paper``) at its config's defaults: Eq. 11 = the adapted
     IVRs of the forget images and of the retain batch, and L_GUM = retain answer NLL through the frozen
-    LLM fed with those retain IVRs; with ``ret_strangers`` the adapted IVRs of a stranger batch (Eq. 9);
+    LLM fed with those retain IVRs; with ``ret_strangers`` the adapted IVRs of a stranger batch (Eq. 9),
+    with ``stranger_reply`` L_SR's forget image pairs through the model;
     with ``relearn_sim`` every ``relearn_sim_every``-th step adds the simulated attack on half A (its
     photos through the visual module, or its image pairs through the model, with gradients on the
     visual base weights) and the held-out half's photos at the attacked weights. The reference IVRs are
@@ -97,6 +98,8 @@ def cvf_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
     main = [Pass(b, b, visual=True), Pass(rb, rb, visual=True), Pass(gum, gum, reuse=True)]
     if cfg.ret_strangers:
         main.append(Pass(cfg.stranger_batch_size, cfg.stranger_batch_size, visual=True))
+    if cfg.stranger_reply:  # L_SR: forget image pairs through the model (stranger photos supplied)
+        main.append(Pass(cfg.stranger_reply_batch_size, cfg.stranger_reply_batch_size))
     if not cfg.relearn_sim:
         return [main]
     n = cfg.relearn_sim_batch_size
