@@ -22,11 +22,23 @@ Choices the paper leaves open (Sec. 3.1 does not fix them), each an option here:
 - ``push``: ``cvf`` (Eq. 4), ``nmse`` (Eq. 5, Table 2's ablation) or ``none``; ``pull``, ``ret``,
   ``gum`` switch Eq. 6, 9, 10 off for the Table 2 ablations.
 
+Beyond the paper (issue #10; every option measured on dev worlds 0-2, docs/method.md):
+
+- ``relearn_sim`` (on): a simulated relearning step every ``relearn_sim_every``-th step — first-order
+  meta-unlearning (MAML's first-order variant, Finn et al. 2017; TAR, Tamirisa et al. 2024) that keeps
+  half of the forget people forgotten at weights an attacker moved to relearn the other half
+  (:meth:`CVFNCU._relearn_sim`). Its sign step makes the step sensitive to last-bit differences of its
+  gradient (another thread count, several processes): same seed and threads, same bytes, as always.
+- Strangers (off): pull toward strangers' IVRs (``anchor``), one impostor stranger per forget person
+  and L_SR (``stranger_reply``: the answer NLL of the reference model's reply about that stranger),
+  L_RET on strangers' photos (``ret_strangers``), augmented views (``views``), ``b_l2``.
+
 Cost of a step: the reference model's tokens of every image are computed once per request
 (:meth:`UnlearnContext.cache_reference`; the retain images' come free from NCU calibration), the
 retain pairs are encoded once, and L_GUM reads the retain batch's projector outputs h_ru instead of
 running the visual module again: the visual module runs once per step on the forget batch and once on
-the retain batch (before: six passes, three of them on the retain images). The loss is the same
+the retain batch (before: six passes, three of them on the retain images), and every 8th step twice more
+on 4 photos each for ``relearn_sim``. The loss is the same
 function; its gradient is summed in another order (L_GUM's and L_RET's meet at h_ru), so B differs
 from the old code's in the last bits after one step and, as Adam amplifies rounding in B's near-zero
 gradient entries, by up to ~17% of max|B| after 200 steps on the demo (relative norm 5%, logged losses
