@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..methods import get_method
 from ..models.base import get_arch
 from ..models.published import build_on_meta, published_config
-from ..nullspace import NCUConfig, attach_lora, lora_layers, target_linears
+from ..nullspace import NCUConfig, attach_lora, base_weights, target_linears
 from ..runtime.options import parse_options
 
 
@@ -385,13 +385,9 @@ class MetaModel:
         hidden = self.base.model.language_model(inputs_embeds=emb, **kw).last_hidden_state
         return self.base.lm_head(hidden[:, length - a - 1 : length - 1].reshape(-1, hidden.shape[-1]))
 
-    def attack_weights(self) -> list[torch.nn.Parameter]:
-        """The base weights of the adapted layers (what CVF's simulated relearning attack moves)."""
-        return [layer.base_layer.weight for layer in lora_layers(self.model).values()]
-
     def run(self, p: Pass, features: torch.Tensor | None = None) -> torch.Tensor:
         if p.base_grad:
-            weights = self.attack_weights()
+            weights = base_weights(self.model)
             for w in weights:
                 w.requires_grad_(True)
             try:
@@ -514,7 +510,7 @@ def project(name: str, method: str, shapes: Shapes = Shapes()) -> StepCost:
                 loss.backward()
                 # the attack's weight gradients and the copy of W it restores from live through its phase
                 attack = any(p.base_grad for p in passes if p.phase == phase)
-                weight_bytes = sum(w.numel() * w.element_size() for w in mm.attack_weights()) if attack else 0
+                weight_bytes = sum(w.numel() * w.element_size() for w in base_weights(mm.model)) if attack else 0
                 peak = max(peak, sum(saved.values()) + 2 * weight_bytes)
         mm.model.zero_grad(set_to_none=True)
         flops.append(counter.total())

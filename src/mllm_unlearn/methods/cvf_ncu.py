@@ -53,7 +53,7 @@ import torch
 
 from ..data.sample import Sample
 from ..models.scoring import eval_mode, generate
-from ..nullspace import lora_layers, reference_model, trainable_parameters
+from ..nullspace import base_weights, reference_model, trainable_parameters
 from ..nullspace.reference import image_key
 from ..runtime import distributed
 from ..runtime.distributed import gather
@@ -269,7 +269,7 @@ class CVFNCU(UnlearningMethod):
                 )
             self.forget_pairs = [s for s in ctx.forget if s.image is not None]
             self.forget_people = sorted({s.person for s in self.forget_pairs})
-            self.attack_weights = [layer.base_layer.weight for layer in lora_layers(ctx.lm.model).values()]
+            self.attack_weights = base_weights(ctx.lm.model)
         self.forgotten = distinct_images(ctx.forgotten) if cfg.keep_forgotten else []
         if self.forgotten:  # the tokens the (already unlearned) model gives them now
             with torch.no_grad():

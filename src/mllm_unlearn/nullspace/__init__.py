@@ -17,13 +17,23 @@ from .calibrate import (
     target_linears,
     unused_layers,
 )
-from .lora import NCUConfig, attach_lora, lora_A_weights, lora_layers, reference_model, refreeze, trainable_parameters
+from .lora import (
+    NCUConfig,
+    attach_lora,
+    base_weights,
+    lora_A_weights,
+    lora_layers,
+    reference_model,
+    refreeze,
+    trainable_parameters,
+)
 
 __all__ = [
     "CovarianceCache",
     "LayerStats",
     "NCUConfig",
     "attach_lora",
+    "base_weights",
     "cache_key",
     "cached_covariances",
     "check_rank",

@@ -61,6 +61,11 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     return {name.removeprefix(PEFT_PREFIX): m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def base_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The frozen base weights W of the LoRA-wrapped layers (what CVF's simulated relearning attack moves)."""
+    return [layer.base_layer.weight for layer in lora_layers(model).values()]
+
+
 def _bases(
     layers: Mapping[str, torch.nn.Linear], cfg: NCUConfig, covariances: Mapping[str, LayerStats] | None
 ) -> dict[str, torch.Tensor]:
