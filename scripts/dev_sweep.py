@@ -7,11 +7,12 @@ Usage::
         --variant default --variant "gum4:gum_batch_size=4" --variant "r16:rank=16"
 
 A variant is ``NAME[:KEY=VALUE,...]``: method options (``--opt`` keys of the method's config) and the
-driver's ``rank``, ``steps``, ``lr`` and ``method`` (default ``cvf_ncu``). Per seed the cached vanilla
-model is unlearned with the variant (the audit's default ``UnlearnConfig`` otherwise), merged, and
-audited with the chosen probes against the cached vanilla and oracle (the audit's own code, so its
-numbers are the audit's). Rows go to ``--out`` (JSON lines; a (seed, variant, settings) row already
-there is not redone), and the table of means over the seeds (± 95 % t-interval) is printed.
+driver's ``rank``, ``steps``, ``lr``, ``calibrate_strangers`` (true|false) and ``method`` (default
+``cvf_ncu``). Per seed the cached vanilla model is unlearned with the variant (the audit's default
+``UnlearnConfig`` otherwise), merged, and audited with the chosen probes against the cached vanilla and
+oracle (the audit's own code, so its numbers are the audit's). Rows go to ``--out`` (JSON lines; a
+(seed, variant, settings) row already there is not redone), and the table of means over the seeds
+(± 95 % t-interval) is printed.
 ``--attack-seeds 0,1`` repeats the relearning and benign probes with other batch orders and averages
 them (their spread between batch orders is ±0.2 on one world).
 """
@@ -33,7 +34,7 @@ from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.runtime.options import parse_options
 from mllm_unlearn.train.unlearn import UnlearnConfig, unlearn
 
-DRIVER_KEYS = {"rank": int, "steps": int, "lr": float, "method": str}
+DRIVER_KEYS = {"rank": int, "steps": int, "lr": float, "method": str, "calibrate_strangers": lambda v: v == "true"}
 COLUMNS = (
     "forget_vqa",
     "unseen_forget_vqa",

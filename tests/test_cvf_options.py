@@ -103,6 +103,40 @@ def _train(data, model, method_cfg, strangers):
         return lm, pool(ctx.visual_tokens(imgs)), s_mean
 
 
+def test_calibrate_strangers_keeps_strangers_activations_out_of_the_null_space(world_with_strangers):
+    """``calibrate_strangers``: A of every adapted layer lets through less of the stranger photos' input
+    energy (trace(A C_s A^T) / trace(C_s), C_s their own covariance) than A calibrated on the retain set
+    alone, while the retain set's stays small (0.06 at most here, where r is half the layer width)."""
+    from mllm_unlearn.models.scoring import image_batches
+    from mllm_unlearn.nullspace import collect_covariances, retain_energy
+
+    data, model = world_with_strangers
+    _, retain = split_people(data)
+    strangers = stranger_samples(data)
+    cls = get_method("cvf_ncu")
+    plain = attach_adapters(load_model(model), retain, UnlearnConfig(**FAST), cls, strangers)
+    both = attach_adapters(load_model(model), retain, UnlearnConfig(**FAST, calibrate_strangers=True), cls, strangers)
+    base = load_model(model)
+    names = [
+        n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
+        for n, _ in plain.model.named_parameters()
+        if "lora_A" in n
+    ]
+    forward = lambda m, x: base.arch.image_features(m, x)
+    cov_s = collect_covariances(base.model, names, image_batches(base, strangers), forward=forward, progress=False)
+    cov_r = collect_covariances(
+        base.model, names, image_batches(base, distinct_images(retain)), forward=forward, progress=False
+    )
+
+    def a_of(lm, name):
+        return dict(lm.model.named_parameters())[f"base_model.model.{name}.lora_A.default.weight"]
+
+    less = [retain_energy(a_of(both, n), cov_s[n].cov) < retain_energy(a_of(plain, n), cov_s[n].cov) for n in names]
+    assert names and all(less)
+    # still a null space of the retain set: a random A of r = d / 2 rows would let through about half
+    assert max(retain_energy(a_of(both, n), cov_r[n].cov) for n in names) < 0.1
+
+
 def test_stranger_anchor_moves_forget_photos_toward_strangers_not_retain_people(world_with_strangers):
     """The direction of the choice: with the stranger anchor the forget photos' IVRs end nearer the
     strangers' mean IVR than with the paper's retain anchor (same steps, same seed)."""

@@ -266,6 +266,11 @@ def _unlearn_args(sp: argparse.ArgumentParser) -> None:
         "--rank", type=int, default=None, help="LoRA rank (default: the method's; 32 for cvf_ncu, 8 otherwise)"
     )
     sp.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
+    sp.add_argument(
+        "--calibrate-strangers",
+        action="store_true",
+        help="NCU's null space from the retain set and the stranger photos (faces the model does not know)",
+    )
     sp.add_argument("--steps", type=int, default=200)
     sp.add_argument("--lr", type=float, default=None, help="default: the method's")
     sp.add_argument("--batch-size", type=int, default=8)

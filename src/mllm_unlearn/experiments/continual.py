@@ -143,7 +143,7 @@ def run_continual(
         raise ValueError(f"{out} holds a continual run with other tasks or settings; choose a new folder")
 
     before = None if state else _stage_metrics(lm, data, tasks, eval_cfg)
-    lm = attach_adapters(lm, retain, cfg, method_cls)
+    lm = attach_adapters(lm, retain, cfg, method_cls, strangers)
     state = state or {
         "method": cfg.method,
         "tasks": tasks,

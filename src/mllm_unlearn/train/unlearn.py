@@ -59,6 +59,10 @@ class UnlearnConfig:
     #: host memory (MiB) for the reference features of a request's images before they spill to disk
     #: (nullspace.reference.DEFAULT_MEMORY_MB: 1 GiB)
     reference_memory_mb: float = DEFAULT_MEMORY_MB
+    #: NCU (Eq. 12-13) calibrated on the retain set *and* the stranger photos (``unlearn(strangers=...)``):
+    #: A then spans the directions neither uses, so B cannot reach what faces outside the retain set
+    #: activate either (an input-side counterpart of ``ret_strangers``). Off: see docs/method.md
+    calibrate_strangers: bool = False
 
 
 def split_people(data: BenchmarkData, forget_people: Iterable[str] | None = None) -> tuple[list[Sample], list[Sample]]:
@@ -115,12 +119,17 @@ def default_rank(method: type[UnlearningMethod], widths: Sequence[int]) -> int:
 
 
 def attach_adapters(
-    lm: LoadedModel, retain: Sequence[Sample], cfg: UnlearnConfig, method: type[UnlearningMethod]
+    lm: LoadedModel,
+    retain: Sequence[Sample],
+    cfg: UnlearnConfig,
+    method: type[UnlearningMethod],
+    strangers: Sequence[Sample] = (),
 ) -> LoadedModel:
     """Wrap the model with LoRA on the update scope; for NCU, A = null-space basis of the retain set.
 
     Calibration (Eq. 12-13) runs once over the retain set: its images for a visual scope (only the
-    vision tower and projector run), its training pairs for the LLM. Covariances are cached on disk,
+    vision tower and projector run), its training pairs for the LLM; with ``cfg.calibrate_strangers``
+    over ``strangers`` too. Covariances are cached on disk,
     keyed by model + data + layer, so the next run with the same model and retain set reuses them:
     in ``cfg.cache_dir``, by default in the user cache (:func:`~mllm_unlearn.nullspace.default_cache_dir`),
     never in the model's folder; a model with no name or path is not cached unless ``cache_dir`` is set.
@@ -156,7 +165,9 @@ def attach_adapters(
         names = [n for n in names if n not in exclude]
     covariances = captured = None
     if subspace == "null":
-        items = images if visual else retain
+        items = images if visual else list(retain)
+        if cfg.calibrate_strangers:  # ``strangers`` are distinct photos with their "I don't know" pairs
+            items += distinct_images(strangers) if visual else list(strangers)
         inputs = _CalibrationInputs(lm, items, visual)
         forward = (lambda m, x: lm.arch.image_features(m, x)) if visual else full_forward
         if visual and method.uses_reference_features and cfg.ivr_level == "projector":
@@ -293,7 +304,7 @@ def unlearn(
     if strangers is None:
         strangers = stranger_samples(data, {s.person for s in forget})
     method = method_cls(method_cfg)
-    lm = attach_adapters(lm, retain, cfg, method_cls)
+    lm = attach_adapters(lm, retain, cfg, method_cls, strangers)
     history = unlearn_stage(lm, method, forget, retain, cfg, strangers=strangers)
     return lm, history
 
