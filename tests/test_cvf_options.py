@@ -438,3 +438,44 @@ def test_relearn_sim_keeps_the_other_half_forgotten_when_half_is_relearned(tmp_p
         with torch.no_grad():
             back[weight] = 1 - retention_mse(ctx.visual_tokens(photos[b]), ref[b]).item() / before
     assert back[1.0] < back[0.0]  # measured: 0.10 of the way back without, -4.3 (further away) with
+
+
+def test_mid_push_adds_eq4_at_the_middle_block_by_formula(world_with_strangers):
+    """``mid_push``: the loss grows by alpha * weight * Eq. 4 of the forget photos' hidden states at the
+    middle vision block (against the reference model's there; the retain batch's, detached, as negatives;
+    centred on their mean), computed here by hand from forward hooks; a block index out of range is refused."""
+    from mllm_unlearn.methods.losses import cvf_push
+    from mllm_unlearn.models.base import block_outputs
+    from mllm_unlearn.nullspace import reference_model
+
+    data, model = world_with_strangers
+    ctx, plain = _ctx_and_method(data, model, relearn_sim=0.0)
+
+    def loss(method_ctx):
+        torch.manual_seed(0)
+        return method_ctx[1].loss(method_ctx[0], 0)
+
+    base, _ = loss((ctx, plain))
+    ctx2, method = _ctx_and_method(data, model, relearn_sim=0.0, mid_push=0.5)  # the same A, B as ctx's
+    total, logs = loss((ctx2, method))
+    # by hand, on the batches the fresh streams give first
+    ctx3 = UnlearnContext(ctx2.lm, ctx.forget, ctx.retain, batch_size=2, seed=0)
+    forget = ctx3.stream("forget_images", lambda: distinct_images(ctx3.forget))
+    retain = ctx3.stream("retain_vqa", lambda: [s for s in ctx3.retain if s.image is not None], 16)
+    block = ctx2.lm.arch.vision_blocks(ctx2.lm.model)[0]  # (2 - 1) // 2: the first of this tower's two
+    with torch.no_grad():
+        with block_outputs(block) as fu:
+            ctx3.visual_tokens(forget)
+        with block_outputs(block) as ru:
+            ctx3.visual_tokens(retain)
+        with block_outputs(block) as fr, reference_model(ctx2.lm.model):
+            ctx3.visual_tokens(forget)
+    d = fu[0].shape[-1]
+    neg = ru[0].reshape(-1, d)
+    c = neg.mean(0)
+    assert not torch.allclose(fu[0], fr[0])  # B != 0 moved the block's output
+    expected = cvf_push(fu[0].reshape(-1, d) - c, fr[0].reshape(-1, d) - c, neg - c, 0.07).item()
+    assert logs["mid_push"] == pytest.approx(expected, rel=1e-4)
+    assert total.item() == pytest.approx(base.item() + CVFConfig().alpha * 0.5 * expected, rel=1e-4)
+    with pytest.raises(ValueError, match="mid_layer=5"):
+        _ctx_and_method(data, model, mid_push=1.0, mid_layer=5)

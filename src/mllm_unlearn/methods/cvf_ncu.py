@@ -52,6 +52,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..data.sample import Sample
+from ..models.base import block_outputs
 from ..models.scoring import eval_mode, generate
 from ..nullspace import base_weights, reference_model, trainable_parameters
 from ..nullspace.reference import image_key
@@ -144,6 +145,13 @@ class CVFConfig:
     #: reference tokens (the visual module only: the attack's way back, without the LLM pass; on dev worlds
     #: 0-2 as effective: recovery 0.050 vs 0.233 with ret_strangers, every 4th step)
     relearn_sim_attack: str = "tokens"
+    #: weight of a second push at a middle vision block ("push at more than one level"): Eq. 4 on the
+    #: hidden states of block ``mid_layer`` (-1: the middle one, (n - 1) // 2 of n) of the forget photos,
+    #: away from the reference model's at that block, against the retain batch's hidden states there
+    #: (this step's, detached) as negatives, all centred on their mean. Costs one reference pass of the
+    #: forget photos per step (their hidden states are not cached)
+    mid_push: float = 0.0
+    mid_layer: int = -1
 
     def __post_init__(self) -> None:
         if self.push not in PUSHES:
@@ -162,7 +170,9 @@ class CVFConfig:
             raise ValueError(f"views must be >= 0, not {self.views}")
         if self.gum_batch_size < 0:
             raise ValueError(f"gum_batch_size must be >= 0 (0: the whole retain batch), not {self.gum_batch_size}")
-        for key in ("stranger_reply", "relearn_sim", "relearn_sim_lr"):
+        if self.mid_layer < -1:
+            raise ValueError(f"mid_layer must be a block index >= 0 (or -1: the middle block), not {self.mid_layer}")
+        for key in ("stranger_reply", "relearn_sim", "relearn_sim_lr", "mid_push"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
         for key in ("stranger_reply_batch_size", "relearn_sim_every", "relearn_sim_batch_size"):
@@ -190,6 +200,7 @@ class PaperCVFConfig(CVFConfig):
     b_l2: float = 0.0
     stranger_reply: float = 0.0
     relearn_sim: float = 0.0
+    mid_push: float = 0.0
 
 
 def augment_pixels(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
@@ -270,6 +281,13 @@ class CVFNCU(UnlearningMethod):
             self.forget_pairs = [s for s in ctx.forget if s.image is not None]
             self.forget_people = sorted({s.person for s in self.forget_pairs})
             self.attack_weights = base_weights(ctx.lm.model)
+        self.mid_block = None
+        if cfg.mid_push:
+            blocks = ctx.lm.arch.vision_blocks(ctx.lm.model)
+            index = (len(blocks) - 1) // 2 if cfg.mid_layer == -1 else cfg.mid_layer
+            if index >= len(blocks):
+                raise ValueError(f"mid_layer={cfg.mid_layer}: the vision encoder has {len(blocks)} blocks (0-based)")
+            self.mid_block = blocks[index]
         self.forgotten = distinct_images(ctx.forgotten) if cfg.keep_forgotten else []
         if self.forgotten:  # the tokens the (already unlearned) model gives them now
             with torch.no_grad():
@@ -385,6 +403,17 @@ class CVFNCU(UnlearningMethod):
         surrogate = sum((p * gp).sum() for p, gp in zip(params, meta_grads) if gp is not None)
         return surrogate - surrogate.detach(), meta.item()
 
+    def _mid_push(self, ctx: UnlearnContext, forget: list, mid_fu: torch.Tensor, mid_ru: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 at the middle block: the forget photos' hidden states there (``mid_fu``, this step's)
+        pushed from the reference model's, the retain batch's (``mid_ru``, detached) as negatives; every
+        token a row, all centred on the negatives' mean."""
+        with torch.no_grad(), block_outputs(self.mid_block) as mid_fr:
+            ctx.visual_tokens_of(ctx.pixels(forget), reference=True)
+        d = mid_fu.shape[-1]
+        negatives = mid_ru.detach().reshape(-1, d)
+        c = negatives.mean(0)
+        return cvf_push(mid_fu.reshape(-1, d) - c, mid_fr[0].reshape(-1, d) - c, negatives - c, self.cfg.tau)
+
     def _ivr(self, h: torch.Tensor) -> torch.Tensor:
         """The IVRs the contrastive terms compare: (B, d) pooled, or (B*T, d) tokens."""
         return pool(h) if self.cfg.level == "pooled" else h.reshape(-1, h.shape[-1])
@@ -440,7 +469,8 @@ class CVFNCU(UnlearningMethod):
         if cfg.relearn_sim and step % cfg.relearn_sim_every == 0:
             # first: it moves the base weights and puts them back, which the step's graph must not see
             meta_surrogate, logs["relearn_sim"] = self._relearn_sim(ctx, h_rr_all)
-        h_fu, h_fr = self._forget_tokens(ctx, forget)  # Eq. 1, unlearned and reference model
+        with block_outputs(self.mid_block) as mid_fu:  # the photos' forward comes first (views follow)
+            h_fu, h_fr = self._forget_tokens(ctx, forget)  # Eq. 1, unlearned and reference model
         z_fu, z_fr = self._ivr(h_fu), self._ivr(h_fr)  # Eq. 2
         # one encoding of the retain pairs: its pixels give h_ru, and L_GUM reads h_ru (the same images'
         # projector outputs) instead of running the visual module a third time; at another IVR level
@@ -452,7 +482,8 @@ class CVFNCU(UnlearningMethod):
         gum_pairs = retain[::stride]
         whole = stride == 1
         gum_batch = ctx.pairs(gum_pairs) if reuse else None
-        h_ru = ctx.visual_tokens(retain, batch=gum_batch if whole else None)  # Eq. 8
+        with block_outputs(self.mid_block) as mid_ru:
+            h_ru = ctx.visual_tokens(retain, batch=gum_batch if whole else None)  # Eq. 8
         anchor = self._anchor(ctx, h_rr_all, [s.person for s in forget] * (1 + cfg.views))
         zero = z_fu.new_zeros(())
 
@@ -477,6 +508,10 @@ class CVFNCU(UnlearningMethod):
             self._enqueue(z_rr[keep] - self.center)
 
         loss = total_loss(cvf_loss(push, pull, cfg.lam), ret, gum, cfg.alpha, cfg.ret_weight)
+        if self.mid_block is not None:
+            mid = self._mid_push(ctx, forget, mid_fu[0], mid_ru[0])
+            loss = loss + cfg.alpha * cfg.mid_push * mid
+            logs["mid_push"] = mid.item()
         if self.stranger_targets:
             sr = self._like_stranger(ctx)
             loss = loss + cfg.stranger_reply * sr

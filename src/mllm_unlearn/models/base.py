@@ -8,7 +8,9 @@ architecture-agnostic and goes through an adapter picked from a small registry b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +86,8 @@ class ArchAdapter:
     vision_pattern: str = ""
     projector_pattern: str = ""
     llm_pattern: str = ""
+    #: anchored regex of the vision encoder's blocks (transformer layers), numbered in order
+    vision_blocks_pattern: str = ""
 
     def model_class(self) -> type:
         raise NotImplementedError
@@ -111,6 +115,15 @@ class ArchAdapter:
         raise NotImplementedError
 
     # -- module layout -------------------------------------------------------------------------
+    def vision_blocks(self, model: Any) -> list[torch.nn.Module]:
+        """The vision encoder's blocks in order (e.g. to read a middle layer's hidden states with
+        :func:`block_outputs`); ``model`` may be PEFT-wrapped."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        blocks = [m for n, m in base.named_modules() if re.fullmatch(self.vision_blocks_pattern, n)]
+        if not blocks:
+            raise ValueError(f"no vision blocks matching {self.vision_blocks_pattern!r} in this {self.name} model")
+        return blocks
+
     def scope_pattern(self, scope: str) -> str:
         """Anchored regex over module paths for an update scope: llm, visual, projector, all."""
         patterns = {
@@ -180,3 +193,18 @@ class ArchAdapter:
         if level not in self.ivr_levels:
             raise ValueError(f"IVR level {level!r} not available for {self.name}; choose from {self.ivr_levels}")
         return self.image_features(model, inputs)
+
+
+@contextmanager
+def block_outputs(module: torch.nn.Module | None) -> Iterator[list[torch.Tensor]]:
+    """The output hidden states of every forward of ``module`` while inside, in order (the first tensor
+    when a block returns a tuple; with their graph, when computed with one). ``None``: records nothing."""
+    seen: list[torch.Tensor] = []
+    if module is None:
+        yield seen
+        return
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -20,6 +20,7 @@ class LlavaAdapter(ArchAdapter):
         r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.\d+\."
         r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc1|mlp\.fc2)"
     )
+    vision_blocks_pattern = r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.\d+"
     projector_pattern = r"model\.multi_modal_projector\.linear_[12]"
     llm_pattern = decoder_pattern(r"model\.language_model")
 

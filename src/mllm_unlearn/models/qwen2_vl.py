@@ -100,6 +100,7 @@ class QwenVLAdapter(ArchAdapter):
 
     #: leaf names of the vision blocks' MLP
     vision_mlp: tuple[str, ...] = ()
+    vision_blocks_pattern = r"model\.visual\.blocks\.\d+"
     projector_pattern = r"model\.visual\.merger\.mlp\.[02]"
     llm_pattern = decoder_pattern(r"model\.language_model")
     ivr_levels = ("projector", "vision")
