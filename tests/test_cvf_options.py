@@ -479,3 +479,31 @@ def test_mid_push_adds_eq4_at_the_middle_block_by_formula(world_with_strangers):
     assert total.item() == pytest.approx(base.item() + CVFConfig().alpha * 0.5 * expected, rel=1e-4)
     with pytest.raises(ValueError, match="mid_layer=5"):
         _ctx_and_method(data, model, mid_push=1.0, mid_layer=5)
+
+
+def test_view_pool_adds_seeded_augmented_copies_of_each_forget_photo(world_with_strangers):
+    """``view_pool=K``: the push / pull draws from the photos and K augmented copies of each (same person,
+    other bytes, the same for the same seed), whose reference tokens are cached with the photos'."""
+    from PIL import Image
+
+    from mllm_unlearn.methods.cvf_ncu import augment_image
+    from mllm_unlearn.nullspace.reference import image_key
+
+    data, model = world_with_strangers
+    ctx, method = _ctx_and_method(data, model, view_pool=2, relearn_sim=0.0)
+    photos = distinct_images(ctx.forget)
+    copies = method.push_images[len(photos) :]
+    assert method.push_images[: len(photos)] == photos and len(copies) == 2 * len(photos)
+    assert [c.person for c in copies] == [p.person for p in photos] * 2
+    assert len({c.image.data for c in copies} | {p.image.data for p in photos}) == 3 * len(photos)
+    assert all(image_key(c) in ctx.reference for c in copies)
+    _, again = _ctx_and_method(data, model, view_pool=2, relearn_sim=0.0)
+    assert [c.image.data for c in again.push_images] == [c.image.data for c in method.push_images]
+    _, plain = _ctx_and_method(data, model, relearn_sim=0.0)
+    assert plain.push_images == photos
+    img = photos[0].image.load()
+    assert augment_image(img, torch.Generator(), 0.0) is img
+    out = augment_image(img, torch.Generator().manual_seed(0), 1.0)
+    assert isinstance(out, Image.Image) and out.size == img.size and out.tobytes() != img.tobytes()
+    with pytest.raises(ValueError, match="view_pool"):
+        CVFConfig(view_pool=-1)

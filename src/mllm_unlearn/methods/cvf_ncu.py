@@ -47,11 +47,14 @@ within 2e-5) — exactly what the old code differs from itself run with 2 thread
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
+from PIL import Image
 
-from ..data.sample import Sample
+from ..data.sample import ImageRef, Sample
 from ..models.base import block_outputs
 from ..models.scoring import eval_mode, generate
 from ..nullspace import base_weights, reference_model, trainable_parameters
@@ -105,8 +108,15 @@ class CVFConfig:
     stranger_batch_size: int = 16
     #: augmented views of every forget image added to the push / pull each step (0: the photos only)
     views: int = 0
-    #: strength of the augmentation (:func:`augment_pixels`): shifts, crop-and-scale, colour, noise
+    #: strength of the augmentation (:func:`augment_pixels`, :func:`augment_image`): shifts, crop-and-scale,
+    #: colour, noise
     augment: float = 1.0
+    #: augmented copies of every forget photo (:func:`augment_image`, made once per request with the
+    #: method's seed) that join the photos in the push / pull's stream; their reference tokens are
+    #: computed once, like the photos': the push covers the person's appearance at no cost per step
+    #: (``views`` pays two visual passes per view and step) and on every architecture (``views``
+    #: augments (B, C, H, W) pixels only, which Qwen2-VL's patch inputs are not)
+    view_pool: int = 0
     #: L_RET (Eq. 9) also on a batch of strangers' photos: faces outside the retain set keep their
     #: reference tokens too (needs stranger photos; ignored without them)
     ret_strangers: bool = False
@@ -166,8 +176,9 @@ class CVFConfig:
             raise ValueError(f"pull_distance must be 'cos' or 'mse', not {self.pull_distance!r}")
         if self.relearn_sim_attack not in ("answers", "tokens"):
             raise ValueError(f"relearn_sim_attack must be 'answers' or 'tokens', not {self.relearn_sim_attack!r}")
-        if self.views < 0:
-            raise ValueError(f"views must be >= 0, not {self.views}")
+        for key in ("views", "view_pool"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
         if self.gum_batch_size < 0:
             raise ValueError(f"gum_batch_size must be >= 0 (0: the whole retain batch), not {self.gum_batch_size}")
         if self.mid_layer < -1:
@@ -194,6 +205,7 @@ class PaperCVFConfig(CVFConfig):
     anchor: str = "retain"
     pull_distance: str = "cos"
     views: int = 0
+    view_pool: int = 0
     retain_batch_size: int = 16
     gum_batch_size: int = 0
     ret_strangers: bool = False
@@ -231,6 +243,31 @@ def augment_pixels(x: torch.Tensor, generator: torch.Generator, strength: float 
     return torch.stack(out).to(x.dtype)
 
 
+def augment_image(img: Image.Image, generator: torch.Generator, strength: float = 1.0) -> Image.Image:
+    """A random view of an RGB photo, :func:`augment_pixels`'s transformations in pixel units (so that
+    any image processor can encode it): a crop of (1 - 0.3 s) to 1 of each side resized back, a circular
+    shift of up to 0.1 s of the side, a per-channel gain 1 + 0.2 s N(0, 1) and offset 14 s N(0, 1) levels
+    (0.2 s of CLIP's normalised pixel std of ~68 levels) and noise of std 7 s levels. ``strength`` s = 0
+    returns the photo unchanged."""
+    if strength == 0:
+        return img
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W)
+    c, h, w = x.shape
+    frac = 1 - 0.3 * strength * torch.rand((), generator=generator).item()
+    ch, cw = max(1, round(h * frac)), max(1, round(w * frac))
+    top = int(torch.randint(0, h - ch + 1, (), generator=generator))
+    left = int(torch.randint(0, w - cw + 1, (), generator=generator))
+    crop = x[None, :, top : top + ch, left : left + cw]
+    x = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+    m = max(1, round(0.1 * strength * min(h, w)))
+    dy, dx = (int(v) for v in torch.randint(-m, m + 1, (2,), generator=generator))
+    x = torch.roll(x, shifts=(dy, dx), dims=(1, 2))
+    gain = 1 + 0.2 * strength * torch.randn(c, 1, 1, generator=generator)
+    offset = 14 * strength * torch.randn(c, 1, 1, generator=generator)
+    x = x * gain + offset + 7 * strength * torch.randn(x.shape, generator=generator)
+    return Image.fromarray(x.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
 @register
 class CVFNCU(UnlearningMethod):
     name = "cvf_ncu"
@@ -255,15 +292,17 @@ class CVFNCU(UnlearningMethod):
         forget_images = distinct_images(ctx.forget)
         if not retain_images or not forget_images:
             raise ValueError("CVF needs images in both the forget and the retain set")
+        self.generator = torch.Generator().manual_seed(ctx.seed + 7919)
+        # what the push / pull draws from: the photos, and their augmented copies with ``view_pool``
+        self.push_images = forget_images + self._view_pool(forget_images)
         # the reference model never changes: its tokens of every image, once (retain first: the
         # driver's calibration pass may already have computed them, in these same batches)
         ctx.cache_reference(retain_images)
-        ctx.cache_reference(forget_images)
+        ctx.cache_reference(self.push_images)
         wants = cfg.anchor != "retain" or cfg.ret_strangers or cfg.stranger_reply > 0
         self.strangers = distinct_images(ctx.strangers) if wants else []
         if self.strangers:
             ctx.cache_reference(self.strangers)
-        self.generator = torch.Generator().manual_seed(ctx.seed + 7919)
         impostors = cfg.anchor == "stranger_person" or cfg.stranger_reply > 0
         self.impostors = self._impostors(ctx) if self.strangers and impostors else {}
         if self.impostors and cfg.anchor == "stranger_person":
@@ -304,6 +343,20 @@ class CVFNCU(UnlearningMethod):
             self.queue = pooled[idx] - self.center
         else:
             self.queue = pooled[:0] - self.center
+
+    def _view_pool(self, photos: list[Sample]) -> list[Sample]:
+        """``view_pool`` augmented copies of each photo (:func:`augment_image`), as samples of the same
+        person and question whose image is the copy (PNG): to every other part of the library they are
+        photos, so their pixels and reference tokens are encoded and cached like the photos'."""
+        copies = []
+        for k in range(self.cfg.view_pool):
+            for s in photos:
+                img = augment_image(s.image.load(), self.generator, self.cfg.augment)
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                ref = ImageRef(buf.getvalue(), f"{s.image.source} (augmented copy {k + 1})")
+                copies.append(replace(s, id=f"{s.id}#view{k + 1}", image=ref))
+        return copies
 
     def _impostors(self, ctx: UnlearnContext) -> dict[str, list[Sample]]:
         """Forget person -> the photos of one stranger assigned to them for good (distinct strangers while
@@ -459,7 +512,7 @@ class CVFNCU(UnlearningMethod):
 
     def loss(self, ctx: UnlearnContext, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
-        forget = ctx.stream("forget_images", lambda: distinct_images(ctx.forget))
+        forget = ctx.stream("forget_images", lambda: self.push_images)
         retain = ctx.stream("retain_vqa", lambda: [s for s in ctx.retain if s.image is not None], cfg.retain_batch_size)
         h_rr = ctx.visual_tokens(retain, reference=True)  # reference features: read, not computed
         # anchor p_r^a: mean reference IVR of the retain batch (per position at token level), or strangers'
