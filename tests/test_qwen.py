@@ -231,6 +231,23 @@ def test_cvf_ncu_end_to_end_keeps_text_bit_identical_and_A_frozen(qmodel, tmp_pa
     assert {r.metric for r in results} >= {"letter", "lik"}
 
 
+def test_cvf_options_on_patch_inputs_view_pool_and_mid_push_run_views_is_refused(qmodel, tmp_path):
+    """Qwen's image inputs are patches: ``views`` (which augments (B, C, H, W) pixels) is refused before
+    training and names ``view_pool``; ``view_pool`` (copies made from the photos) and ``mid_push`` (a hook
+    on the middle vision block) train."""
+    from mllm_unlearn.methods.cvf_ncu import CVFConfig
+
+    arch, path, data = qmodel
+    lm = load_model(path)
+    assert len(lm.arch.vision_blocks(lm.model)) == QSIZES.vision_layers
+    cfg = UnlearnConfig(steps=2, batch_size=2, warmup=1, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="use view_pool"):
+        unlearn(lm, data, cfg, CVFConfig(views=1))
+    _, history = unlearn(load_model(path), data, cfg, CVFConfig(view_pool=1, mid_push=1.0, relearn_sim=0.0))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert [h for h in history if "mid_push" in h] and all(h["mid_push"] > 0 for h in history if "mid_push" in h)
+
+
 def test_images_of_different_sizes_need_and_get_one_square_size(qmodel):
     arch, path, _ = qmodel
     buf = io.BytesIO()  # a wide photo: Qwen keeps aspect ratios, so its token grid differs from a square's

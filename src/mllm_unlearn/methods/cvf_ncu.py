@@ -293,6 +293,11 @@ class CVFNCU(UnlearningMethod):
         if not retain_images or not forget_images:
             raise ValueError("CVF needs images in both the forget and the retain set")
         self.generator = torch.Generator().manual_seed(ctx.seed + 7919)
+        if cfg.views and not any(v.dim() == 4 for v in ctx.pixels(forget_images[:1]).values()):
+            raise ValueError(
+                f"views augments (batch, channels, height, width) pixels; {ctx.lm.arch.name}'s image inputs "
+                "are patches: use view_pool (augmented copies made from the photos) instead"
+            )
         # what the push / pull draws from: the photos, and their augmented copies with ``view_pool``
         self.push_images = forget_images + self._view_pool(forget_images)
         # the reference model never changes: its tokens of every image, once (retain first: the
