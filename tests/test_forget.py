@@ -152,8 +152,15 @@ def vanilla(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_forget_two_people_end_to_end(vanilla, capsys):
+def test_forget_two_people_end_to_end(vanilla, capsys, monkeypatch):
     root, world, model = vanilla
+    given, real_attach = {}, forget_mod.attach_adapters  # the request's stranger photos reach NCU's calibration
+
+    def attach(lm, retain, cfg, method, strangers=()):
+        given["calibration"] = [s.image.data for s in strangers]
+        return real_attach(lm, retain, cfg, method, strangers)
+
+    monkeypatch.setattr(forget_mod, "attach_adapters", attach)
     t0 = time.perf_counter()
     args = _cli(
         [
@@ -199,6 +206,10 @@ def test_forget_two_people_end_to_end(vanilla, capsys):
         "merged/config.json",
     ):
         assert (run / f).is_file(), f
+    request = yaml.safe_load((root / "request.yaml").read_text())
+    n_strangers = sum(len(list((root / pool["photos"]).iterdir())) for pool in request["strangers"])
+    assert len(given["calibration"]) == n_strangers > 0
+    assert json.loads((run / "run.json").read_text())["resolved"]["calibrate_strangers"] is True
     assert s["forget_named_before"] >= 0.8  # the model did know them
     assert s["forget_named_after"] <= 0.2
     assert s["retain_name_recall_after"] >= 0.9 * s["retain_name_recall_before"]

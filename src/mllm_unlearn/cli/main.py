@@ -268,8 +268,10 @@ def _unlearn_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
     sp.add_argument(
         "--calibrate-strangers",
-        action="store_true",
-        help="NCU's null space from the retain set and the stranger photos (faces the model does not know)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NCU's null space from the retain set and the stranger photos (faces the model does not know); "
+        "default: the method's (on for cvf_ncu)",
     )
     sp.add_argument("--steps", type=int, default=200)
     sp.add_argument("--lr", type=float, default=None, help="default: the method's")

@@ -14,7 +14,7 @@ not recursive)::
       - name: Cleo Brandt        # name optional: where given, the report measures name recall
         photos: keep/cleo/
       - photos: keep/objects/
-    strangers:                   # optional: people the model should not know (report only)
+    strangers:                   # optional: people the model should not know (training and report)
       - photos: strangers/
 
 CSV: a header ``role,name,path`` and one row per file or folder; ``role`` is ``forget``, ``verify``

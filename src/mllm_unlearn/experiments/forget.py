@@ -562,15 +562,19 @@ def run_forget(
         for ph in p.train[person.name]
     ]
 
+    # the request's strangers: NCU's calibration with ``calibrate_strangers`` and the stranger options
+    # (docs/method.md); each photo its own unknown person
+    stranger_samples = [_image_sample(ph, f"stranger/{ph.sha256[:16]}", tag="stranger") for ph in p.strangers]
+
     t0 = time.perf_counter()
     method_cls = get_method("cvf_ncu")
     method = method_cls(method_config(settings))
     ucfg = settings.unlearn_config(opts.cache_dir)
     if resume is None:
-        lm = attach_adapters(lm, retain_samples, ucfg, method_cls)
+        lm = attach_adapters(lm, retain_samples, ucfg, method_cls, stranger_samples)
     else:
         lm = _attach_saved(lm, Path(resume) / "adapter", record)
-    history = unlearn_stage(lm, method, forget_samples, retain_samples, ucfg, desc="forget")
+    history = unlearn_stage(lm, method, forget_samples, retain_samples, ucfg, desc="forget", strangers=stranger_samples)
     timings["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

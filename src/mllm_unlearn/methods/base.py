@@ -194,6 +194,9 @@ class UnlearningMethod:
     uses_reference_features: ClassVar[bool] = False
     #: False for methods that edit the model once in :meth:`apply` instead of training (e.g. pruning)
     trains: ClassVar[bool] = True
+    #: NCU's null space (a ``null`` subspace) from the retain set and the stranger photos, unless the
+    #: driver's ``UnlearnConfig.calibrate_strangers`` says otherwise
+    calibrate_strangers: ClassVar[bool] = False
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg if cfg is not None else self.config_class()

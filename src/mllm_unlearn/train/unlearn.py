@@ -61,8 +61,9 @@ class UnlearnConfig:
     reference_memory_mb: float = DEFAULT_MEMORY_MB
     #: NCU (Eq. 12-13) calibrated on the retain set *and* the stranger photos (``unlearn(strangers=...)``):
     #: A then spans the directions neither uses, so B cannot reach what faces outside the retain set
-    #: activate either (an input-side counterpart of ``ret_strangers``). Off: see docs/method.md
-    calibrate_strangers: bool = False
+    #: activate either (an input-side counterpart of ``ret_strangers``). None: the method's
+    #: (``UnlearningMethod.calibrate_strangers``: on for cvf_ncu, off for cvf_ncu_paper; docs/method.md)
+    calibrate_strangers: bool | None = None
 
 
 def split_people(data: BenchmarkData, forget_people: Iterable[str] | None = None) -> tuple[list[Sample], list[Sample]]:
@@ -107,6 +108,11 @@ class _CalibrationInputs:
         for i in range(0, len(self.items), self.size):
             self.current = self.items[i : i + self.size]
             yield self.encode(self.lm, self.current).inputs
+
+
+def resolve_calibrate_strangers(cfg: UnlearnConfig, method: type[UnlearningMethod]) -> bool:
+    """Whether NCU calibrates on the stranger photos too: ``cfg``'s choice, else the method's."""
+    return method.calibrate_strangers if cfg.calibrate_strangers is None else cfg.calibrate_strangers
 
 
 def default_rank(method: type[UnlearningMethod], widths: Sequence[int]) -> int:
@@ -166,7 +172,7 @@ def attach_adapters(
     covariances = captured = None
     if subspace == "null":
         items = images if visual else list(retain)
-        if cfg.calibrate_strangers:  # ``strangers`` are distinct photos with their "I don't know" pairs
+        if resolve_calibrate_strangers(cfg, method):  # distinct photos with their "I don't know" pairs
             items += distinct_images(strangers) if visual else list(strangers)
         inputs = _CalibrationInputs(lm, items, visual)
         forward = (lambda m, x: lm.arch.image_features(m, x)) if visual else full_forward
@@ -320,6 +326,7 @@ def run_record(cfg: UnlearnConfig, method: UnlearningMethod, history: list[dict]
             "subspace": cfg.subspace or method.default_subspace,
             "lr": cfg.lr or method.default_lr,
             "rank": cfg.rank or method.default_rank,
+            "calibrate_strangers": resolve_calibrate_strangers(cfg, type(method)),
         },
         "log": history,
         **extra,
