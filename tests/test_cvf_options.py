@@ -451,14 +451,14 @@ def test_mid_push_adds_eq4_at_the_middle_block_by_formula(world_with_strangers):
     from mllm_unlearn.nullspace import reference_model
 
     data, model = world_with_strangers
-    ctx, plain = _ctx_and_method(data, model, relearn_sim=0.0)
+    ctx, plain = _ctx_and_method(data, model, relearn_sim=0.0, view_pool=0)  # the photos' stream only
 
     def loss(method_ctx):
         torch.manual_seed(0)
         return method_ctx[1].loss(method_ctx[0], 0)
 
     base, _ = loss((ctx, plain))
-    ctx2, method = _ctx_and_method(data, model, relearn_sim=0.0, mid_push=0.5)  # the same A, B as ctx's
+    ctx2, method = _ctx_and_method(data, model, relearn_sim=0.0, view_pool=0, mid_push=0.5)  # A, B as ctx's
     total, logs = loss((ctx2, method))
     # by hand, on the batches the fresh streams give first
     ctx3 = UnlearnContext(ctx2.lm, ctx.forget, ctx.retain, batch_size=2, seed=0)
@@ -501,7 +501,7 @@ def test_view_pool_adds_seeded_augmented_copies_of_each_forget_photo(world_with_
     assert all(image_key(c) in ctx.reference for c in copies)
     _, again = _ctx_and_method(data, model, view_pool=2, relearn_sim=0.0)
     assert [c.image.data for c in again.push_images] == [c.image.data for c in method.push_images]
-    _, plain = _ctx_and_method(data, model, relearn_sim=0.0)
+    _, plain = _ctx_and_method(data, model, relearn_sim=0.0, view_pool=0)
     assert plain.push_images == photos
     img = photos[0].image.load()
     assert augment_image(img, torch.Generator(), 0.0) is img

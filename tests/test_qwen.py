@@ -18,7 +18,7 @@ from mllm_unlearn.models import get_arch, load_model
 from mllm_unlearn.models.qwen2_vl import IM_END, IMAGE_PAD, QwenVLProcessor
 from mllm_unlearn.models.tiny import TinySizes, corpus_for, make_tiny_model
 from mllm_unlearn.nullspace import lora_A_weights, target_linears
-from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people, unlearn
+from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people, stranger_samples, unlearn
 
 from .conftest import png
 
@@ -203,10 +203,10 @@ def test_cvf_ncu_end_to_end_keeps_text_bit_identical_and_A_frozen(qmodel, tmp_pa
     vqa = [s for s in data.splits["forget"] if s.image is not None][:3]
     before_text, before_img = text_logits(lm, text), text_logits(lm, vqa)
 
-    # A as calibrated on the retain set (the same config on a fresh copy; covariances cached on disk)
-    expected_A = lora_A_weights(
-        attach_adapters(load_model(path), split_people(data)[1], cfg, get_method("cvf_ncu")).model
-    )
+    # A as calibrated on the retain set and the strangers (the same config on a fresh copy; covariances cached)
+    forget, retain = split_people(data)
+    strangers = stranger_samples(data, {s.person for s in forget})
+    expected_A = lora_A_weights(attach_adapters(load_model(path), retain, cfg, get_method("cvf_ncu"), strangers).model)
     assert expected_A and all(k.startswith("model.visual.") for k in expected_A)
     adapted, history = unlearn(lm, data, cfg)
     assert history[-1]["step"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
