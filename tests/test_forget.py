@@ -275,6 +275,18 @@ def _lora_A(adapter: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "lora_A" in k}
 
 
+def test_calibrate_strangers_flag_reaches_the_unlearn_config():
+    from mllm_unlearn.cli.forget import settings_from_args
+    from mllm_unlearn.experiments.forget import resolve_settings
+
+    for argv, expected in (([], None), (["--no-calibrate-strangers"], False), (["--calibrate-strangers"], True)):
+        args = _cli(["--model", "m", "--request", "r.yaml", "--out", "o", *argv])
+        settings = resolve_settings(settings_from_args(args), None)
+        assert settings.unlearn_config().calibrate_strangers is expected
+    # on resume, a run recorded before the flag existed keeps cvf_ncu's default
+    assert resolve_settings({}, {"steps": 200}).calibrate_strangers is None
+
+
 def test_name_matching():
     known = ["Ana Lind", "Bram Okafor"]
     assert classify("This is ana lind.", "Ana Lind", known) == "named"

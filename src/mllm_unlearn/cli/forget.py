@@ -56,6 +56,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=None, help="forget images per step (8)")
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument(
+        "--calibrate-strangers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NCU's null space from the retain photos and the request's strangers (default: on)",
+    )
+    sp.add_argument(
         "--opt",
         action="append",
         default=None,

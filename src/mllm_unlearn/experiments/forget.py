@@ -100,6 +100,8 @@ class ForgetSettings:
     distill_prompts: tuple[str, ...] = DISTILL_PROMPTS
     distill_tokens: int = 32  # reply length of the self-distillation targets
     method_options: tuple[str, ...] = ()  # cvf_ncu KEY=VALUE options (``--opt``)
+    #: NCU's null space from the retain photos and the request's stranger photos (None: cvf_ncu's, on)
+    calibrate_strangers: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 1:
