@@ -134,11 +134,11 @@ def attach_adapters(
     """Wrap the model with LoRA on the update scope; for NCU, A = null-space basis of the retain set.
 
     Calibration (Eq. 12-13) runs once over the retain set: its images for a visual scope (only the
-    vision tower and projector run), its training pairs for the LLM; with ``cfg.calibrate_strangers``
-    over ``strangers`` too. Covariances are cached on disk,
-    keyed by model + data + layer, so the next run with the same model and retain set reuses them:
-    in ``cfg.cache_dir``, by default in the user cache (:func:`~mllm_unlearn.nullspace.default_cache_dir`),
-    never in the model's folder; a model with no name or path is not cached unless ``cache_dir`` is set.
+    vision tower and projector run), its training pairs for the LLM; over ``strangers`` too where
+    :func:`resolve_calibrate_strangers` says so. Covariances are cached on disk, keyed by model + data +
+    layer, so the next run with the same model and data reuses them: in ``cfg.cache_dir``, by default in
+    the user cache (:func:`~mllm_unlearn.nullspace.default_cache_dir`), never in the model's folder; a
+    model with no name or path is not cached unless ``cache_dir`` is set.
 
     Several processes: every process calibrates on the same retain data (no process holds data the
     others lack, and nothing of size d x d per layer is sent); with a cache the main process goes
@@ -171,7 +171,7 @@ def attach_adapters(
         names = [n for n in names if n not in exclude]
     covariances = captured = None
     if subspace == "null":
-        items = images if visual else list(retain)
+        items = list(images if visual else retain)
         if resolve_calibrate_strangers(cfg, method):  # distinct photos with their "I don't know" pairs
             items += distinct_images(strangers) if visual else list(strangers)
         inputs = _CalibrationInputs(lm, items, visual)
