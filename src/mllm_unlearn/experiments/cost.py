@@ -91,16 +91,15 @@ def cvf_steps(method: str, shapes: Shapes = Shapes()) -> list[list[Pass]]:
     with ``relearn_sim`` every ``relearn_sim_every``-th step adds the simulated attack on half A (its
     photos through the visual module, or its image pairs through the model, with gradients on the
     visual base weights) and the held-out half's photos at the attacked weights; ``views`` adds each view
-    of the forget batch through the adapted and the reference visual module, ``mid_push`` the forget
-    batch through the reference one. The reference IVRs of the photos are computed once per request
+    of the forget batch through the adapted and the reference visual module. The reference IVRs of the
+    photos (and ``view_pool``'s copies, and ``mid_push``'s hidden states) are computed once per request
     (``nullspace.reference.ReferenceFeatures``), not per step: not counted."""
     cfg = parse_options(get_method(method).config_class, shapes.cvf_options)
     b, rb = shapes.batch_size, cfg.retain_batch_size
     gum = cfg.gum_batch_size or rb
     views = [Pass(b, b, visual=True, grad=g) for _ in range(cfg.views) for g in (True, False)]
-    mid = [Pass(b, b, visual=True, grad=False)] if cfg.mid_push else []
     # the order of the loss: forget photos, their views, the retain batch (L_GUM reuses its features)
-    main = [Pass(b, b, visual=True), *views, Pass(rb, rb, visual=True), Pass(gum, gum, reuse=True), *mid]
+    main = [Pass(b, b, visual=True), *views, Pass(rb, rb, visual=True), Pass(gum, gum, reuse=True)]
     if cfg.ret_strangers:
         main.append(Pass(cfg.stranger_batch_size, cfg.stranger_batch_size, visual=True))
     if cfg.stranger_reply:  # L_SR: forget image pairs through the model (stranger photos supplied)

@@ -169,8 +169,8 @@ class CVFConfig:
     #: weight of a second push at a middle vision block ("push at more than one level"): Eq. 4 on the
     #: hidden states of block ``mid_layer`` (-1: the middle one, (n - 1) // 2 of n) of the forget photos,
     #: away from the reference model's at that block, against the retain batch's hidden states there
-    #: (this step's, detached) as negatives, all centred on their mean. Costs one reference pass of the
-    #: forget photos per step (their hidden states are not cached)
+    #: (this step's, detached) as negatives, all centred on their mean. The reference model's hidden states
+    #: there are computed once per request, like its tokens
     mid_push: float = 0.0
     mid_layer: int = -1
 
@@ -336,6 +336,13 @@ class CVFNCU(UnlearningMethod):
             if index >= len(blocks):
                 raise ValueError(f"mid_layer={cfg.mid_layer}: the vision encoder has {len(blocks)} blocks (0-based)")
             self.mid_block = blocks[index]
+            # the reference model's hidden states there, once per image (as its tokens): never per step
+            self.mid_reference = {}
+            with torch.no_grad():
+                for img in self.push_images:
+                    with block_outputs(self.mid_block) as out:
+                        ctx.visual_tokens_of(ctx.pixels([img]), reference=True)
+                    self.mid_reference[image_key(img)] = out[0]
         self.forgotten = distinct_images(ctx.forgotten) if cfg.keep_forgotten else []
         if self.forgotten:  # the tokens the (already unlearned) model gives them now
             with torch.no_grad():
@@ -465,16 +472,15 @@ class CVFNCU(UnlearningMethod):
         surrogate = sum((p * gp).sum() for p, gp in zip(params, meta_grads) if gp is not None)
         return surrogate - surrogate.detach(), meta.item()
 
-    def _mid_push(self, ctx: UnlearnContext, forget: list, mid_fu: torch.Tensor, mid_ru: torch.Tensor) -> torch.Tensor:
+    def _mid_push(self, forget: list, mid_fu: torch.Tensor, mid_ru: torch.Tensor) -> torch.Tensor:
         """Eq. 4 at the middle block: the forget photos' hidden states there (``mid_fu``, this step's)
         pushed from the reference model's, the retain batch's (``mid_ru``, detached) as negatives; every
         token a row, all centred on the negatives' mean."""
-        with torch.no_grad(), block_outputs(self.mid_block) as mid_fr:
-            ctx.visual_tokens_of(ctx.pixels(forget), reference=True)
+        mid_fr = torch.cat([self.mid_reference[image_key(s)] for s in forget])  # images along dim 0
         d = mid_fu.shape[-1]
         negatives = mid_ru.detach().reshape(-1, d)
         c = negatives.mean(0)
-        return cvf_push(mid_fu.reshape(-1, d) - c, mid_fr[0].reshape(-1, d) - c, negatives - c, self.cfg.tau)
+        return cvf_push(mid_fu.reshape(-1, d) - c, mid_fr.reshape(-1, d) - c, negatives - c, self.cfg.tau)
 
     def _ivr(self, h: torch.Tensor) -> torch.Tensor:
         """The IVRs the contrastive terms compare: (B, d) pooled, or (B*T, d) tokens."""
@@ -571,7 +577,7 @@ class CVFNCU(UnlearningMethod):
 
         loss = total_loss(cvf_loss(push, pull, cfg.lam), ret, gum, cfg.alpha, cfg.ret_weight)
         if self.mid_block is not None:
-            mid = self._mid_push(ctx, forget, mid_fu[0], mid_ru[0])
+            mid = self._mid_push(forget, mid_fu[0], mid_ru[0])
             loss = loss + cfg.alpha * cfg.mid_push * mid
             logs["mid_push"] = mid.item()
         if self.stranger_targets:
