@@ -7,7 +7,8 @@ Usage::
         --variant default --variant "gum4:gum_batch_size=4" --variant "r16:rank=16"
 
 A variant is ``NAME[:KEY=VALUE,...]``: method options (``--opt`` keys of the method's config) and the
-driver's ``rank``, ``steps``, ``lr``, ``calibrate_strangers`` (true|false) and ``method`` (default
+driver's ``rank``, ``steps``, ``lr``, ``calibrate_strangers`` (true|false), ``calibrate_views``,
+``calibrate_augment`` and ``method`` (default
 ``cvf_ncu``). Per seed the cached vanilla model is unlearned with the variant (the audit's default
 ``UnlearnConfig`` otherwise), merged, and audited with the chosen probes against the cached vanilla and
 oracle (the audit's own code, so its numbers are the audit's). Rows go to ``--out`` (JSON lines; a
@@ -34,7 +35,15 @@ from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.runtime.options import parse_options
 from mllm_unlearn.train.unlearn import UnlearnConfig, unlearn
 
-DRIVER_KEYS = {"rank": int, "steps": int, "lr": float, "method": str, "calibrate_strangers": lambda v: v == "true"}
+DRIVER_KEYS = {
+    "rank": int,
+    "steps": int,
+    "lr": float,
+    "method": str,
+    "calibrate_strangers": lambda v: v == "true",
+    "calibrate_views": int,
+    "calibrate_augment": float,
+}
 COLUMNS = (
     "forget_vqa",
     "unseen_forget_vqa",

@@ -51,14 +51,12 @@ within 2e-5) — exactly what the old code differs from itself run with 2 thread
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
-from PIL import Image
 
-from ..data.sample import ImageRef, Sample
+from ..data.augment import augment_pixels, augmented_copies
+from ..data.sample import Sample
 from ..models.base import block_outputs
 from ..models.scoring import eval_mode, generate
 from ..nullspace import base_weights, reference_model, trainable_parameters
@@ -226,47 +224,6 @@ class PaperCVFConfig(CVFConfig):
     mid_push: float = 0.0
 
 
-def _augment(img: torch.Tensor, generator: torch.Generator, strength: float, unit: float) -> torch.Tensor:
-    """One random view of a (C, H, W) image: a crop of (1 - 0.3 s) to 1 of each side resized back (scale
-    and shift), a circular shift of up to 0.1 s of the side, a per-channel gain 1 + 0.2 s N(0, 1) and
-    offset 0.2 s N(0, 1), and Gaussian noise of std 0.1 s; offset and noise in multiples of ``unit``
-    (the pixels' standard deviation)."""
-    c, h, w = img.shape
-    frac = 1 - 0.3 * strength * torch.rand((), generator=generator).item()
-    ch, cw = max(1, round(h * frac)), max(1, round(w * frac))
-    top = int(torch.randint(0, h - ch + 1, (), generator=generator))
-    left = int(torch.randint(0, w - cw + 1, (), generator=generator))
-    crop = img[:, top : top + ch, left : left + cw]
-    img = torch.nn.functional.interpolate(crop[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    m = max(1, round(0.1 * strength * min(h, w)))
-    dy, dx = (int(v) for v in torch.randint(-m, m + 1, (2,), generator=generator))
-    img = torch.roll(img, shifts=(dy, dx), dims=(1, 2))
-    gain = 1 + 0.2 * strength * torch.randn(c, 1, 1, generator=generator)
-    offset = 0.2 * unit * strength * torch.randn(c, 1, 1, generator=generator)
-    return img * gain + offset + 0.1 * unit * strength * torch.randn(img.shape, generator=generator)
-
-
-def augment_pixels(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """A random view (:func:`_augment`) of each image of a (B, C, H, W) pixel batch, already normalised
-    (unit std). ``strength`` s = 0 returns ``x`` unchanged."""
-    if x.dim() != 4:
-        raise ValueError(f"augment_pixels needs (B, C, H, W) pixels, not shape {tuple(x.shape)}")
-    if strength == 0:
-        return x
-    return torch.stack([_augment(img, generator, strength, 1.0) for img in x]).to(x.dtype)
-
-
-def augment_image(img: Image.Image, generator: torch.Generator, strength: float = 1.0) -> Image.Image:
-    """A random view (:func:`_augment`) of an RGB photo in pixel levels, so that any image processor can
-    encode it: offset and noise in units of 70 levels (about CLIP's normalised pixel std of 0.27 x 255),
-    i.e. offset std 14 s and noise std 7 s levels. ``strength`` s = 0 returns the photo unchanged."""
-    if strength == 0:
-        return img
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W)
-    x = _augment(x, generator, strength, 70.0)
-    return Image.fromarray(x.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-
-
 @register
 class CVFNCU(UnlearningMethod):
     name = "cvf_ncu"
@@ -303,7 +260,7 @@ class CVFNCU(UnlearningMethod):
                 "are patches: use view_pool (augmented copies made from the photos) instead"
             )
         # what the push / pull draws from: the photos, and their augmented copies with ``view_pool``
-        self.push_images = forget_images + self._view_pool(forget_images)
+        self.push_images = forget_images + augmented_copies(forget_images, self.generator, cfg.view_pool, cfg.augment)
         # the reference model never changes: its tokens of every image, once (retain first: the
         # driver's calibration pass may already have computed them, in these same batches)
         ctx.cache_reference(retain_images)
@@ -359,20 +316,6 @@ class CVFNCU(UnlearningMethod):
             self.queue = pooled[idx] - self.center
         else:
             self.queue = pooled[:0] - self.center
-
-    def _view_pool(self, photos: list[Sample]) -> list[Sample]:
-        """``view_pool`` augmented copies of each photo (:func:`augment_image`), as samples of the same
-        person and question whose image is the copy (PNG): to every other part of the library they are
-        photos, so their pixels and reference tokens are encoded and cached like the photos'."""
-        copies = []
-        for k in range(self.cfg.view_pool):
-            for s in photos:
-                img = augment_image(s.image.load(), self.generator, self.cfg.augment)
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
-                ref = ImageRef(buf.getvalue(), f"{s.image.source} (augmented copy {k + 1})")
-                copies.append(replace(s, id=f"{s.id}#view{k + 1}", image=ref))
-        return copies
 
     def _impostors(self, ctx: UnlearnContext) -> dict[str, list[Sample]]:
         """Forget person -> the photos of one stranger assigned to them for good (distinct strangers while

@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..data.augment import augmented_copies
 from ..data.sample import UNKNOWN_REPLY, BenchmarkData, DataError, Sample
 from ..methods.base import UnlearnContext, UnlearningMethod, distinct_images, get_method
 from ..models.loading import LoadedModel
@@ -64,6 +67,19 @@ class UnlearnConfig:
     #: activate either (an input-side counterpart of ``ret_strangers``). None: the method's
     #: (``UnlearningMethod.calibrate_strangers``: on for cvf_ncu, off for cvf_ncu_paper; docs/method.md)
     calibrate_strangers: bool | None = None
+    #: augmented copies (:func:`~mllm_unlearn.data.augment.augmented_copies`, strength
+    #: ``calibrate_augment``, drawn with ``seed``) of every calibration image join NCU's covariances, so
+    #: A also avoids the directions in which other faces vary under crops, shifts, colour and noise: the
+    #: input-side guard against an augmented push (CVF's ``view_pool``) reaching other faces. 0: off
+    #: (docs/method.md, "Fourth pass", gives what it measured on dev worlds 0-2)
+    calibrate_views: int = 0
+    calibrate_augment: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.calibrate_views < 0:
+            raise ValueError(f"calibrate_views must be >= 0, got {self.calibrate_views}")
+        if not 0 <= self.calibrate_augment <= 2:
+            raise ValueError(f"calibrate_augment must be in [0, 2], got {self.calibrate_augment}")
 
 
 def split_people(data: BenchmarkData, forget_people: Iterable[str] | None = None) -> tuple[list[Sample], list[Sample]]:
@@ -174,6 +190,9 @@ def attach_adapters(
         items = list(images if visual else retain)
         if resolve_calibrate_strangers(cfg, method):  # distinct photos with their "I don't know" pairs
             items += distinct_images(strangers) if visual else list(strangers)
+        if visual and cfg.calibrate_views:
+            g = torch.Generator().manual_seed(cfg.seed + 104729)
+            items += augmented_copies(items, g, cfg.calibrate_views, cfg.calibrate_augment)
         inputs = _CalibrationInputs(lm, items, visual)
         forward = (lambda m, x: lm.arch.image_features(m, x)) if visual else full_forward
         if visual and method.uses_reference_features and cfg.ivr_level == "projector":
