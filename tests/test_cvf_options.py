@@ -240,6 +240,29 @@ def test_b_l2_and_ret_strangers_add_their_terms_by_formula(world_with_strangers)
     assert logs_s["ret"] == pytest.approx(logs["ret"] + extra.item(), rel=1e-4)
 
 
+def test_ret_strangers_keeps_real_world_faces_nearer_their_reference_tokens(world_with_strangers):
+    """The direction of the ``ret_strangers`` choice (cvf_ncu's default since the fourth dev pass): with
+    L_RET on the taught strangers' photos, the photos of the real-world people (in no training set of the
+    unlearning: what Real-world VQA asks about) drift less from their reference tokens (measured: Eq. 9
+    0.165 against 0.205 without, same steps and seed)."""
+    from mllm_unlearn.methods.losses import retention_mse
+
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    strangers = stranger_samples(data)
+    real = distinct_images(data.items("real", modality="vqa"))
+    cls = get_method("cvf_ncu")
+    drift = {}
+    for on in (False, True):
+        lm = attach_adapters(load_model(model), retain, UnlearnConfig(**FAST), cls, strangers)
+        unlearn_stage(lm, cls(CVFConfig(ret_strangers=on)), forget, retain, UnlearnConfig(**FAST), strangers=strangers)
+        ctx = UnlearnContext(lm, forget, retain, 4, 0)
+        with torch.no_grad():
+            drift[on] = retention_mse(ctx.visual_tokens(real), ctx.visual_tokens(real, reference=True)).item()
+    assert real and 0 < drift[True] < drift[False]
+    assert CVFConfig().ret_strangers and not PaperCVFConfig().ret_strangers
+
+
 def test_keep_forgotten_holds_earlier_requests_at_their_tokens_by_formula(world_with_strangers):
     """Continual without replay: L_RET gains keep_forgotten * Eq. 9 between the earlier-forgotten photos'
     tokens now and the tokens the model gave them when the stage began (0 until B moves)."""
