@@ -144,7 +144,8 @@ def test_calibrate_views_keeps_augmented_faces_out_of_the_null_space(world_with_
     """``UnlearnConfig.calibrate_views``: with augmented copies of the calibration images in NCU's
     covariances, A lets through less of the input energy of *other* augmented copies (drawn with another
     seed) of the retain and stranger photos than A calibrated on the photos alone, in every adapted layer
-    (0.062 -> 0.059 of it in the first); a negative count is refused before anything runs."""
+    (0.062 -> 0.059 of it in the first); a negative count, or copies with no visual null space to
+    calibrate, are refused before anything runs."""
     from mllm_unlearn.data.augment import augmented_copies
     from mllm_unlearn.models.scoring import image_batches
     from mllm_unlearn.nullspace import collect_covariances, retain_energy
@@ -175,6 +176,8 @@ def test_calibrate_views_keeps_augmented_faces_out_of_the_null_space(world_with_
     assert names and all(a < b for a, b in zip(with_views, without))
     with pytest.raises(ValueError, match="calibrate_views"):
         UnlearnConfig(calibrate_views=-1)
+    with pytest.raises(ValueError, match="subspace 'random' has none"):
+        attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random", calibrate_views=1), cls)
 
 
 def test_stranger_anchor_moves_forget_photos_toward_strangers_not_retain_people(world_with_strangers):

@@ -70,8 +70,9 @@ class UnlearnConfig:
     #: augmented copies (:func:`~mllm_unlearn.data.augment.augmented_copies`, strength
     #: ``calibrate_augment``, drawn with ``seed``) of every calibration image join NCU's covariances, so
     #: A also avoids the directions in which other faces vary under crops, shifts, colour and noise: the
-    #: input-side guard against an augmented push (CVF's ``view_pool``) reaching other faces. 0: off
-    #: (docs/method.md, "Fourth pass", gives what it measured on dev worlds 0-2)
+    #: input-side guard against an augmented push (CVF's ``view_pool``) reaching other faces. 0: off, since
+    #: on dev worlds 0-2 two copies cost Real-world VQA (0.950 -> 0.913) at the same unseen-photo forgetting
+    #: (0.252 -> 0.275; docs/method.md, "Fourth pass"). Visual null-space calibration only
     calibrate_views: int = 0
     calibrate_augment: float = 0.25
 
@@ -185,12 +186,17 @@ def attach_adapters(
             raise DataError("the retain set has no images to calibrate the visual module on")
         exclude = unused_layers(lm.model, names, image_batches(lm, images[:8])[0])
         names = [n for n in names if n not in exclude]
+    if cfg.calibrate_views and not (visual and subspace == "null"):
+        raise ValueError(
+            f"calibrate_views augments the images of a visual null-space calibration; scope {scope!r} with "
+            f"subspace {subspace!r} has none"
+        )
     covariances = captured = None
     if subspace == "null":
         items = list(images if visual else retain)
         if resolve_calibrate_strangers(cfg, method):  # distinct photos with their "I don't know" pairs
             items += distinct_images(strangers) if visual else list(strangers)
-        if visual and cfg.calibrate_views:
+        if cfg.calibrate_views:
             g = torch.Generator().manual_seed(cfg.seed + 104729)
             items += augmented_copies(items, g, cfg.calibrate_views, cfg.calibrate_augment)
         inputs = _CalibrationInputs(lm, items, visual)
