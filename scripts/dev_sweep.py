@@ -8,12 +8,13 @@ Usage::
 
 A variant is ``NAME[:KEY=VALUE,...]``: method options (``--opt`` keys of the method's config) and the
 driver's ``rank``, ``steps``, ``lr``, ``calibrate_strangers`` (true|false), ``calibrate_views``,
-``calibrate_augment`` and ``method`` (default
-``cvf_ncu``). Per seed the cached vanilla model is unlearned with the variant (the audit's default
-``UnlearnConfig`` otherwise), merged, and audited with the chosen probes against the cached vanilla and
-oracle (the audit's own code, so its numbers are the audit's). Rows go to ``--out`` (JSON lines; a
-(seed, variant, settings) row already there is not redone), and the table of means over the seeds
-(± 95 % t-interval) is printed.
+``calibrate_augment``, ``method`` (default ``cvf_ncu``) and ``seed_offset`` (the unlearning run's seed
+is the world's seed plus it: another draw of batches, views and the simulated attack on the same world).
+Per seed the cached vanilla model is unlearned with the variant (the audit's default ``UnlearnConfig``
+otherwise), merged, and audited with the chosen probes against the cached vanilla and oracle (the
+audit's own code, so its numbers are the audit's). Rows go to ``--out`` (JSON lines; a (seed, variant,
+settings) row already there is not redone), and the table of means over the seeds (± 95 % t-interval) is
+printed.
 ``--attack-seeds 0,1`` repeats the relearning and benign probes with other batch orders and averages
 them (their spread between batch orders is ±0.2 on one world).
 """
@@ -43,6 +44,7 @@ DRIVER_KEYS = {
     "calibrate_strangers": lambda v: v == "true",
     "calibrate_views": int,
     "calibrate_augment": float,
+    "seed_offset": int,
 }
 COLUMNS = (
     "forget_vqa",
@@ -114,9 +116,9 @@ def main() -> None:
             method_cfg = parse_options(method_cls.config_class, [f"{k}={v}" for k, v in opts.items()])
             run_cfg = UnlearnConfig(
                 method=method,
-                seed=seed,
+                seed=seed + driver.get("seed_offset", 0),
                 cache_dir=str(root / "ncu_cache"),
-                **{k: v for k, v in driver.items() if k != "method"},
+                **{k: v for k, v in driver.items() if k not in ("method", "seed_offset")},
             )
             key = json.dumps(
                 {
