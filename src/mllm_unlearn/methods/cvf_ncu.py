@@ -43,8 +43,8 @@ Cost of a step: the reference model's tokens of every image are computed once pe
 retain pairs are encoded once, and L_GUM reads the retain batch's projector outputs h_ru instead of
 running the visual module again: the visual module runs once per step on the forget batch and once on
 the retain batch (12 pairs) and the 4 stranger photos of ``ret_strangers`` (before: six passes, three of
-them on the retain images), and every 8th step twice more on 4 photos each for ``relearn_sim``. The loss is the same
-function; its gradient is summed in another order (L_GUM's and L_RET's meet at h_ru), so B differs
+them on the retain images), and every 8th step twice more on 4 photos each for ``relearn_sim``. The loss
+is the same function; its gradient is summed in another order (L_GUM's and L_RET's meet at h_ru), so B differs
 from the old code's in the last bits after one step and, as Adam amplifies rounding in B's near-zero
 gradient entries, by up to ~17% of max|B| after 200 steps on the demo (relative norm 5%, logged losses
 within 2e-5) — exactly what the old code differs from itself run with 2 threads instead of 1.
@@ -80,8 +80,7 @@ class CVFConfig:
     (``ret_strangers``) are on, with the driver's NCU calibration on stranger photos
     (``CVFNCU.calibrate_strangers``); the stranger anchors and L_SR, per-step ``views``, the middle-block
     push and the ||B|| penalty are off: none improved unseen-photo forgetting without costing real-world
-    VQA or robustness. ``keep_forgotten``
-    is on: it only acts in continual unlearning without replay.
+    VQA or robustness. ``keep_forgotten`` is on: it only acts in continual unlearning without replay.
 
     The first defaults were chosen on the demo world (forget_15, 200 steps at lr 3e-2: forget VQA
     1.00 -> 0.25 = chance, retain VQA 0.995 -> 0.995, real VQA 0.99 -> 0.91; alpha 3 / 5 / 10 all reach
