@@ -1,9 +1,10 @@
 """``mllm-unlearn paper --quick``: every table, figure and key of the plan; a second call skips every job;
-a changed setting is refused; the validation search never touches a reporting world."""
+a changed setting (or method default) is refused; the validation search never touches a reporting world."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -18,6 +19,8 @@ from mllm_unlearn.experiments.paper import (
     plan,
     quick_config,
 )
+from mllm_unlearn.methods import get_method
+from mllm_unlearn.methods.cvf_ncu import CVFConfig
 
 TABLES = ("tab1", "tab2", "tab4", "tab5", "tab6", "tab7", "tab8", "tab9")
 FIGURES = ("fig2", "fig3", "fig4", "fig5")
@@ -108,3 +111,9 @@ def test_quick_plan(tmp_path, monkeypatch):
     with pytest.raises(SettingsChanged, match="unlearn.steps"):
         _cli("--quick", "--out", str(out), "--steps", "4", "--only", "tab8")
     assert (out / "results.json").exists() and not (tmp_path / "paper.partial").exists()
+
+    # so is a changed default of a method's config (an option no job overrides): it names the field
+    changed = dataclasses.make_dataclass("Changed", [("relearn_sim", float, 0.0)], bases=(CVFConfig,))
+    monkeypatch.setattr(get_method("cvf_ncu"), "config_class", changed)
+    with pytest.raises(SettingsChanged, match="method_config.relearn_sim"):
+        _cli("--quick", "--out", str(out), "--only", "tab8")

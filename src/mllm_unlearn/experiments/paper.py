@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -378,6 +378,9 @@ def job_settings(cfg: PaperConfig, job: Job, selection: dict[str, float] | None)
         rank = cfg.unlearn.rank or get_method(job.params["method"]).default_rank
         s["unlearn"] = {**asdict(cfg.unlearn), "rank": rank}
         s["options"] = method_options(job, selection)
+        # the method config's every field, not only the overrides: a changed default of one method
+        # (e.g. cvf_ncu's relearn_sim) changes that method's jobs, which a kept folder then refuses
+        s["method_config"] = resolved_method_config(job.params["method"], s["options"])
         if job.params.get("case"):
             s["case_items"] = cfg.case_items
     return _jsonable(s)
@@ -388,6 +391,12 @@ def method_options(job: Job, selection: dict[str, float] | None) -> dict[str, An
     opts = dict(selection or {}) if job.selected else {}
     opts.update(job.params.get("options") or {})
     return opts
+
+
+def resolved_method_config(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every field of ``method``'s config with ``options`` applied (what its run is made with)."""
+    cfg = get_method(method).config_class(**options)
+    return asdict(cfg) if is_dataclass(cfg) else {}
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -599,7 +608,11 @@ def _continual(ctx: _Context, job: Job, options: dict[str, Any]) -> dict[str, An
     cfg = ctx.unlearn_config(job)
     # the folder resumes an interrupted run of this job; one left by the job's earlier settings (whose
     # record was deleted to redo it, e.g. after a changed default) is the plan's own scratch: start over
-    key = json.dumps({"unlearn": asdict(cfg), "options": options, "params": p}, sort_keys=True, default=str)
+    key = json.dumps(
+        {"unlearn": asdict(cfg), "method_config": resolved_method_config(p["method"], options), "params": p},
+        sort_keys=True,
+        default=str,
+    )
     marker = folder / "job_settings.json"
     if folder.exists() and not (marker.is_file() and marker.read_text() == key):
         shutil.rmtree(folder)
