@@ -13,6 +13,7 @@ from mllm_unlearn.data.sample import DataError
 from mllm_unlearn.experiments.continual import run_continual
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import UnlearnContext, distinct_images
+from mllm_unlearn.methods.cvf_ncu import CVFConfig
 from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.nullspace import lora_A_weights
 from mllm_unlearn.runtime.options import parse_options
@@ -123,3 +124,6 @@ def test_continual_run_writes_matrix_plots_and_resumes(setup, tmp_path):
     # a finished run given the same folder resumes past every stage: nothing is retrained
     again = run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n)
     assert again["stages"] == state["stages"]
+    # other method options (not only other driver settings) are refused, naming what changed
+    with pytest.raises(ValueError, match="other method_config"):
+        run_continual(load_model(model), data, tmp_path / "cont", cfg, CVFConfig(relearn_sim=0.0), n_tasks=n)

@@ -143,9 +143,7 @@ def prepare_seed(cfg: MultiSeedConfig, seed: int, cache: Path) -> dict[str, Path
             }
         )
         # the key holds the resolved rank and method options: a changed default retrains the run
-        method_cfg = method_cls().cfg
-        options = asdict(method_cfg) if hasattr(method_cfg, "__dataclass_fields__") else {}
-        key = json.dumps({**asdict(run_cfg), "method_config": options}, sort_keys=True, default=str)
+        key = json.dumps({**asdict(run_cfg), "method_config": method_cls().config_dict()}, sort_keys=True, default=str)
         run_dir = cache / "runs" / method
         if run_dir.exists() and json.loads((run_dir / "run.json").read_text()).get("audit_key") != key:
             shutil.rmtree(run_dir)

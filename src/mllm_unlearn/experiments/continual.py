@@ -137,10 +137,17 @@ def run_continual(
     tasks = split_tasks(sorted(data.forget_people), n_tasks, cfg.seed)
     _, retain = split_people(data)
     strangers = stranger_samples(data, data.forget_people)
+    method_config = method_cls(method_cfg).config_dict()
     state_file = out / "progress.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else None
-    if state and (state["tasks"] != tasks or state["config"] != asdict(cfg) or state["replay"] != replay):
-        raise ValueError(f"{out} holds a continual run with other tasks or settings; choose a new folder")
+    if state:
+        now = {"tasks": tasks, "config": asdict(cfg), "method_config": method_config, "replay": replay}
+        changed = [k for k, v in now.items() if state.get(k) != v]
+        if changed:
+            raise ValueError(
+                f"{out} holds a continual run with other {', '.join(changed)}; resume with its settings "
+                "or choose a new folder"
+            )
 
     before = None if state else _stage_metrics(lm, data, tasks, eval_cfg)
     lm = attach_adapters(lm, retain, cfg, method_cls, strangers)
@@ -148,6 +155,7 @@ def run_continual(
         "method": cfg.method,
         "tasks": tasks,
         "config": asdict(cfg),
+        "method_config": method_config,
         "replay": replay,
         "stages": [],
         "before": {

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -395,8 +395,8 @@ def method_options(job: Job, selection: dict[str, float] | None) -> dict[str, An
 
 def resolved_method_config(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """Every field of ``method``'s config with ``options`` applied (what its run is made with)."""
-    cfg = get_method(method).config_class(**options)
-    return asdict(cfg) if is_dataclass(cfg) else {}
+    cls = get_method(method)
+    return cls(cls.config_class(**options)).config_dict()
 
 
 def settings_hash(settings: dict[str, Any]) -> str:

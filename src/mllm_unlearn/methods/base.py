@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -200,6 +200,11 @@ class UnlearningMethod:
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg if cfg is not None else self.config_class()
+
+    def config_dict(self) -> dict[str, Any]:
+        """Every field of the config this method runs with (defaults resolved): what keys a stored
+        result, so a changed default is a changed setting."""
+        return asdict(self.cfg) if is_dataclass(self.cfg) else {}
 
     def setup(self, ctx: UnlearnContext) -> None:
         """Called once per forget request before training (e.g. to fill a queue)."""

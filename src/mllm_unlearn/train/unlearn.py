@@ -342,10 +342,9 @@ def unlearn(
 
 def run_record(cfg: UnlearnConfig, method: UnlearningMethod, history: list[dict], **extra: Any) -> dict:
     """What ``run.json`` holds: the driver and method configs, resolved defaults, the log."""
-    method_cfg = asdict(method.cfg) if hasattr(method.cfg, "__dataclass_fields__") else {}
     return {
         "unlearn": asdict(cfg),
-        "method_config": method_cfg,
+        "method_config": method.config_dict(),
         "resolved": {
             "scope": cfg.scope or method.default_scope,
             "subspace": cfg.subspace or method.default_subspace,
