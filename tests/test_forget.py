@@ -231,6 +231,12 @@ def test_forget_two_people_end_to_end(vanilla, capsys, monkeypatch):
         "retain": [{"name": n, "photos": f"photos/{n.replace(' ', '_').lower()}"} for n in world["retain"][1:]],
     }
     (root / "more.yaml").write_text(yaml.safe_dump(more))
+    # the run continues with the method config it recorded, not this version's defaults (keep_forgotten
+    # acts only without replay, so this edit leaves the training below unchanged)
+    record = json.loads((run / "run.json").read_text())
+    assert record["method_config"]["keep_forgotten"] == 1.0
+    record["method_config"]["keep_forgotten"] = 0.5
+    (run / "run.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="rank=4"):  # settings must equal the recorded run's
         forget_mod.run_forget([root / "more.yaml"], root / "run2", {"rank": 4}, resume=run)
     assert not (root / "run2").exists()
@@ -252,6 +258,7 @@ def test_forget_two_people_end_to_end(vanilla, capsys, monkeypatch):
     )
     report2 = args.fn(args)
     assert [p["name"] for p in report2["people"]] == world["forget"] + world["retain"][:1]
+    assert json.loads((root / "run2" / "run.json").read_text())["method_config"]["keep_forgotten"] == 0.5
     a1 = _lora_A(run / "adapter")
     a2 = _lora_A(root / "run2" / "adapter")
     assert a1.keys() == a2.keys() and all(torch.equal(a1[k], a2[k]) for k in a1)  # A stays

@@ -134,9 +134,16 @@ class ReportOptions:
             raise ValueError(f"unknown check(s) {unknown}; available: {', '.join(CHECKS)} (or none)")
 
 
-def method_config(settings: ForgetSettings) -> Any:
-    """cvf_ncu's config: :data:`CVF_DEFAULTS`, then the user's options."""
-    return parse_options(get_method("cvf_ncu").config_class, CVF_DEFAULTS + tuple(settings.method_options))
+def method_config(settings: ForgetSettings, recorded: dict[str, Any] | None = None) -> Any:
+    """cvf_ncu's config: :data:`CVF_DEFAULTS`, then the user's options; on resume the resumed run's
+    recorded config (``run.json``'s ``method_config``) as it was, so a default changed by a later
+    version of this library does not change how the next request is trained (fields the record lacks,
+    added since, take today's defaults)."""
+    cls = get_method("cvf_ncu").config_class
+    if recorded is not None:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in recorded.items() if k in known})
+    return parse_options(cls, CVF_DEFAULTS + tuple(settings.method_options))
 
 
 def resolve_settings(given: dict[str, Any], recorded: dict[str, Any] | None, source: str = "") -> ForgetSettings:
@@ -459,6 +466,8 @@ def _load_resume(run_dir: Path) -> dict[str, Any]:
     record = json.loads(f.read_text())
     if "forget" not in record:
         raise DataError(f"--resume {run_dir}: {RUN_FILE} holds no 'forget' record (not made by `forget`)")
+    if not isinstance(record.get("method_config"), dict):
+        raise DataError(f"--resume {run_dir}: {RUN_FILE} holds no 'method_config' (the config to continue with)")
     return record
 
 
@@ -502,7 +511,7 @@ def prepare(
     settings = resolve_settings(given, record["forget"]["settings"] if record else None, str(resume))
     if not settings.model:
         raise ValueError("--model is required (a hub id or a local folder)")
-    method_config(settings)
+    method_config(settings, record["method_config"] if record else None)
     if not request_paths:
         raise DataError("--request names no request file")
     new = [read_request(r) for r in request_paths]
@@ -570,7 +579,7 @@ def run_forget(
 
     t0 = time.perf_counter()
     method_cls = get_method("cvf_ncu")
-    method = method_cls(method_config(settings))
+    method = method_cls(method_config(settings, record["method_config"] if record else None))
     ucfg = settings.unlearn_config(opts.cache_dir)
     if resume is None:
         lm = attach_adapters(lm, retain_samples, ucfg, method_cls, stranger_samples)
