@@ -134,15 +134,15 @@ class ReportOptions:
             raise ValueError(f"unknown check(s) {unknown}; available: {', '.join(CHECKS)} (or none)")
 
 
-def method_config(settings: ForgetSettings, recorded: dict[str, Any] | None = None) -> Any:
-    """cvf_ncu's config: :data:`CVF_DEFAULTS`, then the user's options; on resume the resumed run's
-    recorded config (``run.json``'s ``method_config``) as it was, so a default changed by a later
-    version of this library does not change how the next request is trained (fields the record lacks,
-    added since, take today's defaults)."""
+def method_config(settings: ForgetSettings, resumed: dict[str, Any] | None = None) -> Any:
+    """cvf_ncu's config: :data:`CVF_DEFAULTS`, then the user's options; on resume the config the resumed
+    run recorded (``resumed``: its ``run.json``; the ``method_config`` in it) as it was, so a default
+    changed by a later version of this library does not change how the next request is trained (fields
+    the record lacks, added since, take today's defaults)."""
     cls = get_method("cvf_ncu").config_class
-    if recorded is not None:
+    if resumed is not None:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in recorded.items() if k in known})
+        return cls(**{k: v for k, v in resumed["method_config"].items() if k in known})
     return parse_options(cls, CVF_DEFAULTS + tuple(settings.method_options))
 
 
@@ -511,7 +511,7 @@ def prepare(
     settings = resolve_settings(given, record["forget"]["settings"] if record else None, str(resume))
     if not settings.model:
         raise ValueError("--model is required (a hub id or a local folder)")
-    method_config(settings, record["method_config"] if record else None)
+    method_config(settings, record)
     if not request_paths:
         raise DataError("--request names no request file")
     new = [read_request(r) for r in request_paths]
@@ -579,7 +579,7 @@ def run_forget(
 
     t0 = time.perf_counter()
     method_cls = get_method("cvf_ncu")
-    method = method_cls(method_config(settings, record["method_config"] if record else None))
+    method = method_cls(method_config(settings, record))
     ucfg = settings.unlearn_config(opts.cache_dir)
     if resume is None:
         lm = attach_adapters(lm, retain_samples, ucfg, method_cls, stranger_samples)
