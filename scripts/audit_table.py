@@ -2,8 +2,10 @@
 
 Usage: python scripts/audit_table.py OUT [OUT ...]   (each OUT written by ``mllm-unlearn audit --seeds``)
 
-Several OUTs over the same seeds and cache (e.g. the baselines, then a new cvf_ncu) are merged: a model
-already listed (vanilla, oracle) keeps its first row. Seeds must agree.
+Several OUTs are pooled seed by seed from their per-seed reports (``OUT/seed<N>/report.json``): OUTs over
+the same seeds and cache (e.g. the baselines, then a new cvf_ncu) add models, and a model already listed
+for a seed (vanilla, oracle) keeps its first report; OUTs over other seeds (e.g. one ``audit --seeds N``
+process per world, run side by side) add worlds. Every model must be in every seed's reports.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from mllm_unlearn.experiments.audit import aggregate
 
 COLUMNS = {
     "forget_vqa": "Forget VQA ↓",
@@ -31,15 +35,20 @@ COLUMNS = {
 
 
 def table(outs: list[Path]) -> str:
-    rows: dict[str, dict] = {}
-    seeds = None
+    reports: dict[int, dict] = {}
     for out in outs:
-        summary = json.loads((out / "summary.json").read_text())
-        if seeds is not None and summary["seeds"] != seeds:
-            raise SystemExit(f"{out}: seeds {summary['seeds']} differ from {seeds}")
-        seeds = summary["seeds"]
-        for name, metrics in summary["runs"].items():
-            rows.setdefault(name, metrics)
+        for seed in json.loads((out / "summary.json").read_text())["seeds"]:
+            report = json.loads((out / f"seed{seed}" / "report.json").read_text())
+            runs = reports.setdefault(seed, {"runs": {}})["runs"]
+            for name, card in report["runs"].items():
+                runs.setdefault(name, card)
+    seeds = sorted(reports)
+    models = list(dict.fromkeys(name for seed in seeds for name in reports[seed]["runs"]))
+    for name in models:
+        missing = [seed for seed in seeds if name not in reports[seed]["runs"]]
+        if missing:
+            raise SystemExit(f"{name} has no report for seed(s) {missing} in {', '.join(map(str, outs))}")
+    rows = aggregate(reports)
     head = f"Seeds {', '.join(map(str, seeds))}: mean ± 95 % CI half-width.\n\n"
     lines = ["| model | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, metrics in rows.items():

@@ -227,3 +227,38 @@ def test_summary_score_pays_for_lost_text_knowledge() -> None:
     # half the gap closed, everything kept: F = 0.5
     assert summary_score({"unseen_forget_vqa": 0.55, **kept}, refs) == pytest.approx(2 / 3)
     assert summary_score({"unseen_forget_vqa": 0.9, **kept}, refs) == 0.0
+
+
+def _audit_out(root: Path, seeds: list[int], runs: dict[str, list[float]]) -> Path:
+    """An ``audit --seeds`` folder with per-seed reports: ``runs`` = model -> summary score per seed."""
+    root.mkdir()
+    (root / "summary.json").write_text(json.dumps({"seeds": seeds}))
+    for i, seed in enumerate(seeds):
+        (root / f"seed{seed}").mkdir()
+        cards = {name: {"headline": {"summary": values[i]}} for name, values in runs.items()}
+        (root / f"seed{seed}" / "report.json").write_text(json.dumps({"runs": cards}))
+    return root
+
+
+def test_audit_table_pools_seeds_of_several_outs(tmp_path) -> None:
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "scripts" / "audit_table.py"
+    spec = importlib.util.spec_from_file_location("audit_table", script)
+    audit_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(audit_table)
+    # one process per world (seeds 6 and 7 side by side), and a model added later over both
+    a = _audit_out(tmp_path / "a", [6], {"vanilla": [0.0], "cvf_ncu": [0.8]})
+    b = _audit_out(tmp_path / "b", [7], {"vanilla": [0.0], "cvf_ncu": [0.9]})
+    c = _audit_out(tmp_path / "c", [6, 7], {"vanilla": [0.5, 0.5], "siu": [0.6, 0.7]})
+    text = audit_table.table([a, b, c])
+    assert text.startswith("Seeds 6, 7:")
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    pooled = mean_ci([0.8, 0.9])
+    assert f"{pooled['mean']:.2f} ± {pooled['ci95']:.2f}" in rows["cvf_ncu"]
+    assert "0.00 ± 0.00" in rows["vanilla"]  # the first report of a model for a seed is kept
+    assert "0.65 ±" in rows["siu"]
+    # a model some seed lacks is refused, naming it and the seed
+    d = _audit_out(tmp_path / "d", [8], {"vanilla": [0.0]})
+    with pytest.raises(SystemExit, match=r"cvf_ncu has no report for seed\(s\) \[8\]"):
+        audit_table.table([a, b, d])
