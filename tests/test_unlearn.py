@@ -10,6 +10,8 @@ from peft import PeftModel
 
 from mllm_unlearn.cli.main import main
 from mllm_unlearn.data.sample import DataError
+from mllm_unlearn.evaluate.audit import load_audit_data
+from mllm_unlearn.evaluate.audit.unseen import unseen_probe
 from mllm_unlearn.experiments.continual import run_continual
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import UnlearnContext, distinct_images
@@ -114,16 +116,29 @@ def test_ablation_switches_turn_terms_off(setup):
 
 
 def test_continual_run_writes_matrix_plots_and_resumes(setup, tmp_path):
-    _, _, data, model = setup
+    _, world, data, model = setup
     cfg = UnlearnConfig(steps=3, batch_size=2, warmup=1, cache_dir=str(tmp_path / "cache"))
     n = min(3, len(data.forget_people))
-    state = run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n)
+    unseen = load_audit_data(world, "forget_10")
+    state = run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n, unseen=unseen)
     assert len(state["stages"]) == n and all(len(s["forget_vqa_per_task"]) == n for s in state["stages"])
     for f in ("matrix.json", "heatmap.png", "curves.png", f"stage-{n}/adapter_model.safetensors"):
         assert (tmp_path / "cont" / f).exists(), f
+    # per request on the unseen photos: weighted by its items, the audit's unseen probe of the same model
+    per_task = state["before"]["unseen_forget_vqa_per_task"]
+    sizes = [len(unseen.unseen_mcqs(people)) for people in state["tasks"]]
+    assert min(sizes) >= 5 * len(unseen.unseen[state["tasks"][0][0]])  # every unseen photo, 5 questions each
+    pooled = sum(v * k for v, k in zip(per_task, sizes)) / sum(sizes)
+    assert pooled == pytest.approx(unseen_probe(load_model(model), unseen)["forget_vqa"])
+    assert all(len(s["unseen_forget_vqa_per_task"]) == n for s in state["stages"])
     # a finished run given the same folder resumes past every stage: nothing is retrained
-    again = run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n)
+    again = run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n, unseen=unseen)
     assert again["stages"] == state["stages"]
-    # other method options (not only other driver settings) are refused, naming what changed
+    # other method options (not only other driver settings) are refused, naming what changed; so is
+    # resuming without the unseen photos the run was measured on
     with pytest.raises(ValueError, match="other method_config"):
-        run_continual(load_model(model), data, tmp_path / "cont", cfg, CVFConfig(relearn_sim=0.0), n_tasks=n)
+        run_continual(
+            load_model(model), data, tmp_path / "cont", cfg, CVFConfig(relearn_sim=0.0), n_tasks=n, unseen=unseen
+        )
+    with pytest.raises(ValueError, match="other unseen_photos"):
+        run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n)

@@ -153,6 +153,22 @@ def _unlearn_config(args: argparse.Namespace):
     return UnlearnConfig(**shared_fields(UnlearnConfig, args))
 
 
+def _unseen_photos(args: argparse.Namespace, data):
+    """MLLMU-Bench's ``Test_Set`` photos of the forget people (none of them trained on), for the
+    continual run's per-request unseen-photo Forget VQA; every one decoded now, before any training.
+    None for the other benchmarks, whose test splits hold no further photos of the same people."""
+    from ..evaluate.audit.common import TEST_FOLDER, load_audit_data
+
+    if args.benchmark != "mllmu" or not (Path(args.data) / TEST_FOLDER).is_dir():
+        _say("no Test_Set photos: continual requests are measured on their training photos only")
+        return None
+    audit = load_audit_data(args.data, args.forget)
+    for person in data.forget_people:
+        for photo in audit.unseen.get(person, []):
+            photo.load()
+    return audit
+
+
 def cmd_unlearn(args):
     from ..evaluate.harness import evaluate, markdown_table
     from ..experiments.continual import run_continual
@@ -169,10 +185,19 @@ def cmd_unlearn(args):
         refuse_existing(args.out)
     evaluates = continual or not args.no_eval
     data = _prepare(args, train=True, eval_cfg=eval_cfg if evaluates else None, outs=(args.out, args.cache_dir))
+    unseen = _unseen_photos(args, data) if continual else None
     lm = _load(args)
     if continual:
         run_continual(
-            lm, data, args.out, cfg, method_cfg, n_tasks=args.tasks, eval_cfg=eval_cfg, replay=not args.no_replay
+            lm,
+            data,
+            args.out,
+            cfg,
+            method_cfg,
+            n_tasks=args.tasks,
+            eval_cfg=eval_cfg,
+            replay=not args.no_replay,
+            unseen=unseen,
         )
         _say(f"wrote {args.out}/matrix.json, heatmap.png, curves.png")
         return

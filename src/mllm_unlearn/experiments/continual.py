@@ -9,9 +9,17 @@ T_t alone (the paper's protocol, ``replay=False``) let later stages undo earlier
 demo world: T_1's Forget VQA went 0.5 -> 0.7 -> 1.0 over stages 1-3, since nothing in stage t's loss
 keeps T_1 forgotten — unacceptable when each request is a deletion that must stay honoured.
 
+Forget VQA of a request is asked on the photos its stage trained on (5 MCQs per person). Given the
+audit's view of the world (``unseen``: MLLMU-Bench's ``Test_Set`` photos, which no stage trains on),
+each stage also measures every request's Forget VQA on its people's unseen photos (the audit's probe 1,
+:mod:`mllm_unlearn.evaluate.audit.unseen`: every image-asked MCQ on each unseen photo, 25 items per
+person with the synthetic world's 5 photos): a request whose training photos are forgotten but whose
+face is not shows there, and one request's figure rests on 25-50 items instead of 5-10.
+
 Writes ``matrix.json`` (stage x task Forget VQA, per-stage retain / real metrics), ``heatmap.png``
-(Fig. 3) and ``curves.png`` (Fig. 2). Each completed stage is saved (adapter + metrics) under
-``stage-t/``; an interrupted run given the same output folder resumes after its last completed stage.
+(Fig. 3; a second panel for unseen photos) and ``curves.png`` (Fig. 2). Each completed stage is saved
+(adapter + metrics) under ``stage-t/``; an interrupted run given the same output folder resumes after
+its last completed stage.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.sample import BenchmarkData
+from ..evaluate.audit.common import AuditData, score_mcqs
 from ..evaluate.harness import EvalConfig, score_items, summarize
 from ..methods.base import get_method
 from ..models.loading import LoadedModel
@@ -42,17 +51,23 @@ def split_tasks(people: Sequence[str], n_tasks: int, seed: int = 0) -> list[list
     return [sorted(people[i::n_tasks]) for i in range(n_tasks)]
 
 
-def _stage_metrics(lm: LoadedModel, data: BenchmarkData, tasks: list[list[str]], cfg: EvalConfig) -> dict[str, Any]:
+def _stage_metrics(
+    lm: LoadedModel, data: BenchmarkData, tasks: list[list[str]], cfg: EvalConfig, unseen: AuditData | None
+) -> dict[str, Any]:
     forget_vqa = [s for s in data.splits["forget"] if s.modality == "vqa" and s.task == "mcq"]
     per_task = []
     for people in tasks:
         items = [s for s in forget_vqa if s.person in people]
         per_task.append(summarize(score_items(lm, "forget", items, cfg), cfg.mcq_mode)["forget_vqa"])
+    out: dict[str, Any] = {"forget_vqa_per_task": per_task}
+    if unseen is not None:  # one batched pass over every request's unseen photos
+        scores = score_mcqs(lm, unseen.unseen_mcqs([p for people in tasks for p in people]))
+        out["unseen_forget_vqa_per_task"] = [scores.accuracy(people) for people in tasks]
     other = {}
     for split in ("retain", "real"):
         mcq = [s for s in data.splits[split] if s.task == "mcq"]
         other.update(summarize(score_items(lm, split, mcq, cfg), cfg.mcq_mode))
-    return {"forget_vqa_per_task": per_task, **{k: other[k] for k in sorted(other)}}
+    return {**out, **{k: other[k] for k in sorted(other)}}
 
 
 def plot(matrix: dict[str, Any], out: Path) -> None:
@@ -63,20 +78,25 @@ def plot(matrix: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     stages = matrix["stages"]
-    grid = [[s["forget_vqa_per_task"][t] for s in stages] for t in range(len(matrix["tasks"]))]
-    fig, ax = plt.subplots(figsize=(1.2 * len(stages) + 2, 1.0 * len(grid) + 1.5))
-    im = ax.imshow(grid, cmap="Blues", vmin=0, vmax=1)
-    for t, row in enumerate(grid):
-        for s, v in enumerate(row):
-            ax.text(s, t, f"{100 * v:.0f}", ha="center", va="center", color="white" if v > 0.6 else "black")
-    ax.set_xticks(range(len(stages)), [str(i + 1) for i in range(len(stages))])
-    ax.set_yticks(range(len(grid)), [f"T{t + 1}" for t in range(len(grid))])
-    ax.set_xlabel("unlearning stage")
-    ax.set_ylabel("task evaluated")
+    keys = [k for k in ("forget_vqa_per_task", "unseen_forget_vqa_per_task") if k in stages[0]]
+    n_tasks = len(matrix["tasks"])
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(len(keys) * (1.2 * len(stages) + 2), 1.0 * n_tasks + 1.5), squeeze=False
+    )
+    for ax, key in zip(axes[0], keys):
+        grid = [[s[key][t] for s in stages] for t in range(n_tasks)]
+        im = ax.imshow(grid, cmap="Blues", vmin=0, vmax=1)
+        for t, row in enumerate(grid):
+            for k, v in enumerate(row):
+                ax.text(k, t, f"{100 * v:.0f}", ha="center", va="center", color="white" if v > 0.6 else "black")
+        ax.set_xticks(range(len(stages)), [str(i + 1) for i in range(len(stages))])
+        ax.set_yticks(range(n_tasks), [f"T{t + 1}" for t in range(n_tasks)])
+        ax.set_xlabel("unlearning stage")
+        ax.set_ylabel("task evaluated")
+        ax.set_title("training photos" if key == "forget_vqa_per_task" else "unseen photos")
     replay = "replay of earlier requests" if matrix.get("replay") else "each request alone"
-    ax.set_title(f"Forget VQA accuracy (%) — {matrix['method']}, {replay}")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    fig.suptitle(f"Forget VQA accuracy (%) — {matrix['method']}, {replay}")
+    fig.colorbar(im, ax=list(axes[0]))
     fig.savefig(out / "heatmap.png", dpi=120)
     plt.close(fig)
 
@@ -90,6 +110,9 @@ def plot(matrix: dict[str, Any], out: Path) -> None:
     ]
     for ax, (ys, split, title) in zip(axes, panels):
         ax.plot(x, [100 * y for y in ys], marker="o", label=matrix["method"])
+        if split == "forget" and "unseen_forget_vqa_per_task" in stages[0]:
+            seen = [sum(s["unseen_forget_vqa_per_task"][: i + 1]) / (i + 1) for i, s in enumerate(stages)]
+            ax.plot(x, [100 * y for y in seen], marker="s", label="unseen photos")
         ax.axhline(100 * matrix["before"][f"{split}_vqa"], ls="--", color="grey", label="before")
         ax.set_title(title)
         ax.set_xlabel("unlearning stage")
@@ -125,8 +148,11 @@ def run_continual(
     n_tasks: int = 5,
     eval_cfg: EvalConfig | None = None,
     replay: bool = True,
+    unseen: AuditData | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the K-stage continual unlearning experiment into ``out_dir``."""
+    """Run (or resume) the K-stage continual unlearning experiment into ``out_dir``; with ``unseen``
+    (the world as :func:`~mllm_unlearn.evaluate.audit.load_audit_data` reads it) every stage also
+    measures each request on its people's unseen photos."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -141,7 +167,14 @@ def run_continual(
     state_file = out / "progress.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else None
     if state:
-        now = {"tasks": tasks, "config": asdict(cfg), "method_config": method_config, "replay": replay}
+        state.setdefault("unseen_photos", False)  # runs recorded before the key measured none
+        now = {
+            "tasks": tasks,
+            "config": asdict(cfg),
+            "method_config": method_config,
+            "replay": replay,
+            "unseen_photos": unseen is not None,
+        }
         changed = [k for k, v in now.items() if state.get(k) != v]
         if changed:
             raise ValueError(
@@ -149,7 +182,7 @@ def run_continual(
                 "or choose a new folder"
             )
 
-    before = None if state else _stage_metrics(lm, data, tasks, eval_cfg)
+    before = None if state else _stage_metrics(lm, data, tasks, eval_cfg, unseen)
     lm = attach_adapters(lm, retain, cfg, method_cls, strangers)
     state = state or {
         "method": cfg.method,
@@ -157,11 +190,13 @@ def run_continual(
         "config": asdict(cfg),
         "method_config": method_config,
         "replay": replay,
+        "unseen_photos": unseen is not None,
         "stages": [],
         "before": {
             "forget_vqa": sum(before["forget_vqa_per_task"]) / n_tasks,
             "retain_vqa": before["retain_vqa"],
             "real_vqa": before["real_vqa"],
+            **({"unseen_forget_vqa_per_task": before["unseen_forget_vqa_per_task"]} if unseen is not None else {}),
         },
     }
     if state["stages"]:  # resume: B of the last completed stage
@@ -187,13 +222,15 @@ def run_continual(
             strangers=strangers,
             forgotten=forgotten,
         )
-        metrics = _stage_metrics(lm, data, tasks, eval_cfg)
+        metrics = _stage_metrics(lm, data, tasks, eval_cfg, unseen)
         state["stages"].append(metrics)
         distributed.on_main(_save_stage, lm, out / f"stage-{t + 1}", state, state_file)
+        seen = metrics.get("unseen_forget_vqa_per_task")
         distributed.main_print(
             f"stage {t + 1}: forget VQA per task "
-            f"{[round(v, 2) for v in metrics['forget_vqa_per_task']]}, "
-            f"retain VQA {metrics['retain_vqa']:.3f}, real VQA {metrics['real_vqa']:.3f}"
+            f"{[round(v, 2) for v in metrics['forget_vqa_per_task']]}"
+            + (f" (unseen photos {[round(v, 2) for v in seen]})" if seen else "")
+            + f", retain VQA {metrics['retain_vqa']:.3f}, real VQA {metrics['real_vqa']:.3f}"
         )
     distributed.on_main(_save_final, state, out)
     return state
