@@ -576,3 +576,33 @@ def test_view_pool_adds_seeded_augmented_copies_of_each_forget_photo(world_with_
     assert isinstance(out, Image.Image) and out.size == img.size and out.tobytes() != img.tobytes()
     with pytest.raises(ValueError, match="view_pool"):
         CVFConfig(view_pool=-1)
+
+
+def test_person_push_target_pushes_from_the_persons_mean_reference_tokens_by_formula(world_with_strangers):
+    """``push_target=person``: Eq. 4's positive is the person's mean reference tokens over all of their
+    push images (photos and view-pool copies; per token position), not the photo's own; computed by hand
+    on the batch the fresh stream gives first. An unknown target is refused."""
+    from mllm_unlearn.methods.losses import cvf_push
+
+    data, model = world_with_strangers
+    ctx, method = _ctx_and_method(data, model, relearn_sim=0.0, push_target="person")  # view_pool 2
+    people = sorted({s.person for s in method.push_images})
+    for person in people:
+        imgs = [s for s in method.push_images if s.person == person]
+        assert len(imgs) == 3 * len([s for s in distinct_images(ctx.forget) if s.person == person])
+        assert torch.equal(method.person_tokens[person], ctx.visual_tokens(imgs, reference=True).mean(0))
+    queue, center = method.queue.clone(), method.center
+    torch.manual_seed(0)
+    _, logs = method.loss(ctx, 0)
+    fresh = UnlearnContext(ctx.lm, ctx.forget, ctx.retain, batch_size=2, seed=0)
+    batch = fresh.stream("forget_images", lambda: method.push_images)
+    with torch.no_grad():
+        h_u, h_r = fresh.visual_tokens(batch), fresh.visual_tokens(batch, reference=True)
+    d = h_u.shape[-1]
+    mean = torch.stack([method.person_tokens[s.person] for s in batch]).reshape(-1, d)
+    z_u = h_u.reshape(-1, d) - center
+    expected = cvf_push(z_u, mean - center, queue, 0.07).item()
+    assert logs["push"] == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(cvf_push(z_u, h_r.reshape(-1, d) - center, queue, 0.07).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="push_target"):
+        CVFConfig(push_target="face")

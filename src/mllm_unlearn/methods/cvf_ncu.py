@@ -70,6 +70,7 @@ from .losses import cvf_loss, cvf_pull, cvf_push, nmse_push, pool, retention_mse
 PUSHES = ("cvf", "nmse", "none")
 LEVELS = ("pooled", "token")
 ANCHORS = ("retain", "stranger", "stranger_pair", "stranger_person")
+PUSH_TARGETS = ("photo", "person")
 
 
 @dataclass
@@ -186,6 +187,11 @@ class CVFConfig:
     #: there are computed once per request, like its tokens
     mid_push: float = 0.0
     mid_layer: int = -1
+    #: what Eq. 4 pushes each forget IVR away from: ``photo`` = the reference IVR of the same image (the
+    #: paper), ``person`` = the person's mean reference IVR over all of their photos in the push's stream
+    #: (the photos and their ``view_pool`` copies; per token position at token level): what their photos
+    #: share (the identity) rather than what one photo shows
+    push_target: str = "photo"
 
     def __post_init__(self) -> None:
         if self.push not in PUSHES:
@@ -194,6 +200,8 @@ class CVFConfig:
             raise ValueError(f"level must be one of {LEVELS}, not {self.level!r}")
         if self.queue_source not in ("retain", "forget"):
             raise ValueError(f"queue_source must be 'retain' or 'forget', not {self.queue_source!r}")
+        if self.push_target not in PUSH_TARGETS:
+            raise ValueError(f"push_target must be one of {PUSH_TARGETS}, not {self.push_target!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, not {self.anchor!r}")
         if self.pull_distance not in ("cos", "mse"):
@@ -280,6 +288,14 @@ class CVFNCU(UnlearningMethod):
         # driver's calibration pass may already have computed them, in these same batches)
         ctx.cache_reference(retain_images)
         ctx.cache_reference(self.push_images)
+        if cfg.push_target == "person":  # each person's mean reference tokens over their push images
+            by_person: dict[str, list[Sample]] = {}
+            for img in self.push_images:
+                by_person.setdefault(img.person, []).append(img)
+            with torch.no_grad():
+                self.person_tokens = {
+                    person: ctx.visual_tokens(imgs, reference=True).mean(0) for person, imgs in by_person.items()
+                }
         wants = cfg.anchor != "retain" or cfg.ret_strangers or cfg.stranger_reply > 0
         self.strangers = distinct_images(ctx.strangers) if wants else []
         if self.strangers:
@@ -367,6 +383,13 @@ class CVFNCU(UnlearningMethod):
         batch = ctx.stream("stranger_reply", lambda: self.stranger_targets, self.cfg.stranger_reply_batch_size)
         return ctx.nll(batch)
 
+    def _push_from(self, h_r: torch.Tensor, people: list[str]) -> torch.Tensor:
+        """The reference tokens Eq. 4 pushes away from (:attr:`CVFConfig.push_target`): the photos' own
+        ``h_r``, or each photo's person's mean reference tokens."""
+        if self.cfg.push_target == "photo":
+            return h_r
+        return torch.stack([self.person_tokens[p] for p in people])
+
     def _push_pull(self, z_u: torch.Tensor, z_r: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Eq. 4 (or Eq. 5) and Eq. 6 of unlearned / reference IVRs, as the config switches them."""
         cfg = self.cfg
@@ -418,7 +441,8 @@ class CVFNCU(UnlearningMethod):
                 for w, gw in zip(weights, grads):
                     if gw is not None:
                         w.sub_(cfg.relearn_sim_lr * gw.sign())
-            h_u, h_r = ctx.visual_tokens(photos), ctx.visual_tokens(photos, reference=True)
+            h_u = ctx.visual_tokens(photos)
+            h_r = self._push_from(ctx.visual_tokens(photos, reference=True), [s.person for s in photos])
             z_u, z_r = self._ivr(h_u), self._ivr(h_r)
             anchor = self._anchor(ctx, h_rr_all, [s.person for s in photos])
             meta = cvf_loss(*self._push_pull(z_u, z_r, anchor), cfg.lam)
@@ -498,6 +522,8 @@ class CVFNCU(UnlearningMethod):
         with block_outputs(self.mid_block) as mid_fu:  # the photos' forward comes first (views follow)
             h_fu, h_fr = self._forget_tokens(ctx, forget)  # Eq. 1, unlearned and reference model
         z_fu, z_fr = self._ivr(h_fu), self._ivr(h_fr)  # Eq. 2
+        people = [s.person for s in forget] * (1 + cfg.views)
+        z_push = z_fr if cfg.push_target == "photo" else self._ivr(self._push_from(h_fr, people))
         # one encoding of the retain pairs: its pixels give h_ru, and L_GUM reads h_ru (the same images'
         # projector outputs) instead of running the visual module a third time; at another IVR level
         # h_ru is not the LLM's input and L_GUM encodes the images itself
@@ -510,12 +536,12 @@ class CVFNCU(UnlearningMethod):
         gum_batch = ctx.pairs(gum_pairs) if reuse else None
         with block_outputs(self.mid_block) as mid_ru:
             h_ru = ctx.visual_tokens(retain, batch=gum_batch if whole else None)  # Eq. 8
-        anchor = self._anchor(ctx, h_rr_all, [s.person for s in forget] * (1 + cfg.views))
+        anchor = self._anchor(ctx, h_rr_all, people)
         zero = z_fu.new_zeros(())
 
         if cfg.queue_source == "forget":
             self._enqueue(gather(z_fr) - self.center)
-        push, pull = self._push_pull(z_fu, z_fr, anchor)
+        push, pull = self._push_pull(z_fu, z_push, anchor)
         ret = retention_mse(h_ru, h_rr) if cfg.ret else zero
         if self.forgotten:
             kept = ctx.stream("forgotten", lambda: self.forgotten, cfg.retain_batch_size)
