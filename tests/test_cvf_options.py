@@ -606,3 +606,36 @@ def test_person_push_target_pushes_from_the_persons_mean_reference_tokens_by_for
     assert expected != pytest.approx(cvf_push(z_u, h_r.reshape(-1, d) - center, queue, 0.07).item(), rel=1e-3)
     with pytest.raises(ValueError, match="push_target"):
         CVFConfig(push_target="face")
+
+
+def test_push_focus_weights_eq4_by_each_ivrs_remaining_likeness_to_its_reference(world_with_strangers):
+    """``push_focus=gamma``: Eq. 4's per-IVR terms averaged with weights max(0, cos(z_u - c, z_r - c))^gamma
+    (equal weights give Eq. 4's mean, a one-hot weight that IVR's term); computed by hand on the batch the
+    fresh stream gives first. A negative gamma is refused."""
+    from mllm_unlearn.methods.losses import cvf_push
+
+    g = torch.Generator().manual_seed(0)
+    u, r, q = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(7, 8, generator=g)
+    plain = cvf_push(u, r, q, 0.07)
+    assert cvf_push(u, r, q, 0.07, torch.full((5,), 3.0)).item() == pytest.approx(plain.item(), rel=1e-6)
+    one = cvf_push(u[2:3], r[2:3], q, 0.07)
+    assert cvf_push(u, r, q, 0.07, torch.eye(5)[2]).item() == pytest.approx(one.item(), rel=1e-6)
+
+    data, model = world_with_strangers
+    ctx, method = _ctx_and_method(data, model, relearn_sim=0.0, push_focus=2.0)
+    queue, center = method.queue.clone(), method.center
+    torch.manual_seed(0)
+    _, logs = method.loss(ctx, 0)
+    fresh = UnlearnContext(ctx.lm, ctx.forget, ctx.retain, batch_size=2, seed=0)
+    batch = fresh.stream("forget_images", lambda: method.push_images)
+    with torch.no_grad():
+        h_u, h_r = fresh.visual_tokens(batch), fresh.visual_tokens(batch, reference=True)
+    d = h_u.shape[-1]
+    z_u, z_r = h_u.reshape(-1, d) - center, h_r.reshape(-1, d) - center
+    w = F.cosine_similarity(z_u, z_r, dim=-1).clamp(min=0) ** 2
+    assert w.min() < 0.5 * w.max()  # the weights differ between IVRs: the check below can fail
+    expected = cvf_push(z_u, z_r, queue, 0.07, w).item()
+    assert logs["push"] == pytest.approx(expected, rel=1e-4)
+    assert expected != pytest.approx(cvf_push(z_u, z_r, queue, 0.07).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="push_focus"):
+        CVFConfig(push_focus=-1.0)

@@ -192,6 +192,10 @@ class CVFConfig:
     #: (the photos and their ``view_pool`` copies; per token position at token level): what their photos
     #: share (the identity) rather than what one photo shows
     push_target: str = "photo"
+    #: gamma of a focal push (cf. Lin et al., 2017, focal loss): each IVR's term of Eq. 4 weighted by
+    #: max(0, cos(z_u - c, z_r - c))^gamma (detached; c the centre), so the IVRs still most like their
+    #: reference, the people the push has not yet moved, get more of it; 0 = Eq. 4's plain mean
+    push_focus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.push not in PUSHES:
@@ -215,7 +219,7 @@ class CVFConfig:
             raise ValueError(f"gum_batch_size must be >= 0 (0: the whole retain batch), not {self.gum_batch_size}")
         if self.mid_layer < -1:
             raise ValueError(f"mid_layer must be a block index >= 0 (or -1: the middle block), not {self.mid_layer}")
-        for key in ("stranger_reply", "relearn_sim", "relearn_sim_lr", "mid_push"):
+        for key in ("stranger_reply", "relearn_sim", "relearn_sim_lr", "mid_push", "push_focus"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
         for key in ("stranger_reply_batch_size", "relearn_sim_every", "relearn_sim_batch_size"):
@@ -395,7 +399,13 @@ class CVFNCU(UnlearningMethod):
         cfg = self.cfg
         zero = z_u.new_zeros(())
         if cfg.push == "cvf":
-            push = cvf_push(z_u - self.center, z_r - self.center, self.queue, cfg.tau)
+            u, r = z_u - self.center, z_r - self.center
+            weights = None
+            if cfg.push_focus:
+                with torch.no_grad():
+                    weights = torch.nn.functional.cosine_similarity(u, r, dim=-1).clamp(min=0) ** cfg.push_focus
+                    weights = weights + 1e-8  # a batch already pushed past 90 degrees everywhere: plain mean
+            push = cvf_push(u, r, self.queue, cfg.tau, weights)
         elif cfg.push == "nmse":
             push = nmse_push(z_u, z_r)
         else:

@@ -21,14 +21,17 @@ def pool(h: torch.Tensor) -> torch.Tensor:
     return h.mean(dim=1)
 
 
-def cvf_push(z_u: torch.Tensor, z_r: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
+def cvf_push(
+    z_u: torch.Tensor, z_r: torch.Tensor, queue: torch.Tensor, tau: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """L_CVF-push, Eq. 4 (with Eq. 3's normalisation and temperature):
 
         -log( sum_k exp(sim(z_u, k)) / (exp(sim(z_u, z_r)) + sum_k exp(sim(z_u, k))) ),
         sim(u, r) = u_bar . r_bar / tau
 
     An InfoNCE with the *negatives* in the numerator: minimising it lowers the softmax weight of the
-    unlearned IVR's own reference IVR ``z_r`` against the queue ``queue`` (K, d). Mean over the batch.
+    unlearned IVR's own reference IVR ``z_r`` against the queue ``queue`` (K, d). Mean over the batch,
+    or the ``weights``-weighted mean (B,) when given.
     """
     if queue.numel() == 0:
         raise ValueError("Eq. 4 needs a non-empty negative queue")
@@ -37,7 +40,8 @@ def cvf_push(z_u: torch.Tensor, z_r: torch.Tensor, queue: torch.Tensor, tau: flo
     neg = u @ F.normalize(queue, dim=-1).T / tau  # (B, K)
     neg_lse = torch.logsumexp(neg, dim=-1)
     all_lse = torch.logsumexp(torch.cat([pos, neg], dim=-1), dim=-1)
-    return (all_lse - neg_lse).mean()
+    per = all_lse - neg_lse
+    return per.mean() if weights is None else (weights * per).sum() / weights.sum()
 
 
 def nmse_push(z_u: torch.Tensor, z_r: torch.Tensor) -> torch.Tensor:
