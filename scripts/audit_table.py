@@ -11,6 +11,7 @@ process per world, run side by side) add worlds. Every model must be in every se
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mllm_unlearn.experiments.audit import aggregate
 COLUMNS = {
     "forget_vqa": "Forget VQA ↓",
     "unseen_forget_vqa": "Unseen VQA ↓",
+    "still_recognised": "Still recognised ↓",
     "retain_vqa": "Retain VQA ↑",
     "real_vqa": "Real VQA ↑",
     "forget_qa": "Forget QA ↑",
@@ -50,10 +52,12 @@ def table(outs: list[Path]) -> str:
             raise SystemExit(f"{name} has no report for seed(s) {missing} in {', '.join(map(str, outs))}")
     rows = aggregate(reports)
     head = f"Seeds {', '.join(map(str, seeds))}: mean ± 95 % CI half-width.\n\n"
-    lines = ["| model | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    # a metric no report has (e.g. one added to the audit after these reports were made) is left out
+    columns = [k for k in COLUMNS if any(not math.isnan(m[k]["mean"]) for m in rows.values())]
+    lines = ["| model | " + " | ".join(COLUMNS[k] for k in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in rows.items():
         cells = []
-        for key in COLUMNS:
+        for key in columns:
             m = metrics.get(key)
             cells.append("–" if m is None else f"{m['mean']:.2f} ± {m['ci95']:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -49,6 +49,7 @@ DRIVER_KEYS = {
 COLUMNS = (
     "forget_vqa",
     "unseen_forget_vqa",
+    "still_recognised",
     "retain_vqa",
     "real_vqa",
     "misid_train",

@@ -114,6 +114,21 @@ def test_vanilla_knows_everyone_and_the_null_adapter_loads_as_vanilla(trained) -
     assert len(data.unseen_mcqs(data.forget_people)) == 2 * 2 * 5  # 2 forget people x 2 unseen photos x 5 MCQs
 
 
+def test_unseen_probe_counts_the_people_still_recognised(trained) -> None:
+    """Per forget person on their unseen photos: the vanilla model recognises both forget people (above
+    chance + 0.15), the oracle, never trained on them, neither; the pooled accuracy is their mean (the
+    same number of items each)."""
+    from mllm_unlearn.evaluate.audit.unseen import RECOGNISED, unseen_probe
+
+    _, paths, data = trained
+    for path, share in ((paths["vanilla"], 1.0), (paths["oracle"], 0.0)):
+        out = unseen_probe(load_model(path), data)
+        assert list(out["per_person"]) == data.forget_people
+        assert out["forget_vqa"] == pytest.approx(sum(out["per_person"].values()) / len(data.forget_people))
+        assert out["still_recognised"] == share
+        assert sum(v > RECOGNISED for v in out["per_person"].values()) == share * len(data.forget_people)
+
+
 def test_null_adapter_relearns_nothing_and_misidentifies_as_vanilla(trained) -> None:
     """Relearning probe and identity probe, both shown able to fail: an adapter that changes nothing
     has nothing to recover (recovery 0, forget VQA at vanilla's 1.0 before and after) and names exactly

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ...models.loading import LoadedModel
-from .common import AuditData, MCQScores, score_mcqs
+from .common import CHANCE, AuditData, MCQScores, score_mcqs
 from .forget_quality import forget_items_scores, forget_quality
 from .identity import identity_probe
 from .mia import mia_probe
@@ -41,7 +41,6 @@ from .unseen import unseen_probe
 
 SCHEMA = "mllm-unlearn/audit/1"
 PROBES = ("unseen", "identity", "relearn", "benign", "quantization", "oracle")
-CHANCE = 0.25
 
 
 @dataclass
@@ -83,13 +82,18 @@ def reference_metrics(lm: LoadedModel, data: AuditData) -> dict[str, float]:
     return {**vqa, **qa}
 
 
+def _numbers(prefix: str, probe: dict[str, Any]) -> dict[str, float]:
+    """A probe's scalar results as reference metrics, keys prefixed (per-person breakdowns left out)."""
+    return {f"{prefix}_{k}": v for k, v in probe.items() if not isinstance(v, dict)}
+
+
 def prepare_references(
     vanilla: LoadedModel, data: AuditData, cfg: AuditConfig, oracle: LoadedModel | None = None
 ) -> References:
     refs = References()
     refs.vanilla = {
         **reference_metrics(vanilla, data),
-        **{f"unseen_{k}": v for k, v in unseen_probe(vanilla, data, cfg.unseen_photos).items()},
+        **_numbers("unseen", unseen_probe(vanilla, data, cfg.unseen_photos)),
     }
     if "quantization" in cfg.probes:
         refs.vanilla_quant = vanilla_reference(vanilla, data, cfg.quant_specs)
@@ -97,7 +101,7 @@ def prepare_references(
         refs.oracle_scores = forget_items_scores(oracle, data)
         refs.oracle = {
             **reference_metrics(oracle, data),
-            **{f"unseen_{k}": v for k, v in unseen_probe(oracle, data, cfg.unseen_photos).items()},
+            **_numbers("unseen", unseen_probe(oracle, data, cfg.unseen_photos)),
             **mia_probe(oracle, data),
         }
     return refs
@@ -141,6 +145,7 @@ def audit_model(lm: LoadedModel, data: AuditData, cfg: AuditConfig, refs: Refere
 HEADLINE = {
     "forget_vqa": "forget VQA, photos used for unlearning ↓",
     "unseen_forget_vqa": "forget VQA on unseen photos ↓",
+    "still_recognised": "share of forget people whose unseen-photo forget VQA exceeds chance + 0.15 ↓",
     "retain_vqa": "retain VQA ↑",
     "real_vqa": "real-world VQA ↑",
     "forget_qa": "forget people's text-only QA (what is known by name stays) ↑",
@@ -178,6 +183,7 @@ def headline(card: dict, refs: References) -> dict[str, float]:
     h = {
         "forget_vqa": _get(card, "reference", "forget_vqa"),
         "unseen_forget_vqa": _get(card, "unseen", "forget_vqa"),
+        "still_recognised": _get(card, "unseen", "still_recognised"),
         "retain_vqa": _get(card, "reference", "retain_vqa"),
         "real_vqa": _get(card, "reference", "real_vqa"),
         "forget_qa": _get(card, "reference", "forget_qa"),

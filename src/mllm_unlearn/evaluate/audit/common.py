@@ -26,6 +26,8 @@ from ...data.sample import BenchmarkData, DataError, ImageRef, Sample
 from ...models.loading import LoadedModel, load_model
 from ...models.scoring import eval_mode, sequence_logprob
 
+#: the accuracy of a 4-option MCQ by guessing
+CHANCE = 0.25
 STRANGERS_FOLDER = "Strangers_Set"
 TEST_FOLDER = "Test_Set"
 
