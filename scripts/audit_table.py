@@ -1,6 +1,8 @@
 """The README's audit table: one row per model, the headline metrics as mean ± 95 % CI half-width.
 
-Usage: python scripts/audit_table.py OUT [OUT ...]   (each OUT written by ``mllm-unlearn audit --seeds``)
+Usage: python scripts/audit_table.py [--columns KEY,...] OUT [OUT ...]   (each OUT: ``mllm-unlearn audit --seeds``)
+
+``--columns``: these headline metrics only (keys of :data:`COLUMNS`), e.g. for audits run with some probes.
 
 Several OUTs are pooled seed by seed from their per-seed reports (``OUT/seed<N>/report.json``): OUTs over
 the same seeds and cache (e.g. the baselines, then a new cvf_ncu) add models, and a model already listed
@@ -36,7 +38,7 @@ COLUMNS = {
 }
 
 
-def table(outs: list[Path]) -> str:
+def table(outs: list[Path], only: list[str] | None = None) -> str:
     reports: dict[int, dict] = {}
     for out in outs:
         for seed in json.loads((out / "summary.json").read_text())["seeds"]:
@@ -53,7 +55,7 @@ def table(outs: list[Path]) -> str:
     rows = aggregate(reports)
     head = f"Seeds {', '.join(map(str, seeds))}: mean ± 95 % CI half-width.\n\n"
     # a metric no report has (e.g. one added to the audit after these reports were made) is left out
-    columns = [k for k in COLUMNS if any(not math.isnan(m[k]["mean"]) for m in rows.values())]
+    columns = [k for k in only or COLUMNS if any(not math.isnan(m[k]["mean"]) for m in rows.values())]
     lines = ["| model | " + " | ".join(COLUMNS[k] for k in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in rows.items():
         cells = []
@@ -65,4 +67,11 @@ def table(outs: list[Path]) -> str:
 
 
 if __name__ == "__main__":
-    print(table([Path(a) for a in sys.argv[1:]]))
+    args = sys.argv[1:]
+    only = None
+    if args[:1] == ["--columns"]:
+        only, args = args[1].split(","), args[2:]
+        unknown = [k for k in only if k not in COLUMNS]
+        if unknown:
+            raise SystemExit(f"--columns: no column {unknown}; choose from {', '.join(COLUMNS)}")
+    print(table([Path(a) for a in args], only))

@@ -273,6 +273,9 @@ def test_audit_table_pools_seeds_of_several_outs(tmp_path) -> None:
     assert f"{pooled['mean']:.2f} ± {pooled['ci95']:.2f}" in rows["cvf_ncu"]
     assert "0.00 ± 0.00" in rows["vanilla"]  # the first report of a model for a seed is kept
     assert "0.65 ±" in rows["siu"]
+    # metrics no report has are left out (reports made before a metric existed keep their table)
+    assert text.splitlines()[2] == "| model | Summary ↑ |"
+    assert audit_table.table([a, b, c], ["summary", "retain_vqa"]).splitlines()[2] == "| model | Summary ↑ |"
     # a model some seed lacks is refused, naming it and the seed
     d = _audit_out(tmp_path / "d", [8], {"vanilla": [0.0]})
     with pytest.raises(SystemExit, match=r"cvf_ncu has no report for seed\(s\) \[8\]"):

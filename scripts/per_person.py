@@ -1,0 +1,121 @@
+"""Which forget people does unlearning leave recognisable, and how do they differ? (docs/method.md, fifth pass)
+
+Usage::
+
+    python scripts/per_person.py --cache CACHE --seeds 0,1,2 [--opt KEY=VALUE ...]
+
+``CACHE`` is an ``mllm-unlearn audit --seeds`` cache (``seed<N>/world`` and ``seed<N>/vanilla``). Per world the
+cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnConfig``, seed = the world's,
+``--opt`` method options), and per forget person it prints:
+
+* ``unseen``: forget VQA on their unseen ``Test_Set`` photos after unlearning (the audit's probe 1 per person;
+  ``*`` marks the people above chance + 0.15, the audit's ``still_recognised``), and ``train``: the same on the
+  photos unlearning trained on;
+* ``cos_ref``: mean cosine, over their training photos' visual tokens, between the unlearned and the reference
+  model's tokens, both centred on the retain set's mean token (how far the push moved them; 1 = not at all);
+* ``signature``: mean cosine between each of their unseen photos' pooled vanilla IVR and the mean pooled IVR of
+  their training photos, both centred on the known people's mean (how consistent and distinctive their face is
+  across photos; about 0 for a face close to the average);
+* ``null_energy``: the share of their layer-input energy, averaged over the adapted layers, that NCU's frozen A
+  lets through (:func:`mllm_unlearn.nullspace.retain_energy` on their covariance), with the retain set's for
+  comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from mllm_unlearn.evaluate.audit import load_audit_data
+from mllm_unlearn.evaluate.audit.common import score_mcqs
+from mllm_unlearn.evaluate.audit.unseen import RECOGNISED
+from mllm_unlearn.methods import get_method
+from mllm_unlearn.methods.base import UnlearnContext, distinct_images
+from mllm_unlearn.models.loading import load_model
+from mllm_unlearn.nullspace import collect_covariances, lora_A_weights, retain_energy
+from mllm_unlearn.runtime.options import parse_options
+from mllm_unlearn.train.unlearn import UnlearnConfig, encode_images, split_people, unlearn
+
+
+def pooled(ctx: UnlearnContext, images, reference: bool = False) -> torch.Tensor:
+    with torch.no_grad():
+        return ctx.visual_tokens(images, reference=reference).mean(1)
+
+
+def null_energy(lm, plain, images) -> float:
+    """Share of the images' layer-input energy inside A, averaged over the adapted layers."""
+    A = lora_A_weights(lm.model)
+    inputs = [encode_images(plain, images).inputs]
+    cov = collect_covariances(
+        plain.model, list(A), inputs, forward=lambda m, x: plain.arch.image_features(m, x), progress=False
+    )
+    return sum(retain_energy(A[n], cov[n].cov) for n in A) / len(A)
+
+
+def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
+    root = f"{cache}/seed{seed}"
+    audit = load_audit_data(f"{root}/world", "forget_15")
+    data = audit.bench
+    people = audit.forget_people
+    plain = load_model(f"{root}/vanilla")
+    forget, retain = split_people(data)
+    method_cfg = parse_options(get_method("cvf_ncu").config_class, opts)
+    lm, _ = unlearn(load_model(f"{root}/vanilla"), data, UnlearnConfig(seed=seed), method_cfg)
+    unseen = score_mcqs(lm, audit.unseen_mcqs(people))
+    train = score_mcqs(lm, audit.image_mcqs("forget", people))
+    ctx = UnlearnContext(lm, forget, retain, batch_size=8, seed=0)
+    retain_images = distinct_images(retain)
+    with torch.no_grad():
+        ref = ctx.visual_tokens(retain_images, reference=True)
+    center = ref.reshape(-1, ref.shape[-1]).mean(0)
+    means = {  # every known person's mean pooled reference IVR over their training photos
+        p: pooled(ctx, distinct_images([s for s in data.train if s.person == p]), reference=True).mean(0)
+        for p in people + sorted(data.retain_people)
+    }
+    known_center = torch.stack(list(means.values())).mean(0)
+    rows = [{"seed": seed, "person": "retain", "null_energy": null_energy(lm, plain, retain_images[:64])}]
+    for p in people:
+        images = distinct_images([s for s in data.train if s.person == p])
+        with torch.no_grad():
+            u, r = ctx.visual_tokens(images), ctx.visual_tokens(images, reference=True)
+        seen = F.normalize(means[p] - known_center, dim=-1)
+        others = F.normalize(pooled(ctx, distinct_images(audit.unseen_mcqs([p])), True) - known_center, dim=-1)
+        rows.append(
+            {
+                "seed": seed,
+                "person": p,
+                "unseen": unseen.accuracy([p]),
+                "train": train.accuracy([p]),
+                "cos_ref": F.cosine_similarity(u - center, r - center, dim=-1).mean().item(),
+                "signature": (others @ seen).mean().item(),
+                "null_energy": null_energy(lm, plain, images),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--opt", action="append", default=[], help="a cvf_ncu option KEY=VALUE")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print("| world | person | unseen ↓ | train ↓ | cos_ref | signature | null_energy |")
+    print("|---|---|---|---|---|---|---|")
+    for seed in map(int, args.seeds.split(",")):
+        for r in world(args.cache, seed, args.opt):
+            if r["person"] == "retain":
+                print(f"| {seed} | retain set | | | | | {r['null_energy']:.4f} |")
+                continue
+            mark = "*" if r["unseen"] > RECOGNISED else ""
+            print(
+                f"| {seed} | {r['person']} | {r['unseen']:.2f}{mark} | {r['train']:.2f} | {r['cos_ref']:.2f} | "
+                f"{r['signature']:.2f} | {r['null_energy']:.4f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
