@@ -118,7 +118,14 @@ def _audit(work: Path, data, cfg: DemoConfig, timings: dict[str, float]) -> dict
 
 
 #: the audit numbers the demo prints (the full card is in DIR/audit/report.md)
-SUMMARY_KEYS = ("unseen_forget_vqa", "misid_unseen", "relearn_recovery", "benign_forget_after", "int4_retain_ratio")
+SUMMARY_KEYS = (
+    "unseen_forget_vqa",
+    "still_recognised",
+    "misid_unseen",
+    "relearn_recovery",
+    "benign_forget_after",
+    "int4_retain_ratio",
+)
 
 
 def audit_summary(report: dict) -> str:
