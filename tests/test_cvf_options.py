@@ -578,6 +578,20 @@ def test_view_pool_adds_seeded_augmented_copies_of_each_forget_photo(world_with_
         CVFConfig(view_pool=-1)
 
 
+def _push_on_first_batch(ctx, method):
+    """``method``'s logged Eq. 4 at its first step, and by hand the batch a fresh stream gives first:
+    (logged push, batch, centred unlearned tokens (n * T, d), centred reference tokens, queue, centre)."""
+    queue, center = method.queue.clone(), method.center
+    torch.manual_seed(0)
+    _, logs = method.loss(ctx, 0)
+    fresh = UnlearnContext(ctx.lm, ctx.forget, ctx.retain, batch_size=2, seed=0)
+    batch = fresh.stream("forget_images", lambda: method.push_images)
+    with torch.no_grad():
+        h_u, h_r = fresh.visual_tokens(batch), fresh.visual_tokens(batch, reference=True)
+    d = h_u.shape[-1]
+    return logs["push"], batch, h_u.reshape(-1, d) - center, h_r.reshape(-1, d) - center, queue, center
+
+
 def test_person_push_target_pushes_from_the_persons_mean_reference_tokens_by_formula(world_with_strangers):
     """``push_target=person``: Eq. 4's positive is the person's mean reference tokens over all of their
     push images (photos and view-pool copies; per token position), not the photo's own; computed by hand
@@ -591,19 +605,11 @@ def test_person_push_target_pushes_from_the_persons_mean_reference_tokens_by_for
         imgs = [s for s in method.push_images if s.person == person]
         assert len(imgs) == 3 * len([s for s in distinct_images(ctx.forget) if s.person == person])
         assert torch.equal(method.person_tokens[person], ctx.visual_tokens(imgs, reference=True).mean(0))
-    queue, center = method.queue.clone(), method.center
-    torch.manual_seed(0)
-    _, logs = method.loss(ctx, 0)
-    fresh = UnlearnContext(ctx.lm, ctx.forget, ctx.retain, batch_size=2, seed=0)
-    batch = fresh.stream("forget_images", lambda: method.push_images)
-    with torch.no_grad():
-        h_u, h_r = fresh.visual_tokens(batch), fresh.visual_tokens(batch, reference=True)
-    d = h_u.shape[-1]
-    mean = torch.stack([method.person_tokens[s.person] for s in batch]).reshape(-1, d)
-    z_u = h_u.reshape(-1, d) - center
-    expected = cvf_push(z_u, mean - center, queue, 0.07).item()
-    assert logs["push"] == pytest.approx(expected, rel=1e-5)
-    assert expected != pytest.approx(cvf_push(z_u, h_r.reshape(-1, d) - center, queue, 0.07).item(), rel=1e-3)
+    push, batch, z_u, z_r, queue, center = _push_on_first_batch(ctx, method)
+    mean = torch.stack([method.person_tokens[s.person] for s in batch]).reshape(z_u.shape) - center
+    expected = cvf_push(z_u, mean, queue, 0.07).item()
+    assert push == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(cvf_push(z_u, z_r, queue, 0.07).item(), rel=1e-3)
     with pytest.raises(ValueError, match="push_target"):
         CVFConfig(push_target="face")
 
@@ -623,19 +629,11 @@ def test_push_focus_weights_eq4_by_each_ivrs_remaining_likeness_to_its_reference
 
     data, model = world_with_strangers
     ctx, method = _ctx_and_method(data, model, relearn_sim=0.0, push_focus=2.0)
-    queue, center = method.queue.clone(), method.center
-    torch.manual_seed(0)
-    _, logs = method.loss(ctx, 0)
-    fresh = UnlearnContext(ctx.lm, ctx.forget, ctx.retain, batch_size=2, seed=0)
-    batch = fresh.stream("forget_images", lambda: method.push_images)
-    with torch.no_grad():
-        h_u, h_r = fresh.visual_tokens(batch), fresh.visual_tokens(batch, reference=True)
-    d = h_u.shape[-1]
-    z_u, z_r = h_u.reshape(-1, d) - center, h_r.reshape(-1, d) - center
+    push, _, z_u, z_r, queue, _ = _push_on_first_batch(ctx, method)
     w = F.cosine_similarity(z_u, z_r, dim=-1).clamp(min=0) ** 2
     assert w.min() < 0.5 * w.max()  # the weights differ between IVRs: the check below can fail
     expected = cvf_push(z_u, z_r, queue, 0.07, w).item()
-    assert logs["push"] == pytest.approx(expected, rel=1e-4)
+    assert push == pytest.approx(expected, rel=1e-4)
     assert expected != pytest.approx(cvf_push(z_u, z_r, queue, 0.07).item(), rel=1e-3)
     with pytest.raises(ValueError, match="push_focus"):
         CVFConfig(push_focus=-1.0)
