@@ -72,6 +72,22 @@ def test_unlearn_cli_writes_a_peft_adapter_that_reloads(setup, capsys):
     assert str(out) in capsys.readouterr().err
 
 
+def test_unlearn_cli_continual_measures_each_request_on_its_unseen_photos(setup, tmp_path):
+    """``unlearn --tasks``: per request Forget VQA on the training photos and, from the world's Test_Set,
+    on the unseen photos too, equal to the audit's unseen probe pooled over the requests' items."""
+    root, world, data, model = setup
+    out = tmp_path / "cont"
+    args = f"unlearn --model {model} --data {world} --forget forget_15 --tasks 2 --steps 2 --batch-size 2 --out {out}"
+    assert main([*args.split(), "--cache-dir", str(root / "cache")]) == 0
+    matrix = json.loads((out / "matrix.json").read_text())
+    audit = load_audit_data(world, "forget_15")
+    sizes = [len(audit.unseen_mcqs(people)) for people in matrix["tasks"]]
+    per_task = matrix["before"]["unseen_forget_vqa_per_task"]
+    pooled = sum(v * k for v, k in zip(per_task, sizes)) / sum(sizes)
+    assert pooled == pytest.approx(unseen_probe(load_model(model), audit)["forget_vqa"])
+    assert all(len(s["unseen_forget_vqa_per_task"]) == 2 for s in matrix["stages"])
+
+
 def test_bad_requests_fail_clearly(setup, tmp_path):
     root, world, data, model = setup
     with pytest.raises(DataError, match="no training pairs for the forget people"):

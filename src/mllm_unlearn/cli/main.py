@@ -157,16 +157,16 @@ def _unseen_photos(args: argparse.Namespace, data):
     """MLLMU-Bench's ``Test_Set`` photos of the forget people (none of them trained on), for the
     continual run's per-request unseen-photo Forget VQA; every one decoded now, before any training.
     None for the other benchmarks, whose test splits hold no further photos of the same people."""
-    from ..evaluate.audit.common import TEST_FOLDER, load_audit_data
+    from ..evaluate.audit.common import TEST_FOLDER, AuditData, read_unseen
 
     if args.benchmark != "mllmu" or not (Path(args.data) / TEST_FOLDER).is_dir():
         _say("no Test_Set photos: continual requests are measured on their training photos only")
         return None
-    audit = load_audit_data(args.data, args.forget)
+    unseen = read_unseen(args.data)
     for person in data.forget_people:
-        for photo in audit.unseen.get(person, []):
+        for photo in unseen.get(person, []):
             photo.load()
-    return audit
+    return AuditData(Path(args.data), data, args.forget, {}, unseen)  # the data already read, no names
 
 
 def cmd_unlearn(args):

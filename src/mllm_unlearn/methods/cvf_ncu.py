@@ -538,7 +538,7 @@ class CVFNCU(UnlearningMethod):
             h_fu, h_fr = self._forget_tokens(ctx, forget)  # Eq. 1, unlearned and reference model
         z_fu, z_fr = self._ivr(h_fu), self._ivr(h_fr)  # Eq. 2
         people = [s.person for s in forget] * (1 + cfg.views)
-        z_push = z_fr if cfg.push_target == "photo" else self._ivr(self._push_from(h_fr, people))
+        z_push = self._ivr(self._push_from(h_fr, people))  # z_fr itself unless push_target=person
         # one encoding of the retain pairs: its pixels give h_ru, and L_GUM reads h_ru (the same images'
         # projector outputs) instead of running the visual module a third time; at another IVR level
         # h_ru is not the LLM's input and L_GUM encodes the images itself

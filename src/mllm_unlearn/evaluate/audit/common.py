@@ -104,13 +104,7 @@ def load_audit_data(root: str | Path, forget: str = "forget_15") -> AuditData:
     root = Path(root)
     bench = read_mllmu(root, forget=forget)
     names = _names(root, bench)
-    unseen = {
-        str(r["ID"]): [
-            ImageRef(bytes(img["bytes"]), f"{root / TEST_FOLDER} ID={r['ID']} images[{k}]")
-            for k, img in enumerate(r["images"] or [])
-        ]
-        for r in _rows(root / TEST_FOLDER, ["ID", "images"])
-    }
+    unseen = read_unseen(root)
     strangers = []
     if (root / STRANGERS_FOLDER).is_dir():
         world_names = _world_names(root, "strangers")
@@ -132,6 +126,18 @@ def load_audit_data(root: str | Path, forget: str = "forget_15") -> AuditData:
                 )
             )
     return AuditData(root, bench, forget, names, unseen, strangers)
+
+
+def read_unseen(root: str | Path) -> dict[str, list[ImageRef]]:
+    """Person ID -> every photo of their ``Test_Set`` row (photos no training pair shows)."""
+    root = Path(root)
+    return {
+        str(r["ID"]): [
+            ImageRef(bytes(img["bytes"]), f"{root / TEST_FOLDER} ID={r['ID']} images[{k}]")
+            for k, img in enumerate(r["images"] or [])
+        ]
+        for r in _rows(root / TEST_FOLDER, ["ID", "images"])
+    }
 
 
 def _rows(folder: Path, columns: list[str] | None) -> list[dict]:
