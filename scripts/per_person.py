@@ -16,6 +16,10 @@ cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnCon
 * ``signature``: mean cosine between each of their unseen photos' pooled vanilla IVR and the mean pooled IVR of
   their training photos, both centred on the known people's mean (how consistent and distinctive their face is
   across photos; about 0 for a face close to the average);
+* ``proto_train`` / ``proto_unseen``: mean cosine between the unlearned model's pooled IVRs of their training /
+  unseen photos and their identity prototype (the mean pooled reference IVR of their training photos), both
+  centred on the retain set's mean token: how much of the person's shared direction unlearning left (sixth pass;
+  ``identity_push`` holds the training photos' at most ``identity_margin``);
 * ``null_energy``: the share of their layer-input energy, averaged over the adapted layers, that NCU's frozen A
   lets through (:func:`mllm_unlearn.nullspace.retain_energy` on their covariance), with the retain set's for
   comparison.
@@ -82,10 +86,17 @@ def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
             u, r = ctx.visual_tokens(images), ctx.visual_tokens(images, reference=True)
         seen = F.normalize(means[p] - known_center, dim=-1)
         others = F.normalize(pooled(ctx, distinct_images(audit.unseen_mcqs([p])), True) - known_center, dim=-1)
+        proto = F.normalize(means[p] - center, dim=-1)  # the person's identity prototype (L_ID's)
+        along = [
+            (F.normalize(pooled(ctx, imgs) - center, dim=-1) @ proto).mean().item()
+            for imgs in (images, distinct_images(audit.unseen_mcqs([p])))
+        ]
         rows.append(
             {
                 "seed": seed,
                 "person": p,
+                "proto_train": along[0],
+                "proto_unseen": along[1],
                 "unseen": unseen.accuracy([p]),
                 "train": train.accuracy([p]),
                 "cos_ref": F.cosine_similarity(u - center, r - center, dim=-1).mean().item(),
@@ -103,17 +114,17 @@ def main() -> None:
     parser.add_argument("--opt", action="append", default=[], help="a cvf_ncu option KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| world | person | unseen ↓ | train ↓ | cos_ref | signature | null_energy |")
-    print("|---|---|---|---|---|---|---|")
+    print("| world | person | unseen ↓ | train ↓ | cos_ref | signature | proto_train | proto_unseen | null_energy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for seed in map(int, args.seeds.split(",")):
         for r in world(args.cache, seed, args.opt):
             if r["person"] == "retain":
-                print(f"| {seed} | retain set | | | | | {r['null_energy']:.4f} |")
+                print(f"| {seed} | retain set | | | | | | | {r['null_energy']:.4f} |")
                 continue
             mark = "*" if r["unseen"] > RECOGNISED else ""
             print(
                 f"| {seed} | {r['person']} | {r['unseen']:.2f}{mark} | {r['train']:.2f} | {r['cos_ref']:.2f} | "
-                f"{r['signature']:.2f} | {r['null_energy']:.4f} |"
+                f"{r['signature']:.2f} | {r['proto_train']:.2f} | {r['proto_unseen']:.2f} | {r['null_energy']:.4f} |"
             )
 
 

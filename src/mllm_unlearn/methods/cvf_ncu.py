@@ -65,7 +65,7 @@ from ..nullspace.reference import image_key
 from ..runtime import distributed
 from ..runtime.distributed import gather
 from .base import UnlearnContext, UnlearningMethod, distinct_images, register
-from .losses import cvf_loss, cvf_pull, cvf_push, nmse_push, pool, retention_mse, total_loss
+from .losses import cvf_loss, cvf_pull, cvf_push, identity_hinge, nmse_push, pool, retention_mse, total_loss
 
 PUSHES = ("cvf", "nmse", "none")
 LEVELS = ("pooled", "token")
@@ -201,6 +201,18 @@ class CVFConfig:
     #: worlds 0-2, gamma 1 / 2 / 4 gave unseen-photo forget VQA 0.298 / 0.307 / 0.312 (0.320 off) at Real-world
     #: VQA 0.957 / 0.957 / 0.963 (0.977 off), the trade-off every stronger push measured (docs/method.md)
     push_focus: float = 0.0
+    #: weight of L_ID (:func:`~mllm_unlearn.methods.losses.identity_hinge`; issue #10, not in the paper):
+    #: each pooled forget IVR's cosine with its person's identity prototype (their mean pooled reference
+    #: IVR over their push images, centred) held at most ``identity_margin``. Eq. 4 moves each photo away
+    #: from its own reference; the people the default leaves recognisable on unseen photos are those whose
+    #: unseen photos keep that shared direction (dev worlds 0-2: cosine 0.29-0.66 against -0.59-0.21 for 17
+    #: of the other 18). Off: over three draws on dev worlds 0-2, weight 1 gave unseen-photo forget VQA
+    #: 0.275 against 0.328 at Real-world VQA 0.973 against 0.980, but relearning recovery 0.181 against
+    #: 0.122 (weights 0.5 / 3 and with relearn_sim 32: 0.156-0.183), which the rule written before those
+    #: draws refused (docs/method.md, sixth pass)
+    identity_push: float = 0.0
+    #: the cosine with the prototype L_ID allows (0 = none of the direction; every measured run used 0)
+    identity_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.push not in PUSHES:
@@ -224,7 +236,9 @@ class CVFConfig:
             raise ValueError(f"gum_batch_size must be >= 0 (0: the whole retain batch), not {self.gum_batch_size}")
         if self.mid_layer < -1:
             raise ValueError(f"mid_layer must be a block index >= 0 (or -1: the middle block), not {self.mid_layer}")
-        for key in ("stranger_reply", "relearn_sim", "relearn_sim_lr", "mid_push", "push_focus"):
+        if not -1.0 <= self.identity_margin < 1.0:
+            raise ValueError(f"identity_margin is a cosine bound in [-1, 1), not {self.identity_margin}")
+        for key in ("stranger_reply", "relearn_sim", "relearn_sim_lr", "mid_push", "push_focus", "identity_push"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
         for key in ("stranger_reply_batch_size", "relearn_sim_every", "relearn_sim_batch_size"):
@@ -297,7 +311,7 @@ class CVFNCU(UnlearningMethod):
         # driver's calibration pass may already have computed them, in these same batches)
         ctx.cache_reference(retain_images)
         ctx.cache_reference(self.push_images)
-        if cfg.push_target == "person":  # each person's mean reference tokens over their push images
+        if cfg.push_target == "person" or cfg.identity_push:  # each person's mean reference tokens
             by_person: dict[str, list[Sample]] = {}
             for img in self.push_images:
                 by_person.setdefault(img.person, []).append(img)
@@ -356,6 +370,10 @@ class CVFNCU(UnlearningMethod):
             self.queue = pooled[idx] - self.center
         else:
             self.queue = pooled[:0] - self.center
+        if cfg.identity_push:  # L_ID's prototypes: each person's mean pooled reference IVR, centred
+            self.identity = {
+                p: torch.nn.functional.normalize(t.mean(0) - self.center, dim=-1) for p, t in self.person_tokens.items()
+            }
 
     def _impostors(self, ctx: UnlearnContext) -> dict[str, list[Sample]]:
         """Forget person -> the photos of one stranger assigned to them for good (distinct strangers while
@@ -579,6 +597,11 @@ class CVFNCU(UnlearningMethod):
             mid = self._mid_push(forget, mid_fu[0], mid_ru[0])
             loss = loss + cfg.alpha * cfg.mid_push * mid
             logs["mid_push"] = mid.item()
+        if cfg.identity_push:
+            prototypes = torch.stack([self.identity[p] for p in people])
+            ident = identity_hinge(pool(h_fu) - self.center, prototypes, cfg.identity_margin)
+            loss = loss + cfg.alpha * cfg.identity_push * ident
+            logs["identity"] = ident.item()
         if self.stranger_targets:
             sr = self._like_stranger(ctx)
             loss = loss + cfg.stranger_reply * sr

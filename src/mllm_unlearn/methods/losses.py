@@ -55,6 +55,13 @@ def cvf_pull(z_u: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(z_u, anchor.expand_as(z_u), dim=-1)).mean()
 
 
+def identity_hinge(z: torch.Tensor, prototypes: torch.Tensor, margin: float) -> torch.Tensor:
+    """L_ID (issue #10, "deep, not redirected"; not in the paper): mean over IVRs of
+    max(0, cos(z_i, p_i) - margin), ``p_i`` the identity prototype of IVR i's person (both centred). Zero
+    once no IVR keeps more than ``margin`` of its person's shared direction, wherever else it points."""
+    return F.relu(F.cosine_similarity(z, prototypes, dim=-1) - margin).mean()
+
+
 def cvf_loss(push: torch.Tensor, pull: torch.Tensor, lam: float) -> torch.Tensor:
     """L_CVF, Eq. 7: lambda * push + pull."""
     return lam * push + pull
