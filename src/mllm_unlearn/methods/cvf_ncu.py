@@ -209,7 +209,8 @@ class CVFConfig:
     #: of the other 18). Off: over three draws on dev worlds 0-2, weight 1 gave unseen-photo forget VQA
     #: 0.275 against 0.328 at Real-world VQA 0.973 against 0.980, but relearning recovery 0.181 against
     #: 0.122 (weights 0.5 / 3 and with relearn_sim 32: 0.156-0.183), which the rule written before those
-    #: draws refused (docs/method.md, sixth pass)
+    #: draws refused; new development worlds 9-11 confirmed it (relearning 0.417 against 0.294; docs/method.md,
+    #: sixth pass)
     identity_push: float = 0.0
     #: the cosine with the prototype L_ID allows (0 = none of the direction; every measured run used 0)
     identity_margin: float = 0.0
