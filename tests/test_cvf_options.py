@@ -396,16 +396,19 @@ def test_stranger_reply_is_the_reference_models_reply_about_a_stranger_learnt_on
     assert without.stranger_targets == []
 
 
-@pytest.mark.parametrize("attack", ["answers", "tokens"])
-def test_relearn_sim_gradient_is_eq7_of_the_held_out_half_at_the_attacked_weights(world_with_strangers, attack):
+@pytest.mark.parametrize(("attack", "identity"), [("answers", False), ("tokens", False), ("tokens", True)])
+def test_relearn_sim_gradient_is_eq7_of_the_held_out_half_at_the_attacked_weights(
+    world_with_strangers, attack, identity
+):
     """The meta step: W' = W - lr * sign(grad_W L_A), L_A = NLL of A's pairs or Eq. 9 of A's photos; the
-    surrogate's value is 0 and its gradient w.r.t. B is that of Eq. 7 on B's photos at W'; W is restored
-    bit for bit."""
-    from mllm_unlearn.methods.losses import retention_mse
+    surrogate's value is 0 and its gradient w.r.t. B is that of Eq. 7 on B's photos at W' (with
+    ``identity_meta``, plus ``identity_push`` * L_ID of those photos); W is restored bit for bit."""
+    from mllm_unlearn.methods.losses import identity_hinge, retention_mse
 
     data, model = world_with_strangers
+    extra = {"identity_push": 2.0, "identity_meta": True} if identity else {}
     ctx, method = _ctx_and_method(
-        data, model, relearn_sim=1.0, relearn_sim_lr=1e-2, relearn_sim_batch_size=2, relearn_sim_attack=attack
+        data, model, relearn_sim=1.0, relearn_sim_lr=1e-2, relearn_sim_batch_size=2, relearn_sim_attack=attack, **extra
     )
     weights = [w.detach().clone() for w in method.attack_weights]
     retain = ctx.stream("retain_vqa", lambda: [s for s in ctx.retain if s.image is not None], 16)
@@ -443,6 +446,11 @@ def test_relearn_sim_gradient_is_eq7_of_the_held_out_half_at_the_attacked_weight
     z_u, z_r = h_u.reshape(-1, h_u.shape[-1]), h_r.reshape(-1, h_r.shape[-1])
     anchor = h_rr_all.mean(0).repeat(len(h_u), 1)
     want = cvf_pull(z_u, anchor) + cvf_push_of(method, z_u, z_r)
+    if identity:
+        prototypes = torch.stack([method.identity[s.person] for s in photos])
+        l_id = identity_hinge(pool(h_u) - method.center, prototypes, 0.0)
+        assert l_id.item() > 0  # the term is active: the check below can fail
+        want = want + 2.0 * l_id
     assert want.item() == pytest.approx(meta, rel=1e-5)
     expected = torch.autograd.grad(want, params, allow_unused=True)
     with torch.no_grad():
@@ -677,6 +685,8 @@ def test_identity_push_holds_each_forget_ivr_off_its_persons_prototype_by_formul
         CVFConfig(identity_push=-1.0)
     with pytest.raises(ValueError, match="identity_margin"):
         CVFConfig(identity_margin=1.0)
+    with pytest.raises(ValueError, match="identity_meta"):
+        CVFConfig(identity_meta=True)
 
 
 def test_identity_push_moves_the_forget_photos_off_their_persons_prototype(world_with_strangers):
