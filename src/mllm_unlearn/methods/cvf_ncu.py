@@ -80,8 +80,9 @@ class CVFConfig:
     augmented copies of each forget photo (``view_pool``, ``augment``) and L_RET on strangers' photos
     (``ret_strangers``) are on, with the driver's NCU calibration on stranger photos
     (``CVFNCU.calibrate_strangers``); the stranger anchors and L_SR, per-step ``views``, the middle-block
-    push and the ||B|| penalty are off: none improved unseen-photo forgetting without costing real-world
-    VQA or robustness. ``keep_forgotten`` is on: it only acts in continual unlearning without replay.
+    push, the ||B|| penalty, the person and focal pushes and L_ID (``identity_push``, ``identity_meta``) are
+    off: none improved unseen-photo forgetting without costing real-world VQA or robustness to relearning
+    (L_ID came closest: see its field). ``keep_forgotten`` is on: it only acts in continual unlearning without replay.
 
     The first defaults were chosen on the demo world (forget_15, 200 steps at lr 3e-2: forget VQA
     1.00 -> 0.25 = chance, retain VQA 0.995 -> 0.995, real VQA 0.99 -> 0.91; alpha 3 / 5 / 10 all reach
