@@ -28,14 +28,19 @@ from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people, stranger_samples, unlearn_stage
 
 
+def on_training_photos(lm, audit) -> dict[str, float]:
+    """Forget VQA per forget person on the photos unlearning trained on."""
+    train = score_mcqs(lm, audit.image_mcqs("forget", audit.forget_people))
+    return {p: train.accuracy([p]) for p in audit.forget_people}
+
+
 def measure(lm, audit) -> dict:
     people = audit.forget_people
     unseen = score_mcqs(lm, audit.unseen_mcqs(people))
-    train = score_mcqs(lm, audit.image_mcqs("forget", people))
     return {
         "unseen": unseen.accuracy(),
         "unseen_per_person": {p: unseen.accuracy([p]) for p in people},
-        "train_per_person": {p: train.accuracy([p]) for p in people},
+        "train_per_person": on_training_photos(lm, audit),
         "retain_vqa": score_mcqs(lm, audit.image_mcqs("retain")).accuracy(),
         "real_vqa": score_mcqs(lm, audit.image_mcqs("real")).accuracy(),
     }
@@ -52,7 +57,7 @@ def world(cache: str, seed: int, rounds: int, steps: int) -> dict:
     before = measure(lm, audit)
     chosen = []
     for r in range(rounds):
-        train = before["train_per_person"] if r == 0 else measure(lm, audit)["train_per_person"]
+        train = before["train_per_person"] if r == 0 else on_training_photos(lm, audit)
         hard = sorted(p for p, v in train.items() if v > RECOGNISED)
         if not hard:
             break

@@ -84,12 +84,12 @@ def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
         images = distinct_images([s for s in data.train if s.person == p])
         with torch.no_grad():
             u, r = ctx.visual_tokens(images), ctx.visual_tokens(images, reference=True)
+        unseen_images = distinct_images(audit.unseen_mcqs([p]))
         seen = F.normalize(means[p] - known_center, dim=-1)
-        others = F.normalize(pooled(ctx, distinct_images(audit.unseen_mcqs([p])), True) - known_center, dim=-1)
+        others = F.normalize(pooled(ctx, unseen_images, True) - known_center, dim=-1)
         proto = F.normalize(means[p] - center, dim=-1)  # the person's identity prototype (L_ID's)
         along = [
-            (F.normalize(pooled(ctx, imgs) - center, dim=-1) @ proto).mean().item()
-            for imgs in (images, distinct_images(audit.unseen_mcqs([p])))
+            (F.normalize(z - center, dim=-1) @ proto).mean().item() for z in (u.mean(1), pooled(ctx, unseen_images))
         ]
         rows.append(
             {
