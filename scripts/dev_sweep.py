@@ -16,7 +16,8 @@ audit's own code, so its numbers are the audit's). Rows go to ``--out`` (JSON li
 settings) row already there is not redone), and the table of means over the seeds (± 95 % t-interval) is
 printed.
 ``--attack-seeds 0,1`` repeats the relearning and benign probes with other batch orders and averages
-them (their spread between batch orders is ±0.2 on one world).
+them (their spread between batch orders is ±0.2 on one world). ``--attack-scope llm|visual|projector``
+trains only those weights in both attacks (``AttackBudget.scope``; default all).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main() -> None:
     p.add_argument("--probes", default="unseen,identity,relearn,benign,quantization")
     p.add_argument("--quant", default="int4")
     p.add_argument("--attack-seeds", default="0")
+    p.add_argument("--attack-scope", default="all", help="weights the relearning / benign attacks train")
     p.add_argument("--forget", default="forget_15")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -129,6 +131,8 @@ def main() -> None:
                     "probes": probes,
                     "quant": args.quant,
                     "attack_seeds": attack_seeds,
+                    # rows from before the option (every weight attacked) keep their keys
+                    **({"attack_scope": args.attack_scope} if args.attack_scope != "all" else {}),
                 },
                 sort_keys=True,
             )
@@ -151,7 +155,7 @@ def main() -> None:
                     forget=args.forget,
                     probes=probes if k == 0 else tuple(p for p in probes if p in ("relearn", "benign")),
                     quant_specs=(args.quant,),
-                    budget=replace(AuditConfig().budget, seed=attack_seed),
+                    budget=replace(AuditConfig().budget, seed=attack_seed, scope=args.attack_scope),
                 )
                 cards.append(audit_model(lm, audit_data, cfg, refs))
             headline = {**cards[0]["headline"], **headline_extra(cards[0])}

@@ -211,6 +211,37 @@ def test_cli_audit_one_world(trained, capsys) -> None:
     assert "Headline" in capsys.readouterr().out
 
 
+def test_attack_scope_trains_only_its_weights_and_the_cli_keeps_the_base_budget(trained) -> None:
+    """``AttackBudget.scope``: a two-step attack on the visual weights leaves every LLM weight bit-identical
+    and moves the vision tower's; on the LLM, the reverse. ``--relearn-scope`` changes only the scope of the
+    quick audit's budget; an unknown scope is refused naming the field."""
+    from mllm_unlearn.cli.audit import _audit_config, add_parser
+    from mllm_unlearn.evaluate.audit import AttackBudget
+    from mllm_unlearn.evaluate.audit.relearn import finetune_copy
+
+    _, paths, data = trained
+    lm = load_model(paths["vanilla"])
+    train = data.bench.train[:8]
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    is_llm = lambda name: name.startswith("model.language_model.")
+    is_vision = lambda name: name.startswith("model.vision_tower.")
+    for scope, frozen, moved in (("visual", is_llm, is_vision), ("llm", is_vision, is_llm)):
+        tuned = finetune_copy(lm, train, AttackBudget(steps=2, batch_size=4, lr=1e-3, scope=scope))
+        after = tuned.model.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in before if frozen(k)), scope
+        assert any(not torch.equal(after[k], before[k]) for k in before if moved(k)), scope
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())  # the copy, not lm
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["audit", "--vanilla", "v", "--data", "d", "--out", "o", "--relearn-scope", "llm"])
+    budget = _audit_config(args, TRAINED.audit).budget
+    assert (budget.scope, budget.steps, budget.batch_size) == ("llm", TRAINED.audit.budget.steps, 4)
+    assert _audit_config(args).budget == AttackBudget(scope="llm")
+    with pytest.raises(ValueError, match="AttackBudget.scope: 'vision'"):
+        AttackBudget(scope="vision")
+
+
 # ---------------------------------------------------------------- several worlds
 
 

@@ -61,13 +61,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="comma-separated subset of unseen,identity,relearn,benign,quantization,oracle (default: all)",
     )
-    sp.add_argument("--relearn-steps", type=int, default=60)
-    sp.add_argument("--relearn-lr", type=float, default=1e-4)
-    sp.add_argument("--relearn-batch-size", type=int, default=8)
+    # the attack budget of probes 3 and 4; an option left out keeps the audit's (--quick: 5 steps, batch 4)
+    sp.add_argument("--relearn-steps", type=int, default=None, help="default 60")
+    sp.add_argument("--relearn-lr", type=float, default=None, help="default 1e-4")
+    sp.add_argument("--relearn-batch-size", type=int, default=None, help="default 8")
+    sp.add_argument(
+        "--relearn-scope",
+        default=None,
+        help="weights the relearning and benign fine-tunes train: all (default), llm, visual, projector",
+    )
     sp.add_argument("--quant", default=None, help="comma-separated specs (default int8,int4,int4-g128,int4-g64)")
     sp.add_argument("--unseen-photos", type=int, default=None, help="at most this many unseen photos per person")
     sp.add_argument("--max-new-tokens", type=int, default=24)
-    sp.add_argument("--seed", type=int, default=0, help="seed of the relearning / benign fine-tunes")
+    sp.add_argument("--seed", type=int, default=None, help="seed of the relearning / benign fine-tunes (0)")
     sp.set_defaults(fn=cmd_audit)
     return sp
 
@@ -75,14 +81,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _audit_config(args: argparse.Namespace, base=None):
     from dataclasses import replace
 
-    from ..evaluate.audit import AttackBudget, AuditConfig
+    from ..evaluate.audit import AuditConfig
 
     cfg = base or AuditConfig()
     changes = {"forget": args.forget, "max_new_tokens": args.max_new_tokens, "unseen_photos": args.unseen_photos}
-    if base is None or args.relearn_steps != 60 or args.relearn_lr != 1e-4 or args.relearn_batch_size != 8:
-        changes["budget"] = AttackBudget(
-            steps=args.relearn_steps, lr=args.relearn_lr, batch_size=args.relearn_batch_size, seed=args.seed
-        )
+    asked = {
+        "steps": args.relearn_steps,
+        "lr": args.relearn_lr,
+        "batch_size": args.relearn_batch_size,
+        "seed": args.seed,
+        "scope": args.relearn_scope,
+    }
+    changes["budget"] = replace(cfg.budget, **{k: v for k, v in asked.items() if v is not None})
     if args.probes:
         changes["probes"] = tuple(p.strip() for p in args.probes.split(",") if p.strip())
     if args.quant:

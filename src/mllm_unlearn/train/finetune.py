@@ -125,18 +125,24 @@ def _trainable_model(lm: LoadedModel, scope: str, lora_rank: int) -> torch.nn.Mo
     """``lm.model`` on this process's device, in train mode, with only ``scope`` trainable: through
     LoRA adapters of rank ``lora_rank`` on its Linears, or (rank 0) its own weights."""
     model = distributed.place(lm.model)
-    pattern = lm.arch.scope_pattern(scope)
     if lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=pattern))
+        target = lm.arch.scope_pattern(scope)
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=target))
     else:
-        rx = re.compile(pattern)
-        owners = {name for name, mod in model.named_modules() if rx.fullmatch(name)}
-        for name, p in model.named_parameters():
-            p.requires_grad = scope == "all" or name.rsplit(".", 1)[0] in owners
+        select_trainable(model, lm.arch, scope)
     model.train()
     return model
+
+
+def select_trainable(model: torch.nn.Module, arch, scope: str) -> None:
+    """Make exactly the parameters of ``scope`` (``arch.scope_pattern``: llm, visual, projector, all)
+    trainable, in place; ``all`` is every parameter, the embeddings and the LM head included."""
+    rx = re.compile(arch.scope_pattern(scope))
+    owners = {name for name, _ in model.named_modules() if rx.fullmatch(name)}
+    for name, p in model.named_parameters():
+        p.requires_grad_(scope == "all" or name.rsplit(".", 1)[0] in owners)
 
 
 # -- the work folder: settings, checkpoints, log --------------------------------------------------

@@ -11,7 +11,10 @@ user might do; cf. Łucki et al. 2024, arXiv 2409.18025, where unrelated data re
 knowledge); forget VQA and unseen-photo forget VQA before and after.
 
 Budget (:class:`AttackBudget`, a :class:`~mllm_unlearn.train.loop.TrainConfig`): 60 steps, lr 1e-4
-constant, batch 8, AdamW, gradient clip 1.0.
+constant, batch 8, AdamW, gradient clip 1.0, every weight trained (``scope="all"``). ``scope`` narrows
+the attack to the LLM's Linear layers (``llm``: an attacker who teaches the language model to read
+the edited visual tokens), to the vision tower's and projector's (``visual``: one who undoes the
+visual edit) or the projector's alone; comparing them says which way a method's forgetting comes back.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from ...data.sample import Sample
 from ...models.loading import LoadedModel
 from ...models.scoring import answer_nll
 from ...runtime.batching import batches, seed_everything
+from ...train.finetune import select_trainable
 from ...train.loop import TrainConfig, run
 from .common import AuditData, score_mcqs
+
+ATTACK_SCOPES = ("all", "llm", "visual", "projector")
 
 
 @dataclass
@@ -37,14 +43,24 @@ class AttackBudget(TrainConfig):
     batch_size: int = 8
     warmup: int = 0
     min_lr_ratio: float = 1.0
+    scope: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.scope not in ATTACK_SCOPES:
+            raise ValueError(f"AttackBudget.scope: {self.scope!r} is not one of {', '.join(ATTACK_SCOPES)}")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(
+                f"AttackBudget: steps ({self.steps}) and batch_size ({self.batch_size}) must be >= 1 and "
+                f"lr ({self.lr}) > 0"
+            )
 
 
 def finetune_copy(lm: LoadedModel, train: Sequence[Sample], budget: AttackBudget) -> LoadedModel:
-    """A copy of ``lm`` fine-tuned (all weights, constant lr) on ``train``; ``lm`` is unchanged."""
+    """A copy of ``lm`` fine-tuned (the weights of ``budget.scope``, constant lr) on ``train``; ``lm``
+    is unchanged."""
     seed_everything(budget.seed)
     model = copy.deepcopy(lm.model)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    select_trainable(model, lm.arch, budget.scope)
     model.train()
     work = LoadedModel(model, lm.processor, lm.arch)
     data = batches(list(train), budget.batch_size, budget.seed)
