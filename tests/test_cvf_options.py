@@ -396,19 +396,30 @@ def test_stranger_reply_is_the_reference_models_reply_about_a_stranger_learnt_on
     assert without.stranger_targets == []
 
 
-@pytest.mark.parametrize(("attack", "identity"), [("answers", False), ("tokens", False), ("tokens", True)])
+@pytest.mark.parametrize(
+    ("attack", "identity", "steps"),
+    [("answers", False, 1), ("tokens", False, 1), ("tokens", True, 1), ("tokens", False, 3)],
+)
 def test_relearn_sim_gradient_is_eq7_of_the_held_out_half_at_the_attacked_weights(
-    world_with_strangers, attack, identity
+    world_with_strangers, attack, identity, steps
 ):
-    """The meta step: W' = W - lr * sign(grad_W L_A), L_A = NLL of A's pairs or Eq. 9 of A's photos; the
-    surrogate's value is 0 and its gradient w.r.t. B is that of Eq. 7 on B's photos at W' (with
-    ``identity_meta``, plus ``identity_push`` * L_ID of those photos); W is restored bit for bit."""
+    """The meta step: W' = W - lr * sign(grad_W L_A), L_A = NLL of A's pairs or Eq. 9 of A's photos, taken
+    ``relearn_sim_steps`` times (each gradient at the weights the step before left); the surrogate's value is
+    0 and its gradient w.r.t. B is that of Eq. 7 on B's photos at W' (with ``identity_meta``, plus
+    ``identity_push`` * L_ID of those photos); W is restored bit for bit."""
     from mllm_unlearn.methods.losses import identity_hinge, retention_mse
 
     data, model = world_with_strangers
     extra = {"identity_push": 2.0, "identity_meta": True} if identity else {}
     ctx, method = _ctx_and_method(
-        data, model, relearn_sim=1.0, relearn_sim_lr=1e-2, relearn_sim_batch_size=2, relearn_sim_attack=attack, **extra
+        data,
+        model,
+        relearn_sim=1.0,
+        relearn_sim_lr=1e-2,
+        relearn_sim_batch_size=2,
+        relearn_sim_attack=attack,
+        relearn_sim_steps=steps,
+        **extra,
     )
     weights = [w.detach().clone() for w in method.attack_weights]
     retain = ctx.stream("retain_vqa", lambda: [s for s in ctx.retain if s.image is not None], 16)
@@ -429,19 +440,24 @@ def test_relearn_sim_gradient_is_eq7_of_the_held_out_half_at_the_attacked_weight
     held = set(people[half:]) or set(people[:half])  # one forget person here: A = B
     pool_b = distinct_images([s for s in method.forget_pairs if s.person in held])
     photos = [pool_b[i] for i in torch.randperm(len(pool_b), generator=g)[:2].tolist()]
-    for w in method.attack_weights:
-        w.requires_grad_(True)
-    if attack == "answers":
-        attack_loss = ctx.nll(pairs)
-    else:
-        shown = distinct_images(pairs)
-        attack_loss = retention_mse(ctx.visual_tokens(shown), ctx.visual_tokens(shown, reference=True))
-    grads = torch.autograd.grad(attack_loss, method.attack_weights)
-    for w in method.attack_weights:
-        w.requires_grad_(False)
-    with torch.no_grad():
-        for w, gw in zip(method.attack_weights, grads):
-            w.sub_(1e-2 * gw.sign())
+    signs = []
+    for _ in range(steps):
+        for w in method.attack_weights:
+            w.requires_grad_(True)
+        if attack == "answers":
+            attack_loss = ctx.nll(pairs)
+        else:
+            shown = distinct_images(pairs)
+            attack_loss = retention_mse(ctx.visual_tokens(shown), ctx.visual_tokens(shown, reference=True))
+        grads = torch.autograd.grad(attack_loss, method.attack_weights)
+        for w in method.attack_weights:
+            w.requires_grad_(False)
+        with torch.no_grad():
+            for w, gw in zip(method.attack_weights, grads):
+                w.sub_(1e-2 * gw.sign())
+        signs.append(torch.cat([gw.sign().flatten() for gw in grads]))
+    if steps > 1:  # the later steps' gradients are not the first one's again: each was taken where it stood
+        assert not torch.equal(signs[0], signs[-1])
     h_u, h_r = ctx.visual_tokens(photos), ctx.visual_tokens(photos, reference=True)
     z_u, z_r = h_u.reshape(-1, h_u.shape[-1]), h_r.reshape(-1, h_r.shape[-1])
     anchor = h_rr_all.mean(0).repeat(len(h_u), 1)

@@ -160,20 +160,24 @@ class CVFConfig:
     #: stranger photos, no term without them). Off: it lowered misidentification on one dev world only
     stranger_reply: float = 0.0
     stranger_reply_batch_size: int = 8
-    #: weight of the simulated relearning step (first-order meta-unlearning, :meth:`CVFNCU._relearn_sim`):
-    #: every ``relearn_sim_every`` steps the adapted modules' base weights take one sign-gradient step of
-    #: size ``relearn_sim_lr`` that relearns half of the forget people, and the push / pull of the other
-    #: half's photos is taken at those attacked weights. Chosen on dev worlds 0-2 (docs/method.md): weight
-    #: 8 every 8th step on 4 + 4 photos, attack by tokens, lowered the audit's relearning recovery
-    #: 0.183 -> 0.058 at the same unseen-photo forgetting (0.323 -> 0.320), Real-world VQA 0.937 -> 0.933,
-    #: int4 retain ratio 0.992 -> 0.970; every step at weight 1 gave 0.058-0.067 too but cost Real-world VQA
-    #: (0.887-0.913) and a step at 7B (the every-8th step keeps Qwen2-VL-7B's projection at 0.80x GA_Diff's)
-    #: 16 (was 8) since the fourth dev pass, together with ``ret_strangers``: on dev worlds 0-2 with
-    #: ``ret_strangers`` on, 8 -> 16 moved unseen-photo forget VQA 0.338 -> 0.320, Real-world VQA 0.967 ->
-    #: 0.977, relearning recovery 0.083 -> 0.108 (within its spread of +-0.2 per world)
+    #: weight of the simulated relearning step (first-order meta-unlearning, :meth:`CVFNCU._relearn_sim`): every
+    #: ``relearn_sim_every`` steps the adapted modules' base weights take ``relearn_sim_steps`` (1) sign-gradient steps
+    #: of size ``relearn_sim_lr`` that relearn half of the forget people, and the push / pull of the other half's photos
+    #: is taken at those attacked weights. Chosen on dev worlds 0-2 (docs/method.md): weight 8 every 8th step on 4 + 4
+    #: photos, attack by tokens, lowered the audit's relearning recovery 0.183 -> 0.058 at the same unseen-photo
+    #: forgetting (0.323 -> 0.320), Real-world VQA 0.937 -> 0.933, int4 retain ratio 0.992 -> 0.970; every step at
+    #: weight 1 gave 0.058-0.067 too but cost Real-world VQA (0.887-0.913) and a step at 7B (the every-8th step keeps
+    #: Qwen2-VL-7B's projection at 0.80x GA_Diff's). 16 (was 8) since the fourth dev pass, together with
+    #: ``ret_strangers``: on dev worlds 0-2 with ``ret_strangers`` on, 8 -> 16 moved unseen-photo forget VQA 0.338 ->
+    #: 0.320, Real-world VQA 0.967 -> 0.977, relearning recovery 0.083 -> 0.108 (within its spread of +-0.2 per world)
     relearn_sim: float = 16.0
     relearn_sim_lr: float = 1e-3
     relearn_sim_every: int = 8
+    #: sign steps of the simulated attack (each at the weights the one before left). The audit's attack is
+    #: 60 AdamW steps, and its recovery comes back through the visual weights, which the simulated step
+    #: attacks (dev worlds 0-2, default, three draws: recovery 0.186 when the attack trains only the vision
+    #: tower and projector, -0.075 the LLM only, 0.122 everything; docs/method.md, seventh pass)
+    relearn_sim_steps: int = 1
     #: photos (pairs) of each half per simulated step
     relearn_sim_batch_size: int = 4
     #: what the simulated attacker relearns half A by: ``answers`` = the answer NLL of A's image pairs
@@ -252,7 +256,7 @@ class CVFConfig:
         for key in ("stranger_reply", "relearn_sim", "relearn_sim_lr", "mid_push", "push_focus", "identity_push"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
-        for key in ("stranger_reply_batch_size", "relearn_sim_every", "relearn_sim_batch_size"):
+        for key in ("stranger_reply_batch_size", "relearn_sim_every", "relearn_sim_batch_size", "relearn_sim_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, not {getattr(self, key)}")
 
@@ -451,8 +455,9 @@ class CVFNCU(UnlearningMethod):
     def _relearn_sim(self, ctx: UnlearnContext, h_rr_all: torch.Tensor) -> tuple[torch.Tensor, float]:
         """First-order meta-unlearning against relearning (cf. MAML's first-order variant, Finn et al.
         2017; TAR, Tamirisa et al. 2024): the forget people are split at random into an attack half A
-        and a held-out half B (A = B with one person); the adapted modules' base weights W take one step
-        W - relearn_sim_lr * sign(grad_W L_A) (Adam's first steps are sign steps), L_A = the answer NLL of
+        and a held-out half B (A = B with one person); the adapted modules' base weights W take
+        ``relearn_sim_steps`` steps W - relearn_sim_lr * sign(grad_W L_A) (Adam's first steps are sign
+        steps; each gradient at the weights the step before left), L_A = the answer NLL of
         A's image pairs or Eq. 9 of A's photos against their reference tokens (``relearn_sim_attack``), the
         push / pull of B's photos (Eq. 7) is taken at the attacked weights, and its gradient w.r.t. the
         trainable B's is returned as a surrogate (value 0, gradient = that gradient); W is restored.
@@ -466,25 +471,26 @@ class CVFNCU(UnlearningMethod):
         pool_b = distinct_images([s for s in self.forget_pairs if s.person in held])
         photos = [pool_b[i] for i in torch.randperm(len(pool_b), generator=g)[: cfg.relearn_sim_batch_size].tolist()]
         weights = self.attack_weights
-        for w in weights:
-            w.requires_grad_(True)
-        try:
-            if cfg.relearn_sim_attack == "answers":
-                attack_loss = ctx.nll(pairs)
-            else:
-                shown = distinct_images(pairs)
-                attack_loss = retention_mse(ctx.visual_tokens(shown), ctx.visual_tokens(shown, reference=True))
-            grads = torch.autograd.grad(attack_loss, weights, allow_unused=True)
-        finally:
-            for w in weights:
-                w.requires_grad_(False)
         saved = [w.detach().clone() for w in weights]
         params = trainable_parameters(ctx.lm.model)
         try:
-            with torch.no_grad():
-                for w, gw in zip(weights, grads):
-                    if gw is not None:
-                        w.sub_(cfg.relearn_sim_lr * gw.sign())
+            for _ in range(cfg.relearn_sim_steps):  # each step's gradient at the weights the last one left
+                for w in weights:
+                    w.requires_grad_(True)
+                try:
+                    if cfg.relearn_sim_attack == "answers":
+                        attack_loss = ctx.nll(pairs)
+                    else:
+                        shown = distinct_images(pairs)
+                        attack_loss = retention_mse(ctx.visual_tokens(shown), ctx.visual_tokens(shown, reference=True))
+                    grads = torch.autograd.grad(attack_loss, weights, allow_unused=True)
+                finally:
+                    for w in weights:
+                        w.requires_grad_(False)
+                with torch.no_grad():
+                    for w, gw in zip(weights, grads):
+                        if gw is not None:
+                            w.sub_(cfg.relearn_sim_lr * gw.sign())
             h_u = ctx.visual_tokens(photos)
             h_r = self._push_from(ctx.visual_tokens(photos, reference=True), [s.person for s in photos])
             z_u, z_r = self._ivr(h_u), self._ivr(h_r)
