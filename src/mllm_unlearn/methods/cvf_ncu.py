@@ -29,6 +29,9 @@ Beyond the paper (issue #10; every option measured on dev worlds 0-2, docs/metho
   half of the forget people forgotten at weights an attacker moved to relearn the other half
   (:meth:`CVFNCU._relearn_sim`). Its sign step makes the step sensitive to last-bit differences of its
   gradient (another thread count, several processes): same seed and threads, same bytes, as always.
+  The audit's relearning comes back through the vision tower (``audit --relearn-scope``), the weights
+  this step attacks; a longer simulated attack (``relearn_sim_steps``, ``relearn_sim_lr``) did not
+  lower it further.
 - ``view_pool`` (on): two copies of each forget photo, weakly augmented (``augment``), made once per
   request, join the photos in the push / pull: forget the person, not the photos.
 - ``ret_strangers`` (on): L_RET also on 4 strangers' photos a step (12 retain pairs instead of 16, so a
@@ -80,9 +83,10 @@ class CVFConfig:
     augmented copies of each forget photo (``view_pool``, ``augment``) and L_RET on strangers' photos
     (``ret_strangers``) are on, with the driver's NCU calibration on stranger photos
     (``CVFNCU.calibrate_strangers``); the stranger anchors and L_SR, per-step ``views``, the middle-block
-    push, the ||B|| penalty, the person and focal pushes and L_ID (``identity_push``, ``identity_meta``) are
-    off: none improved unseen-photo forgetting without costing real-world VQA or robustness to relearning
-    (L_ID came closest: see its field). ``keep_forgotten`` is on: it only acts in continual unlearning without replay.
+    push, the ||B|| penalty, the person and focal pushes, L_ID (``identity_push``, ``identity_meta``) and a
+    longer simulated attack (``relearn_sim_steps``) are off: none improved unseen-photo forgetting or
+    robustness to relearning without costing the other or real-world VQA (L_ID came closest: see its
+    field). ``keep_forgotten`` is on: it only acts in continual unlearning without replay.
 
     The first defaults were chosen on the demo world (forget_15, 200 steps at lr 3e-2: forget VQA
     1.00 -> 0.25 = chance, retain VQA 0.995 -> 0.995, real VQA 0.99 -> 0.91; alpha 3 / 5 / 10 all reach
