@@ -7,9 +7,10 @@ Usage::
         --variant default --variant "gum4:gum_batch_size=4" --variant "r16:rank=16"
 
 A variant is ``NAME[:KEY=VALUE,...]``: method options (``--opt`` keys of the method's config) and the
-driver's ``rank``, ``steps``, ``lr``, ``calibrate_strangers`` (true|false), ``calibrate_views``,
-``calibrate_augment``, ``method`` (default ``cvf_ncu``) and ``seed_offset`` (the unlearning run's seed
-is the world's seed plus it: another draw of batches, views and the simulated attack on the same world).
+driver's ``rank``, ``steps``, ``lr``, ``scope`` (the adapters' update scope), ``calibrate_strangers``
+(true|false), ``calibrate_views``, ``calibrate_augment``, ``method`` (default ``cvf_ncu``) and
+``seed_offset`` (the unlearning run's seed is the world's seed plus it: another draw of batches, views
+and the simulated attack on the same world).
 Per seed the cached vanilla model is unlearned with the variant (the audit's default ``UnlearnConfig``
 otherwise), merged, and audited with the chosen probes against the cached vanilla and oracle (the
 audit's own code, so its numbers are the audit's). Rows go to ``--out`` (JSON lines; a (seed, variant,
@@ -42,6 +43,7 @@ DRIVER_KEYS = {
     "steps": int,
     "lr": float,
     "method": str,
+    "scope": str,
     "calibrate_strangers": lambda v: v == "true",
     "calibrate_views": int,
     "calibrate_augment": float,

@@ -214,7 +214,7 @@ def test_cli_audit_one_world(trained, capsys) -> None:
 def test_attack_scope_trains_only_its_weights_and_the_cli_keeps_the_base_budget(trained) -> None:
     """``AttackBudget.scope``: a two-step attack on the visual weights leaves every LLM weight bit-identical
     and moves the vision tower's; on the LLM, the reverse. ``--relearn-scope`` changes only the scope of the
-    quick audit's budget; an unknown scope is refused naming the field."""
+    quick audit's budget; an unknown scope or an empty budget is refused naming the field."""
     from mllm_unlearn.cli.audit import _audit_config, add_parser
     from mllm_unlearn.evaluate.audit import AttackBudget
     from mllm_unlearn.evaluate.audit.relearn import finetune_copy
@@ -240,6 +240,8 @@ def test_attack_scope_trains_only_its_weights_and_the_cli_keeps_the_base_budget(
     assert _audit_config(args).budget == AttackBudget(scope="llm")
     with pytest.raises(ValueError, match="AttackBudget.scope: 'vision'"):
         AttackBudget(scope="vision")
+    with pytest.raises(ValueError, match=r"AttackBudget: steps \(0\)"):
+        AttackBudget(steps=0)
 
 
 # ---------------------------------------------------------------- several worlds

@@ -180,7 +180,9 @@ class CVFConfig:
     #: sign steps of the simulated attack (each at the weights the one before left). The audit's attack is
     #: 60 AdamW steps, and its recovery comes back through the visual weights, which the simulated step
     #: attacks (dev worlds 0-2, default, three draws: recovery 0.186 when the attack trains only the vision
-    #: tower and projector, -0.075 the LLM only, 0.122 everything; docs/method.md, seventh pass)
+    #: tower and projector, -0.075 the LLM only, 0.122 everything; docs/method.md, seventh pass). Kept at 1:
+    #: over the same three draws 3 steps gave relearning recovery 0.147 and one step three times as long
+    #: (``relearn_sim_lr=0.003``) 0.125, against 0.122; the rule written before asked for <= 0.092
     relearn_sim_steps: int = 1
     #: photos (pairs) of each half per simulated step
     relearn_sim_batch_size: int = 4
