@@ -310,6 +310,28 @@ def test_A_trains_under_plain_lora(tiny, model):
     assert any(not torch.equal(A_before[n], A_after[n]) for n in A_before)
 
 
+def test_plain_lora_A_is_drawn_from_its_seed_and_leaves_the_callers_generator_alone(tiny):
+    """Under ``none`` PEFT draws A from torch's global generator, which torch seeds at random in each process
+    (so the baselines' runs differed from process to process): ``attach_lora`` seeds it from ``cfg.seed``,
+    inside a forked generator. The same seed gives the same A whatever the generator held before; another
+    seed another A; the caller's next draw is the one it would have made without the call."""
+
+    def plain_A(seed: int, scramble: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(scramble)  # what the process's generator holds before: must not matter
+        return lora_A_weights(
+            attach_lora(copy.deepcopy(tiny[0]), VISUAL, NCUConfig(rank=4, subspace="none", seed=seed))
+        )
+
+    a, b, c = plain_A(0, scramble=1), plain_A(0, scramble=2), plain_A(1, scramble=1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(not torch.equal(a[n], c[n]) for n in a)
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    attach_lora(copy.deepcopy(tiny[0]), VISUAL, NCUConfig(rank=4, subspace="none", seed=0))
+    assert torch.equal(torch.rand(3), want)
+
+
 def test_peft_disable_adapter_unfreezes_A_and_reference_model_refreezes(model):
     """PEFT behaviour this package works around (stack-notes): if PEFT changes, the first assert fails."""
     peft_model = attach_lora(model, VISUAL, NCUConfig(rank=4, subspace="random"))

@@ -37,7 +37,7 @@ class NCUConfig:
     ``rank``: r, both the number of null directions (Eq. 15) and the LoRA rank (Eq. 16).
     ``alpha``: LoRA alpha; the update is scaled by alpha / r. None means alpha = rank (scaling 1).
     ``subspace``: ``null`` (NCU, Eq. 17), ``random`` (Sec. 4.3 "Rand") or ``none`` (plain LoRA).
-    ``seed``: seeds the random subspace.
+    ``seed``: seeds the random subspace, and PEFT's random initialisation of A under ``none``.
     """
 
     rank: int = 8
@@ -106,8 +106,9 @@ def attach_lora(
     ``pattern`` is passed to PEFT as the ``target_modules`` string (re.fullmatch on module paths);
     ``exclude`` lists module paths to leave out, e.g. :func:`unused_layers`' answer. LoRA uses rank
     ``cfg.rank``, alpha ``cfg.lora_alpha``, no dropout and B = 0 (the adapted model starts equal
-    to the original). For ``null``/``random`` each A is overwritten with its basis and frozen, so
-    only B trains; the frozen parameters' names are recorded on the returned model (``FROZEN_ATTR``).
+    to the original); PEFT's random A (``none``) is drawn from a generator seeded with ``cfg.seed``.
+    For ``null``/``random`` each A is overwritten with its basis and frozen, so only B trains; the
+    frozen parameters' names are recorded on the returned model (``FROZEN_ATTR``).
 
     Everything is validated before the model is touched: ValueError naming the layer if the rank
     exceeds its input width, or if its covariance is missing or of the wrong size.
@@ -124,17 +125,23 @@ def attach_lora(
         check_rank(cfg.rank, layer.in_features, name)
     bases = _bases(layers, cfg, covariances)
 
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.lora_alpha,
-            target_modules=pattern,
-            exclude_modules=sorted(exclude) or None,
-            lora_dropout=0.0,
-            init_lora_weights=True,
-        ),
-    )
+    # PEFT draws A (Kaiming-uniform) from the global generator, which torch seeds at random in each
+    # process: seeded from cfg.seed here, so plain LoRA (the baselines) starts from the same A in every
+    # run, and the caller's generator is left as it was
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.rank,
+                lora_alpha=cfg.lora_alpha,
+                target_modules=pattern,
+                exclude_modules=sorted(exclude) or None,
+                lora_dropout=0.0,
+                init_lora_weights=True,
+            ),
+        )
     wrapped = lora_layers(peft_model)
     if set(wrapped) != set(layers):
         raise RuntimeError(
