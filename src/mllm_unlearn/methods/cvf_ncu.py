@@ -479,24 +479,25 @@ class CVFNCU(UnlearningMethod):
         weights = self.attack_weights
         saved = [w.detach().clone() for w in weights]
         params = trainable_parameters(ctx.lm.model)
+        shown = distinct_images(pairs)
+        target = ctx.visual_tokens(shown, reference=True) if cfg.relearn_sim_attack == "tokens" else None
         try:
-            for _ in range(cfg.relearn_sim_steps):  # each step's gradient at the weights the last one left
-                for w in weights:
-                    w.requires_grad_(True)
-                try:
-                    if cfg.relearn_sim_attack == "answers":
+            for w in weights:
+                w.requires_grad_(True)
+            try:
+                for _ in range(cfg.relearn_sim_steps):  # each step's gradient at the weights the last one left
+                    if target is None:
                         attack_loss = ctx.nll(pairs)
                     else:
-                        shown = distinct_images(pairs)
-                        attack_loss = retention_mse(ctx.visual_tokens(shown), ctx.visual_tokens(shown, reference=True))
+                        attack_loss = retention_mse(ctx.visual_tokens(shown), target)
                     grads = torch.autograd.grad(attack_loss, weights, allow_unused=True)
-                finally:
-                    for w in weights:
-                        w.requires_grad_(False)
-                with torch.no_grad():
-                    for w, gw in zip(weights, grads):
-                        if gw is not None:
-                            w.sub_(cfg.relearn_sim_lr * gw.sign())
+                    with torch.no_grad():
+                        for w, gw in zip(weights, grads):
+                            if gw is not None:
+                                w.sub_(cfg.relearn_sim_lr * gw.sign())
+            finally:
+                for w in weights:
+                    w.requires_grad_(False)
             h_u = ctx.visual_tokens(photos)
             h_r = self._push_from(ctx.visual_tokens(photos, reference=True), [s.person for s in photos])
             z_u, z_r = self._ivr(h_u), self._ivr(h_r)
