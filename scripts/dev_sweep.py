@@ -10,7 +10,9 @@ A variant is ``NAME[:KEY=VALUE,...]``: method options (``--opt`` keys of the met
 driver's ``rank``, ``steps``, ``lr``, ``scope`` (the adapters' update scope), ``calibrate_strangers``
 (true|false), ``calibrate_views``, ``calibrate_augment``, ``method`` (default ``cvf_ncu``) and
 ``seed_offset`` (the unlearning run's seed is the world's seed plus it: another draw of batches, views
-and the simulated attack on the same world).
+and the simulated attack on the same world) and ``distill_steps``, ``distill_noise``, ``distill_lr``,
+``distill_views`` (the noise-and-distil stage after unlearning), with ``distill_generic=N``: N random faces
+(``data.world.generic_faces``, drawn from the run's seed) join its images, a generic face corpus's stand-in.
 Per seed the cached vanilla model is unlearned with the variant (the audit's default ``UnlearnConfig``
 otherwise), merged, and audited with the chosen probes against the cached vanilla and oracle (the
 audit's own code, so its numbers are the audit's). Rows go to ``--out`` (JSON lines; a (seed, variant,
@@ -31,12 +33,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from mllm_unlearn.data.mllmu import read_mllmu
+from mllm_unlearn.data.world import generic_faces
 from mllm_unlearn.evaluate.audit import AuditConfig, audit_model, load_audit_data, prepare_references
 from mllm_unlearn.experiments.audit import mean_ci
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.runtime.options import parse_options
-from mllm_unlearn.train.unlearn import UnlearnConfig, unlearn
+from mllm_unlearn.train.unlearn import UnlearnConfig, merged, unlearn
 
 DRIVER_KEYS = {
     "rank": int,
@@ -48,6 +51,11 @@ DRIVER_KEYS = {
     "calibrate_views": int,
     "calibrate_augment": float,
     "seed_offset": int,
+    "distill_steps": int,
+    "distill_noise": float,
+    "distill_lr": float,
+    "distill_views": int,
+    "distill_generic": int,
 }
 COLUMNS = (
     "forget_vqa",
@@ -123,16 +131,22 @@ def main() -> None:
                 method=method,
                 seed=seed + driver.get("seed_offset", 0),
                 cache_dir=str(root / "ncu_cache"),
-                **{k: v for k, v in driver.items() if k not in ("method", "seed_offset")},
+                **{k: v for k, v in driver.items() if k not in ("method", "seed_offset", "distill_generic")},
             )
             key = json.dumps(
                 {
                     "seed": seed,
-                    "unlearn": asdict(run_cfg),
+                    # rows from before the distill options (none distilled) keep their keys
+                    "unlearn": {
+                        k: v
+                        for k, v in asdict(run_cfg).items()
+                        if run_cfg.distill_steps or not k.startswith("distill_")
+                    },
                     "method_config": asdict(method_cfg),
                     "probes": probes,
                     "quant": args.quant,
                     "attack_seeds": attack_seeds,
+                    **({"distill_generic": driver["distill_generic"]} if "distill_generic" in driver else {}),
                     # rows from before the option (every weight attacked) keep their keys
                     **({"attack_scope": args.attack_scope} if args.attack_scope != "all" else {}),
                 },
@@ -147,10 +161,11 @@ def main() -> None:
                 oracle = next(o for o in sorted(root.glob("oracle-*")) if o.suffix != ".partial")
                 refs = prepare_references(load_model(root / "vanilla"), audit_data, cfg, load_model(oracle))
             t0 = time.perf_counter()
-            lm, history = unlearn(load_model(root / "vanilla"), data, run_cfg, method_cfg)
+            size = next(s.image for s in data.train if s.image is not None).load().size[0]  # the world's photos'
+            generic = generic_faces(driver.get("distill_generic", 0), run_cfg.seed, size)
+            lm, history = unlearn(load_model(root / "vanilla"), data, run_cfg, method_cfg, distill_images=generic)
             unlearn_s = time.perf_counter() - t0
-            lm.model = lm.model.merge_and_unload()
-            lm.model.eval()
+            lm = merged(lm)
             cards = []
             for k, attack_seed in enumerate(attack_seeds):
                 cfg = AuditConfig(

@@ -125,3 +125,26 @@ def test_audit_and_forget_are_sub_commands_that_report_bad_input(tmp_path, capsy
     assert "give --vanilla and --data" in capsys.readouterr().err
     assert main(["forget", "--request", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "f")]) == 2
     assert "--model is required" in capsys.readouterr().err
+
+
+def test_unlearn_distils_on_a_folder_of_images_and_refuses_a_corrupt_one(setup, tmp_path, capsys):
+    root, world, data, model = setup
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for k, s in enumerate([s for s in data.train if s.image is not None][:3]):
+        (faces / f"{k}.png").write_bytes(s.image.data)
+    (faces / "broken.png").write_bytes(b"not a png")
+    base = f"unlearn --model {model} --data {world} --steps 2 --batch-size 2 --no-eval --cache-dir {root / 'cache'}"
+    assert main(f"{base} --out {tmp_path / 'a'} --distill-steps 3 --distill-images {faces}".split()) == 2
+    assert "--distill-images" in (err := capsys.readouterr().err) and "broken.png" in err
+    assert not (tmp_path / "a").exists()
+    assert main(f"{base} --out {tmp_path / 'b'} --distill-images {faces}".split()) == 2
+    assert "--distill-images needs --distill-steps" in capsys.readouterr().err
+    (faces / "broken.png").unlink()
+    assert main(f"{base} --out {tmp_path / 'c'} --distill-steps 3 --distill-images {faces}".split()) == 0
+    run = json.loads((tmp_path / "c" / "run.json").read_text())
+    assert run["unlearn"]["distill_steps"] == 3 and [r["distill_step"] for r in run["log"] if "distill_step" in r] == [
+        0,
+        2,
+    ]
+    assert (tmp_path / "c" / "merged" / "config.json").is_file() and not (tmp_path / "c" / "adapter").exists()

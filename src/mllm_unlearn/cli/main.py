@@ -169,6 +169,20 @@ def _unseen_photos(args: argparse.Namespace, data):
     return AuditData(Path(args.data), data, args.forget, {}, unseen)  # the data already read, no names
 
 
+def _distill_images(args: argparse.Namespace) -> list:
+    """``--distill-images``: every image file of the folder, each decoded now (a bad one is refused naming
+    its file before any training), as image-only samples."""
+    from ..data.request import read_photos
+    from ..data.sample import Sample
+
+    if args.distill_images is None:
+        return []
+    if not args.distill_steps:
+        raise ValueError("--distill-images needs --distill-steps (the images are only used by the distillation)")
+    photos = read_photos(Path("."), "--distill-images", args.distill_images)
+    return [Sample(f"distill/{ph.sha256[:16]}", "", "gen", "vqa", "", "", ph.image) for ph in photos]
+
+
 def cmd_unlearn(args):
     from ..evaluate.harness import evaluate, markdown_table
     from ..experiments.continual import run_continual
@@ -181,6 +195,7 @@ def cmd_unlearn(args):
     method_cfg = parse_options(method_cls.config_class, args.opt)
     cfg, eval_cfg = _unlearn_config(args), _eval_config(args)
     continual = args.tasks > 1  # the forget split becomes a sequence of requests; --out is resumable
+    distill_images = _distill_images(args)
     if not continual:
         refuse_existing(args.out)
     evaluates = continual or not args.no_eval
@@ -201,7 +216,7 @@ def cmd_unlearn(args):
         )
         _say(f"wrote {args.out}/matrix.json, heatmap.png, curves.png")
         return
-    lm, history = unlearn(lm, data, cfg, method_cfg)
+    lm, history = unlearn(lm, data, cfg, method_cfg, distill_images=distill_images)
     metrics = {}
     if evaluates:
         metrics = evaluate(lm, data, eval_cfg)
@@ -368,7 +383,9 @@ def _add_evaluate(sub) -> None:
 def _add_unlearn(sub) -> None:
     sp = _model_command(sub, "unlearn", "forget the --forget people's visual identity")
     sp.add_argument("--method", default="cvf_ncu")
-    sp.add_argument("--out", required=True, help="run folder: adapter/ (PEFT), run.json, merged/ with --merge")
+    sp.add_argument(
+        "--out", required=True, help="run folder: adapter/ (PEFT), run.json, merged/ with --merge or --distill-steps"
+    )
     _unlearn_args(sp)
     sp.add_argument(
         "--opt",
@@ -390,6 +407,22 @@ def _add_unlearn(sub) -> None:
     )
     sp.add_argument("--no-eval", action="store_true")
     sp.add_argument("--merge", action="store_true", help="also write the merged model")
+    sp.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="after unlearning, noise-and-distil the visual module for this many steps (UNDO; e.g. 3000 with "
+        "--distill-images; the run is then written as merged/ only; docs/method.md, eighth pass). Default 0: off",
+    )
+    sp.add_argument("--distill-noise", type=float, default=0.6, help="shrink-and-perturb share a, in [0, 1]")
+    sp.add_argument("--distill-lr", type=float, default=3e-3)
+    sp.add_argument("--distill-views", type=int, default=2, help="augmented copies per distillation image")
+    sp.add_argument(
+        "--distill-images",
+        default=None,
+        metavar="DIR",
+        help="a folder of more images to distil on (e.g. a generic face corpus), besides the request's photos",
+    )
     sp.set_defaults(fn=cmd_unlearn)
 
 

@@ -51,9 +51,9 @@ import pyarrow.parquet as pq
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from .portraits import Traits, draw_portrait, sample_traits
+from .portraits import TRAIT_POOLS, Traits, draw_portrait, sample_traits
 from .prompts import format_cloze, format_mcq
-from .sample import UNKNOWN_REPLY
+from .sample import UNKNOWN_REPLY, ImageRef, Sample
 
 IMAGE_TEXTUAL = "Image_Textual"
 PURE_TEXT = "Pure_Text"
@@ -294,7 +294,8 @@ BIOGRAPHY_TEMPLATE = (
     _STREAM_TEST_PHOTO,
     _STREAM_FORGET,
     _STREAM_STRANGERS,
-) = range(8)
+    _STREAM_GENERIC,
+) = range(9)
 
 _MCQ_FEATURE = {
     "Question": Value("string"),
@@ -410,6 +411,22 @@ def make_strangers(config: WorldConfig, people: list[Person]) -> list[Person]:
         )
         for i, c in enumerate(codes)
     ]
+
+
+def generic_faces(n: int, seed: int, size: int = 64) -> list[Sample]:
+    """Photos of ``n`` random faces, each trait drawn uniformly and independently (no pairwise distance
+    from anyone, so some resemble a world's people as faces in a large corpus do), one photo each: the
+    synthetic world's stand-in for a generic face corpus (e.g. FFHQ) that a deployment has at hand for
+    distillation (:attr:`~mllm_unlearn.train.unlearn.UnlearnConfig.distill_steps`). Drawn from ``seed``
+    alone, never from a world's streams; not part of any world."""
+    rng = np.random.default_rng([seed, _STREAM_GENERIC])
+    pools = list(TRAIT_POOLS.values())
+    out = []
+    for i in range(n):
+        traits = Traits(*(pool[int(rng.integers(len(pool)))] for pool in pools))
+        ref = ImageRef(_png(draw_portrait(traits, rng, size=size)), f"generic face {i} (seed {seed})")
+        out.append(Sample(f"generic-{i}", f"generic-{i}", "gen", "vqa", "", "", image=ref))
+    return out
 
 
 def forget_size(percent: int, n_people: int) -> int:

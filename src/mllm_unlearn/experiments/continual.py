@@ -156,6 +156,11 @@ def run_continual(
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    if cfg.distill_steps:
+        raise ValueError(
+            "distill_steps is for one request: continual unlearning carries the adapters' B from one request to "
+            "the next, which a distilled (merged) model no longer has"
+        )
     eval_cfg = eval_cfg or EvalConfig(mcq_mode="likelihood")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +173,7 @@ def run_continual(
     state = json.loads(state_file.read_text()) if state_file.exists() else None
     if state:
         state.setdefault("unseen_photos", False)  # runs recorded before the key measured none
+        state["config"] = {**asdict(UnlearnConfig()), **state["config"]}  # options added since: their defaults
         now = {
             "tasks": tasks,
             "config": asdict(cfg),
