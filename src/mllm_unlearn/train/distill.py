@@ -73,8 +73,10 @@ def _cosine(step: int, steps: int) -> float:
 
 
 def distill_visual(lm: LoadedModel, images: Sequence[Sample], pattern: str, cfg: DistillConfig) -> list[dict]:
-    """Shrink-and-perturb the Linear layers of ``lm.model`` (merged: no adapters) whose path fullmatches
-    ``pattern``, then train them (AdamW, cosine decay) to give ``images`` and their augmented copies the
+    """Shrink-and-perturb the weights of the Linear layers of ``lm.model`` (merged: no adapters) whose path
+    fullmatches ``pattern``, then train those layers (weights and biases; AdamW, cosine decay to 0, no
+    warm-up or clipping: its own few lines rather than :func:`~mllm_unlearn.train.loop.run`, whose warm-up,
+    clipping and lr floor were not measured here) to give ``images`` and their augmented copies the
     visual tokens the model gave them before; in place, every other weight untouched. Layers whose
     output the tokens do not use (LLaVA's last CLIP layer) are perturbed like the others and get no
     gradient: they never reach the tokens. Returns the log rows (step, loss); deterministic for a seed and
