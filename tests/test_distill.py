@@ -1,7 +1,7 @@
 """Noise-and-distil after unlearning (``UnlearnConfig.distill_steps``, ``train/distill.py``; UNDO, Lee et
 al., 2025): the shrink-and-perturb by formula, the student learning the teacher's tokens back with the LLM
-untouched, the run saved as a merged model, refusals before any training, and the direction on a small
-world."""
+untouched, the run saved as a merged model, refusals before any training, and, on a small world, why it
+costs other faces."""
 
 from __future__ import annotations
 
