@@ -248,6 +248,20 @@ def test_cvf_options_on_patch_inputs_view_pool_and_mid_push_run_views_is_refused
     assert [h for h in history if "mid_push" in h] and all(h["mid_push"] > 0 for h in history if "mid_push" in h)
 
 
+def test_distillation_batches_patch_inputs_and_keeps_text_bit_identical(qmodel, tmp_path):
+    """Noise-and-distil (``distill_steps``) on Qwen's patch inputs: one image's patch rows and grid row per
+    block, concatenated per step; the student learns the teacher's tokens back and the LLM is untouched."""
+    arch, path, data = qmodel
+    lm = load_model(path)
+    text = [s for s in data.splits["forget"] + data.splits["retain"] if s.image is None][:6]
+    before = text_logits(lm, text)
+    cfg = UnlearnConfig(steps=2, batch_size=2, warmup=1, cache_dir=str(tmp_path / "cache"), distill_steps=60)
+    distilled, history = unlearn(lm, data, cfg)
+    losses = [h["distill_loss"] for h in history if "distill_step" in h]
+    assert len(losses) == 3 and losses[-1] < 0.5 * losses[0]  # rows at steps 0, 50 and 59
+    assert torch.equal(text_logits(distilled, text), before)
+
+
 def test_images_of_different_sizes_need_and_get_one_square_size(qmodel):
     arch, path, _ = qmodel
     buf = io.BytesIO()  # a wide photo: Qwen keeps aspect ratios, so its token grid differs from a square's
