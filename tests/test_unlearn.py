@@ -158,3 +158,16 @@ def test_continual_run_writes_matrix_plots_and_resumes(setup, tmp_path):
         )
     with pytest.raises(ValueError, match="other unseen_photos"):
         run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n)
+    # a run recorded before the distill options existed (its config lacks their keys) resumes; one
+    # recorded with another value of them would be refused
+    progress = tmp_path / "cont" / "progress.json"
+    record = json.loads(progress.read_text())
+    old = {k: v for k, v in record["config"].items() if not k.startswith("distill_")}
+    progress.write_text(json.dumps({**record, "config": old}))
+    assert (
+        run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n, unseen=unseen)["stages"]
+        == (state["stages"])
+    )
+    progress.write_text(json.dumps({**record, "config": {**old, "distill_noise": 0.1}}))
+    with pytest.raises(ValueError, match="other config"):
+        run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n, unseen=unseen)
