@@ -83,11 +83,11 @@ class UnlearnConfig:
     #: docs/method.md, "Eighth pass") 3000 steps with 2000 generic faces (``unlearn(distill_images=...)``)
     #: took relearning recovery from 0.122 to 0.014 but Real-world VQA from 0.980 to 0.961, below the rule's
     #: 0.965 (and on worlds 9-11, a report, relearning only 0.294 -> 0.275); without generic images
-    #: Real-world VQA fell to 0.87-0.95. ``distill_noise`` (a of the
-    #: shrink-and-perturb): 0.6, the screens' best relearning at a Real-world VQA that generic faces can
-    #: hold (0.3 gave back the relearning gain, 1.0 cost Real-world VQA 0.87); ``distill_lr`` 3e-3 (1e-3
-    #: at twice the steps: no better); ``distill_views``: augmented copies per distillation image (2;
-    #: 8 did not help). See :class:`DistillConfig`
+    #: Real-world VQA fell to 0.87-0.95. ``distill_noise`` (a of the shrink-and-perturb): 0.6, the
+    #: screens' best relearning at a Real-world VQA that generic faces can hold (0.3 gave back the
+    #: relearning gain, 1.0 cost Real-world VQA 0.87); ``distill_lr`` 3e-3 (1e-3 at twice the steps:
+    #: Real-world VQA 0.953 against 0.933, relearning 0.067 against 0.017); ``distill_views``: augmented
+    #: copies per distillation image (2; 8: 0.927 and 0.058). See :class:`DistillConfig`
     distill_steps: int = 0
     distill_noise: float = 0.6
     distill_lr: float = 3e-3
