@@ -20,7 +20,7 @@ import torch
 from ..data.sample import Sample
 from ..models.base import Batch
 from ..models.loading import LoadedModel
-from ..models.scoring import answer_nll, encode_images, encode_pairs, eval_mode
+from ..models.scoring import answer_nll, concat_images, encode_images, encode_pairs, eval_mode, single_image_inputs
 from ..nullspace import reference_model
 from ..nullspace.reference import DEFAULT_MEMORY_MB, ReferenceFeatures, image_key, take_captured
 from ..runtime.batching import batches
@@ -138,11 +138,10 @@ class UnlearnContext:
         todo = {k: s for k, s in zip(keys, samples) if k not in self._pixel_cache}
         if todo and self._pixel_bytes > self.reference_memory_mb * 2**20:
             return encode_images(self.lm, samples).inputs
-        for k, s in todo.items():
-            one = encode_images(self.lm, [s]).inputs
-            self._pixel_cache[k] = {n: one[n] for n in self.lm.arch.pixel_keys}
-            self._pixel_bytes += sum(t.numel() * t.element_size() for t in self._pixel_cache[k].values())
-        return {n: torch.cat([self._pixel_cache[k][n] for k in keys]) for n in self.lm.arch.pixel_keys}
+        for k, one in zip(todo, single_image_inputs(self.lm, list(todo.values()))):
+            self._pixel_cache[k] = one
+            self._pixel_bytes += sum(t.numel() * t.element_size() for t in one.values())
+        return concat_images([self._pixel_cache[k] for k in keys])
 
     def _reference_tokens(self, samples: Sequence[Sample]) -> torch.Tensor:
         """The reference model's visual tokens of ``samples``, in one no-grad pass in eval mode (as

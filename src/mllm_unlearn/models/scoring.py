@@ -33,6 +33,23 @@ def encode_images(lm: LoadedModel, samples: Sequence[Sample]) -> Batch:
     return lm.arch.encode(lm.processor, samples, [""] * len(samples)).to(lm.model.device)
 
 
+def single_image_inputs(lm: LoadedModel, samples: Sequence[Sample]) -> list[dict[str, torch.Tensor]]:
+    """Each sample's image encoded on its own, its pixel entries only (``arch.pixel_keys``). The image
+    processors treat images one by one, so :func:`concat_images` of any of them equals their batch
+    encoding: encode once, batch any way later."""
+    out = []
+    for s in samples:
+        one = encode_images(lm, [s]).inputs
+        out.append({k: one[k] for k in lm.arch.pixel_keys})
+    return out
+
+
+def concat_images(inputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch from :func:`single_image_inputs` entries (each key one block of rows per image along dim
+    0: LLaVA's (1, C, H, W), Qwen's patch rows and grid row)."""
+    return {k: torch.cat([x[k] for x in inputs]) for k in inputs[0]}
+
+
 def image_batches(lm: LoadedModel, samples: Sequence[Sample], batch_size: int = 32) -> list[dict]:
     """:func:`encode_images` over ``samples`` in chunks, as model-input dicts (calibration, probes)."""
     return [encode_images(lm, samples[i : i + batch_size]).inputs for i in range(0, len(samples), batch_size)]

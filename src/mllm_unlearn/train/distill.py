@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..data.augment import augmented_copies
 from ..data.sample import Sample
 from ..models.loading import LoadedModel
-from ..models.scoring import image_batches
+from ..models.scoring import concat_images, single_image_inputs
 from ..nullspace import target_linears
 
 
@@ -61,12 +61,6 @@ class DistillConfig:
             raise ValueError(f"distill views must be >= 0, got {self.views}")
 
 
-def _concat(inputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One batch of images from single-image inputs (each key holds one block of rows per image along
-    dim 0, ``ArchAdapter.pixel_keys``: LLaVA's (1, C, H, W), Qwen's patch rows and grid row)."""
-    return {k: torch.cat([x[k] for x in inputs]) for k in inputs[0]}
-
-
 def _cosine(step: int, steps: int) -> float:
     """The learning rate's factor at ``step``: cosine decay from 1 to 0 (the cosine taken in float32)."""
     return 0.5 * (1 + torch.cos(torch.tensor(math.pi * step / max(1, steps))).item())
@@ -88,12 +82,12 @@ def distill_visual(lm: LoadedModel, images: Sequence[Sample], pattern: str, cfg:
     items = list(images) + augmented_copies(images, g, cfg.views, cfg.augment)
     model = lm.model
     model.eval()  # no dropout: the student copies the deterministic teacher
-    singles = [{k: x[k] for k in lm.arch.pixel_keys} for x in image_batches(lm, items, 1)]  # encoded once
+    singles = single_image_inputs(lm, items)  # encoded once
     device = next(model.parameters()).device
     with torch.no_grad():
         teacher = torch.cat(
             [
-                lm.arch.image_features(model, _concat(singles[i : i + cfg.batch_size])).cpu()
+                lm.arch.image_features(model, concat_images(singles[i : i + cfg.batch_size])).cpu()
                 for i in range(0, len(singles), cfg.batch_size)
             ]
         )
@@ -116,7 +110,7 @@ def distill_visual(lm: LoadedModel, images: Sequence[Sample], pattern: str, cfg:
                 group["lr"] = cfg.lr * _cosine(step, cfg.steps)
             idx = torch.randperm(len(singles), generator=g)[: cfg.batch_size].tolist()
             out = lm.arch.image_features(
-                model, {k: v.to(device) for k, v in _concat([singles[i] for i in idx]).items()}
+                model, {k: v.to(device) for k, v in concat_images([singles[i] for i in idx]).items()}
             )
             loss = (out.float() - teacher[idx].to(device).float()).pow(2).mean() / scale
             if not torch.isfinite(loss):
