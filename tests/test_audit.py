@@ -244,6 +244,41 @@ def test_attack_scope_trains_only_its_weights_and_the_cli_keeps_the_base_budget(
         AttackBudget(steps=0)
 
 
+def test_finetune_copy_trains_the_named_parameters_and_runs_the_hook_after_each_step(trained) -> None:
+    """``finetune_copy(trainable=..., on_step=...)`` (scripts/relearn_route.py): only the parameters the
+    predicate names move, and a hook that projects one weight's change onto a subspace after every step leaves
+    that change inside it (here: the first 8 of its input directions; the unprojected attack moves the others)."""
+    from mllm_unlearn.evaluate.audit import AttackBudget
+    from mllm_unlearn.evaluate.audit.relearn import finetune_copy
+
+    _, paths, data = trained
+    lm = load_model(paths["vanilla"])
+    train = data.bench.train[:8]
+    budget = AttackBudget(steps=2, batch_size=4, lr=1e-3)
+    name = next(n for n, _ in lm.model.named_parameters() if "vision_tower" in n and n.endswith("q_proj.weight"))
+    start = dict(lm.model.named_parameters())[name].detach().clone()
+    keep = torch.zeros(start.shape[1], dtype=start.dtype)
+    keep[:8] = 1.0
+    calls = []
+
+    def project(model) -> None:
+        calls.append(1)
+        w = dict(model.named_parameters())[name]
+        with torch.no_grad():
+            w.copy_(start + (w - start) * keep)
+
+    free = finetune_copy(lm, train, budget, trainable=lambda n: n == name)
+    held = finetune_copy(lm, train, budget, trainable=lambda n: n == name, on_step=project)
+    original = dict(lm.model.named_parameters())
+    for tuned in (free, held):
+        assert [n for n, w in tuned.model.named_parameters() if not torch.equal(w, original[n])] == [name]
+    change = dict(free.model.named_parameters())[name] - start
+    assert change[:, 8:].abs().max() > 0
+    change = dict(held.model.named_parameters())[name] - start
+    assert change[:, 8:].abs().max() == 0 and change[:, :8].abs().max() > 0
+    assert len(calls) == budget.steps
+
+
 # ---------------------------------------------------------------- several worlds
 
 

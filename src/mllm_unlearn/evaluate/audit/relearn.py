@@ -20,8 +20,10 @@ visual edit) or the projector's alone; comparing them says which way a method's 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+
+import torch
 
 from ...data.sample import Sample
 from ...models.loading import LoadedModel
@@ -55,17 +57,35 @@ class AttackBudget(TrainConfig):
             )
 
 
-def finetune_copy(lm: LoadedModel, train: Sequence[Sample], budget: AttackBudget) -> LoadedModel:
+def finetune_copy(
+    lm: LoadedModel,
+    train: Sequence[Sample],
+    budget: AttackBudget,
+    *,
+    trainable: Callable[[str], bool] | None = None,
+    on_step: Callable[[torch.nn.Module], None] | None = None,
+) -> LoadedModel:
     """A copy of ``lm`` fine-tuned (the weights of ``budget.scope``, constant lr) on ``train``; ``lm``
-    is unchanged."""
+    is unchanged. For diagnostics (``scripts/relearn_route.py``): ``trainable``, a predicate over parameter
+    names, replaces the scope; ``on_step(model)`` runs after every update (e.g. to project the change)."""
     seed_everything(budget.seed)
     model = copy.deepcopy(lm.model)
-    select_trainable(model, lm.arch, budget.scope)
+    if trainable is None:
+        select_trainable(model, lm.arch, budget.scope)
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable(name))
     model.train()
     work = LoadedModel(model, lm.processor, lm.arch)
     data = batches(list(train), budget.batch_size, budget.seed)
     cfg = replace(budget, log_every=max(1, budget.steps))
-    run(model.parameters(), lambda step: (answer_nll(work, next(data)), {}), cfg, desc="audit-finetune")
+    run(
+        model.parameters(),
+        lambda step: (answer_nll(work, next(data)), {}),
+        cfg,
+        desc="audit-finetune",
+        on_step=None if on_step is None else lambda step, opt: on_step(model),
+    )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -86,11 +106,13 @@ def _vqa(lm: LoadedModel, data: AuditData, people: Sequence[str]) -> tuple[float
     )
 
 
-def _attack(lm: LoadedModel, data: AuditData, train: Sequence[Sample], people: Sequence[str], budget) -> dict:
+def _attack(
+    lm: LoadedModel, data: AuditData, train: Sequence[Sample], people: Sequence[str], budget, **finetune
+) -> dict:
     """Forget VQA of ``people`` (canonical and unseen photos) before and after fine-tuning a copy on
-    ``train``; the retain VQA of the fine-tuned copy."""
+    ``train`` (``finetune``: :func:`finetune_copy`'s keywords); the retain VQA of the fine-tuned copy."""
     before, unseen_before = _vqa(lm, data, people)
-    tuned = finetune_copy(lm, train, budget)
+    tuned = finetune_copy(lm, train, budget, **finetune)
     after, unseen_after = _vqa(tuned, data, people)
     retain_after = score_mcqs(tuned, data.image_mcqs("retain")).accuracy()
     del tuned
@@ -107,10 +129,14 @@ def _attack(lm: LoadedModel, data: AuditData, train: Sequence[Sample], people: S
     }
 
 
-def relearn_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget()) -> dict:
+def relearn_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget(), **finetune) -> dict:
     attack, held_out = halves(data.forget_people)
     train = [s for s in data.bench.train if s.person in set(attack)]
-    return {**_attack(lm, data, train, held_out, budget), "attack_people": attack, "held_out_people": held_out}
+    return {
+        **_attack(lm, data, train, held_out, budget, **finetune),
+        "attack_people": attack,
+        "held_out_people": held_out,
+    }
 
 
 def benign_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget()) -> dict:

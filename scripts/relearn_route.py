@@ -1,0 +1,133 @@
+"""Which weights carry the relearning attack's way back? (docs/method.md, ninth pass)
+
+Usage::
+
+    python scripts/relearn_route.py --cache CACHE --seeds 0,1,2 [--attack-seeds 0,1] [--opt KEY=VALUE ...]
+
+``CACHE`` is an ``mllm-unlearn audit --seeds`` cache (``seed<N>/world`` and ``seed<N>/vanilla``). Per world the
+cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnConfig``, seed = the world's,
+``--opt`` method options) and merged; then the audit's relearning attack (probe 3: 60 AdamW steps at 1e-4 on
+half A of the forget people's pairs) runs once per attacker below, and the recovery of the other half's forget
+VQA is printed (training photos, and unseen photos in brackets), averaged over ``--attack-seeds``:
+
+* ``all``: every weight (the audit's attack);
+* ``adapted``: only the weights of the Linear layers the LoRA adapted (what the simulated relearning step of
+  ``relearn_sim`` attacks);
+* ``visual_rest``: every other vision-tower and projector parameter (patch and position embeddings, layer
+  norms, biases);
+* ``adapted_null`` / ``adapted_used``: the adapted weights, the change kept after every step inside the span of
+  the layer's frozen A (NCU's null space: the input directions the retain photos barely use, where the edit
+  is) or outside it (the directions they use).
+
+It also prints, for the ``adapted`` attack, the share of each adapted layer's weight change that lies in A's
+span (of r of d input directions: r / d if the change had no preferred direction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+
+import torch
+
+from mllm_unlearn.data.mllmu import read_mllmu
+from mllm_unlearn.evaluate.audit import load_audit_data
+from mllm_unlearn.evaluate.audit.relearn import AttackBudget, finetune_copy, halves, relearn_probe
+from mllm_unlearn.methods import get_method
+from mllm_unlearn.models.loading import load_model
+from mllm_unlearn.nullspace import lora_A_weights
+from mllm_unlearn.runtime.options import parse_options
+from mllm_unlearn.train.unlearn import UnlearnConfig, merged, unlearn
+
+ATTACKERS = ("all", "adapted", "visual_rest", "adapted_null", "adapted_used")
+
+
+def span_projectors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Per adapted layer (keyed by its weight's parameter name): an orthonormal basis (d x r) of A's row space."""
+    return {f"{name}.weight": torch.linalg.qr(a.T.double())[0].to(a.dtype) for name, a in lora_A_weights(model).items()}
+
+
+def visual_parameter(arch, name: str) -> bool:
+    rx = re.compile(arch.scope_pattern("visual"))
+    parts = name.split(".")[:-1]
+    return any(rx.fullmatch(".".join(parts[:i])) for i in range(1, len(parts) + 1))
+
+
+def attacked_parameters(arch, adapted: set[str]) -> dict[str, Callable[[str], bool]]:
+    """Each attacker's predicate over parameter names."""
+    return {
+        "all": lambda n: True,
+        "adapted": lambda n: n in adapted,
+        "visual_rest": lambda n: visual_parameter(arch, n) and n not in adapted,
+        "adapted_null": lambda n: n in adapted,
+        "adapted_used": lambda n: n in adapted,
+    }
+
+
+def keep_change(start: dict[str, torch.Tensor], bases: dict[str, torch.Tensor], inside: bool):
+    """An ``on_step`` hook: after each update every adapted weight W0 + dW of the attacked copy becomes
+    W0 + dW Q Q^T (``inside``: the change kept in A's span) or W0 + dW (I - Q Q^T) (kept out of it)."""
+
+    def project(model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, q in bases.items():
+                change = params[name] - start[name]
+                kept = (change @ q) @ q.T
+                params[name].copy_(start[name] + (kept if inside else change - kept))
+
+    return project
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--attack-seeds", default="0,1")
+    p.add_argument("--forget", default="forget_15")
+    p.add_argument("--opt", action="append", default=[], help="cvf_ncu option KEY=VALUE")
+    args = p.parse_args()
+    method_cfg = parse_options(get_method("cvf_ncu").config_class, args.opt)
+    attack_seeds = [int(s) for s in args.attack_seeds.split(",")]
+    table = {a: [] for a in ATTACKERS}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        root = f"{args.cache}/seed{seed}"
+        data = read_mllmu(f"{root}/world", forget=args.forget)
+        audit = load_audit_data(f"{root}/world", args.forget)
+        cfg = UnlearnConfig(method="cvf_ncu", seed=seed, cache_dir=f"{root}/ncu_cache")
+        lm, _ = unlearn(load_model(f"{root}/vanilla"), data, cfg, method_cfg)
+        bases = span_projectors(lm.model)
+        lm = merged(lm)
+        start = {n: w.detach().clone() for n, w in lm.model.named_parameters() if n in bases}
+        missing = set(bases) - set(start)
+        if missing:
+            raise RuntimeError(f"adapted layers not found in the merged model: {sorted(missing)[:3]}")
+        trainable = attacked_parameters(lm.arch, set(bases))
+        for attacker in ATTACKERS:
+            hook = keep_change(start, bases, attacker == "adapted_null") if attacker.startswith("adapted_") else None
+            runs = [
+                relearn_probe(lm, audit, AttackBudget(seed=s), trainable=trainable[attacker], on_step=hook)
+                for s in attack_seeds
+            ]
+            rec = sum(r["recovery"] for r in runs) / len(runs)
+            unseen = sum(r["unseen_recovery"] for r in runs) / len(runs)
+            table[attacker].append((rec, unseen))
+            print(f"world {seed} {attacker:13s} recovery {rec:+.3f} (unseen photos {unseen:+.3f})", flush=True)
+        attack, _ = halves(audit.forget_people)
+        train = [s for s in audit.bench.train if s.person in set(attack)]
+        tuned = finetune_copy(lm, train, AttackBudget(seed=attack_seeds[0]), trainable=trainable["adapted"])
+        after = dict(tuned.model.named_parameters())
+        for name, q in bases.items():
+            change = (after[name].detach() - start[name]).double()
+            share = (change @ q.double()).pow(2).sum() / change.pow(2).sum()
+            print(f"  {name}: {share.item():.3f} of the change in A's span ({q.shape[1]} of {q.shape[0]} directions)")
+    print("\n| attacker | relearning recovery (unseen photos) |\n|---|---|")
+    for attacker, rows in table.items():
+        rec = sum(r for r, _ in rows) / len(rows)
+        unseen = sum(u for _, u in rows) / len(rows)
+        print(f"| {attacker} | {rec:+.3f} ({unseen:+.3f}) |")
+
+
+if __name__ == "__main__":
+    main()
