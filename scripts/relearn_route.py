@@ -19,8 +19,11 @@ VQA is printed (training photos, and unseen photos in brackets), averaged over `
   the layer's frozen A (NCU's null space: the input directions the retain photos barely use, where the edit
   is) or outside it (the directions they use).
 
-It also prints, for the ``adapted`` attack, the share of each adapted layer's weight change that lies in A's
-span (of r of d input directions: r / d if the change had no preferred direction).
+It also prints, per adapted layer, the share of the ``adapted`` attack's weight change that lies in A's span
+(of r of d input directions: r / d if the change had no preferred direction), and the same share for one sign
+step on the attack's loss (``sign(grad_W)`` of the answer NLL of 16 of half A's pairs, at the unlearned
+weights: the shape of ``relearn_sim``'s simulated step), and the sizes ||dW|| / ||W|| of the unlearning's edit
+and of the attack's change.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from mllm_unlearn.evaluate.audit import load_audit_data
 from mllm_unlearn.evaluate.audit.relearn import AttackBudget, finetune_copy, halves, relearn_probe
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.models.loading import load_model
-from mllm_unlearn.nullspace import lora_A_weights
+from mllm_unlearn.models.scoring import answer_nll
+from mllm_unlearn.nullspace import base_weights, lora_A_weights
 from mllm_unlearn.runtime.options import parse_options
 from mllm_unlearn.train.unlearn import UnlearnConfig, merged, unlearn
 
@@ -46,6 +50,12 @@ ATTACKERS = ("all", "adapted", "visual_rest", "adapted_null", "adapted_used")
 def span_projectors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Per adapted layer (keyed by its weight's parameter name): an orthonormal basis (d x r) of A's row space."""
     return {f"{name}.weight": torch.linalg.qr(a.T.double())[0].to(a.dtype) for name, a in lora_A_weights(model).items()}
+
+
+def span_share(change: torch.Tensor, q: torch.Tensor) -> float:
+    """The share of ``change``'s squared norm (out x in) in the input directions spanned by ``q`` (in x r)."""
+    change = change.double()
+    return ((change @ q.double()).pow(2).sum() / change.pow(2).sum()).item()
 
 
 def visual_parameter(arch, name: str) -> bool:
@@ -98,8 +108,17 @@ def main() -> None:
         cfg = UnlearnConfig(method="cvf_ncu", seed=seed, cache_dir=f"{root}/ncu_cache")
         lm, _ = unlearn(load_model(f"{root}/vanilla"), data, cfg, method_cfg)
         bases = span_projectors(lm.model)
+        attack, _ = halves(audit.forget_people)
+        train = [s for s in audit.bench.train if s.person in set(attack)]
+        weights = base_weights(lm.model)
+        for w in weights:
+            w.requires_grad_(True)
+        sign_steps = [g.sign() for g in torch.autograd.grad(answer_nll(lm, train[:16]), weights)]
+        for w in weights:
+            w.requires_grad_(False)
         lm = merged(lm)
         start = {n: w.detach().clone() for n, w in lm.model.named_parameters() if n in bases}
+        vanilla = dict(load_model(f"{root}/vanilla").model.named_parameters())
         missing = set(bases) - set(start)
         if missing:
             raise RuntimeError(f"adapted layers not found in the merged model: {sorted(missing)[:3]}")
@@ -114,14 +133,16 @@ def main() -> None:
             unseen = sum(r["unseen_recovery"] for r in runs) / len(runs)
             table[attacker].append((rec, unseen))
             print(f"world {seed} {attacker:13s} recovery {rec:+.3f} (unseen photos {unseen:+.3f})", flush=True)
-        attack, _ = halves(audit.forget_people)
-        train = [s for s in audit.bench.train if s.person in set(attack)]
         tuned = finetune_copy(lm, train, AttackBudget(seed=attack_seeds[0]), trainable=trainable["adapted"])
         after = dict(tuned.model.named_parameters())
-        for name, q in bases.items():
-            change = (after[name].detach() - start[name]).double()
-            share = (change @ q.double()).pow(2).sum() / change.pow(2).sum()
-            print(f"  {name}: {share.item():.3f} of the change in A's span ({q.shape[1]} of {q.shape[0]} directions)")
+        for (name, q), sign_step in zip(bases.items(), sign_steps):
+            change = after[name].detach() - start[name]
+            print(
+                f"  {name}: in A's span ({q.shape[1]} of {q.shape[0]} directions) {span_share(change, q):.3f} of "
+                f"the attack's change, {span_share(sign_step, q):.3f} of a sign step; ||dW|| / ||W||: the edit "
+                f"{(start[name] - vanilla[name]).norm() / vanilla[name].norm():.2f}, "
+                f"the attack {change.norm() / start[name].norm():.4f}"
+            )
     print("\n| attacker | relearning recovery (unseen photos) |\n|---|---|")
     for attacker, rows in table.items():
         rec = sum(r for r, _ in rows) / len(rows)
