@@ -27,6 +27,36 @@ from mllm_unlearn.train.loop import TrainConfig
 # ---------------------------------------------------------------- pure functions
 
 
+def test_relearn_route_keeps_a_change_in_or_out_of_a_span_and_measures_its_share() -> None:
+    """``scripts/relearn_route.py``: ``span_share`` of a change (out x in) in the input directions a basis spans,
+    by hand (a change along input 0 of a basis of inputs 0-1: 1; along input 2: 0; half and half: 0.5); and
+    ``keep_change`` leaves W0 + dW Q Q^T (inside) or W0 + dW (I - Q Q^T) (outside) after a step."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "relearn_route", Path(__file__).parents[1] / "scripts/relearn_route.py"
+    )
+    route = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(route)
+    q = torch.eye(4, dtype=torch.float64)[:, :2]  # inputs 0 and 1
+    along = lambda *cols: torch.stack([torch.eye(4, dtype=torch.float64)[c] for c in cols]).sum(0).expand(3, 4)
+    assert route.span_share(along(0), q) == pytest.approx(1.0)
+    assert route.span_share(along(2), q) == pytest.approx(0.0)
+    assert route.span_share(along(1, 3), q) == pytest.approx(0.5)
+
+    model = torch.nn.Linear(4, 3, bias=False).double()
+    start = {"weight": model.weight.detach().clone()}
+    step = torch.arange(12, dtype=torch.float64).reshape(3, 4) + 1.0
+    for inside, kept in (
+        (True, step * torch.tensor([1.0, 1.0, 0.0, 0.0])),
+        (False, step * torch.tensor([0.0, 0.0, 1.0, 1.0])),
+    ):
+        with torch.no_grad():
+            model.weight.copy_(start["weight"] + step)
+        route.keep_change(start, {"weight": q}, inside)(model)
+        assert torch.allclose(model.weight - start["weight"], kept)
+
+
 def test_quantize_per_channel_and_group_wise() -> None:
     torch.manual_seed(0)
     w = torch.randn(6, 100)
