@@ -29,7 +29,6 @@ and of the attack's change.
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Callable
 
 import torch
@@ -42,6 +41,7 @@ from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.models.scoring import answer_nll
 from mllm_unlearn.nullspace import base_weights, lora_A_weights
 from mllm_unlearn.runtime.options import parse_options
+from mllm_unlearn.train.finetune import select_trainable
 from mllm_unlearn.train.unlearn import UnlearnConfig, merged, unlearn
 
 ATTACKERS = ("all", "adapted", "visual_rest", "adapted_null", "adapted_used")
@@ -58,18 +58,21 @@ def span_share(change: torch.Tensor, q: torch.Tensor) -> float:
     return ((change @ q.double()).pow(2).sum() / change.pow(2).sum()).item()
 
 
-def visual_parameter(arch, name: str) -> bool:
-    rx = re.compile(arch.scope_pattern("visual"))
-    parts = name.split(".")[:-1]
-    return any(rx.fullmatch(".".join(parts[:i])) for i in range(1, len(parts) + 1))
+def visual_parameters(model: torch.nn.Module, arch) -> set[str]:
+    """Names of the vision tower's and projector's parameters (the audit's ``visual`` attack scope)."""
+    select_trainable(model, arch, "visual")
+    names = {n for n, w in model.named_parameters() if w.requires_grad}
+    for w in model.parameters():
+        w.requires_grad_(False)
+    return names
 
 
-def attacked_parameters(arch, adapted: set[str]) -> dict[str, Callable[[str], bool]]:
+def attacked_parameters(visual: set[str], adapted: set[str]) -> dict[str, Callable[[str], bool]]:
     """Each attacker's predicate over parameter names."""
     return {
         "all": lambda n: True,
         "adapted": lambda n: n in adapted,
-        "visual_rest": lambda n: visual_parameter(arch, n) and n not in adapted,
+        "visual_rest": lambda n: n in visual and n not in adapted,
         "adapted_null": lambda n: n in adapted,
         "adapted_used": lambda n: n in adapted,
     }
@@ -122,7 +125,7 @@ def main() -> None:
         missing = set(bases) - set(start)
         if missing:
             raise RuntimeError(f"adapted layers not found in the merged model: {sorted(missing)[:3]}")
-        trainable = attacked_parameters(lm.arch, set(bases))
+        trainable = attacked_parameters(visual_parameters(lm.model, lm.arch), set(bases))
         for attacker in ATTACKERS:
             hook = keep_change(start, bases, attacker == "adapted_null") if attacker.startswith("adapted_") else None
             runs = [
