@@ -22,8 +22,12 @@ VQA is printed (training photos, and unseen photos in brackets), averaged over `
 It also prints, per adapted layer, the share of the ``adapted`` attack's weight change that lies in A's span
 (of r of d input directions: r / d if the change had no preferred direction), and the same share for one sign
 step on the attack's loss (``sign(grad_W)`` of the answer NLL of 16 of half A's pairs, at the unlearned
-weights: the shape of ``relearn_sim``'s simulated step), and the sizes ||dW|| / ||W|| of the unlearning's edit
-and of the attack's change.
+weights: the shape of ``relearn_sim``'s simulated step), the sizes ||dW|| / ||W|| of the unlearning's edit
+and of the attack's change, and how specific to the forget people the directions outside A's span are: the
+largest and the 8th largest ratio of forget to retain input energy over directions there (generalised
+eigenvalues of the forget photos' input covariance against that of NCU's calibration photos, the retain and
+stranger photos, on the vanilla model). An edit along a direction of ratio k reaches the retain photos with
+1 / k of the energy it reaches the forget photos with.
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ from mllm_unlearn.data.mllmu import read_mllmu
 from mllm_unlearn.evaluate.audit import load_audit_data
 from mllm_unlearn.evaluate.audit.relearn import AttackBudget, finetune_copy, halves, relearn_probe
 from mllm_unlearn.methods import get_method
+from mllm_unlearn.methods.base import distinct_images
 from mllm_unlearn.models.loading import load_model
-from mllm_unlearn.models.scoring import answer_nll
-from mllm_unlearn.nullspace import base_weights, lora_A_weights
+from mllm_unlearn.models.scoring import answer_nll, image_batches
+from mllm_unlearn.nullspace import base_weights, collect_covariances, lora_A_weights
 from mllm_unlearn.runtime.options import parse_options
 from mllm_unlearn.train.finetune import select_trainable
-from mllm_unlearn.train.unlearn import UnlearnConfig, merged, unlearn
+from mllm_unlearn.train.unlearn import UnlearnConfig, merged, split_people, stranger_samples, unlearn
 
 ATTACKERS = ("all", "adapted", "visual_rest", "adapted_null", "adapted_used")
 
@@ -93,6 +98,32 @@ def keep_change(start: dict[str, torch.Tensor], bases: dict[str, torch.Tensor], 
     return project
 
 
+def forget_specificity(lm, data, bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per adapted layer: the generalised eigenvalues (descending) of the forget photos' input covariance against
+    the calibration photos' (retain + strangers), over the directions outside A's span."""
+    _, retain = split_people(data)
+    calibration = distinct_images(retain) + distinct_images(stranger_samples(data, data.forget_people))
+    forget = distinct_images([s for s in data.train if s.person in data.forget_people])
+    names = [name.removesuffix(".weight") for name in bases]
+    forward = lambda m, x: lm.arch.image_features(m, x)
+    c_r, c_f = (
+        collect_covariances(lm.model, names, image_batches(lm, images), forward=forward, progress=False)
+        for images in (calibration, forget)
+    )
+    out = {}
+    for name, q in bases.items():
+        q = q.double()
+        values, vectors = torch.linalg.eigh(torch.eye(q.shape[0], dtype=torch.float64) - q @ q.T)
+        outside = vectors[:, values > 0.5]  # an orthonormal basis of the directions outside A's span
+        layer = name.removesuffix(".weight")
+        r_out = outside.T @ c_r[layer].cov.double() @ outside
+        f_out = outside.T @ c_f[layer].cov.double() @ outside
+        lam, u = torch.linalg.eigh(r_out)
+        whiten = u / lam.clamp_min(1e-12 * lam.max()).sqrt()
+        out[name] = torch.linalg.eigvalsh(whiten.T @ f_out @ whiten).flip(0)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True)
@@ -121,7 +152,9 @@ def main() -> None:
             w.requires_grad_(False)
         lm = merged(lm)
         start = {n: w.detach().clone() for n, w in lm.model.named_parameters() if n in bases}
-        vanilla = dict(load_model(f"{root}/vanilla").model.named_parameters())
+        reference = load_model(f"{root}/vanilla")
+        vanilla = dict(reference.model.named_parameters())
+        specificity = forget_specificity(reference, data, bases)
         missing = set(bases) - set(start)
         if missing:
             raise RuntimeError(f"adapted layers not found in the merged model: {sorted(missing)[:3]}")
@@ -144,7 +177,8 @@ def main() -> None:
                 f"  {name}: in A's span ({q.shape[1]} of {q.shape[0]} directions) {span_share(change, q):.3f} of "
                 f"the attack's change, {span_share(sign_step, q):.3f} of a sign step; ||dW|| / ||W||: the edit "
                 f"{(start[name] - vanilla[name]).norm() / vanilla[name].norm():.2f}, "
-                f"the attack {change.norm() / start[name].norm():.4f}"
+                f"the attack {change.norm() / start[name].norm():.4f}; forget / retain energy outside A's span: "
+                f"largest {specificity[name][0]:.1f}, 8th {specificity[name][7]:.1f}"
             )
     print("\n| attacker | relearning recovery (unseen photos) |\n|---|---|")
     for attacker, rows in table.items():
