@@ -11,7 +11,8 @@ driver's ``rank``, ``steps``, ``lr``, ``scope`` (the adapters' update scope), ``
 (true|false), ``calibrate_views``, ``calibrate_augment``, ``method`` (default ``cvf_ncu``) and
 ``seed_offset`` (the unlearning run's seed is the world's seed plus it: another draw of batches, views
 and the simulated attack on the same world) and ``distill_steps``, ``distill_noise``, ``distill_lr``,
-``distill_views`` (the noise-and-distil stage after unlearning), with ``distill_generic=N``: N random faces
+``distill_views`` (the noise-and-distil stage after unlearning), ``forget_directions``, ``forget_ratio``
+(A's request-dependent rows), with ``distill_generic=N``: N random faces
 (``data.world.generic_faces``, drawn from the run's seed) join its images, a generic face corpus's stand-in.
 Per seed the cached vanilla model is unlearned with the variant (the audit's default ``UnlearnConfig``
 otherwise), merged, and audited with the chosen probes against the cached vanilla and oracle (the
@@ -56,6 +57,8 @@ DRIVER_KEYS = {
     "distill_lr": float,
     "distill_views": int,
     "distill_generic": int,
+    "forget_directions": int,
+    "forget_ratio": float,
 }
 COLUMNS = (
     "forget_vqa",
@@ -136,11 +139,12 @@ def main() -> None:
             key = json.dumps(
                 {
                     "seed": seed,
-                    # rows from before the distill options (none distilled) keep their keys
+                    # rows from before the distill and forget-direction options (both off) keep their keys
                     "unlearn": {
                         k: v
                         for k, v in asdict(run_cfg).items()
-                        if run_cfg.distill_steps or not k.startswith("distill_")
+                        if (run_cfg.distill_steps or not k.startswith("distill_"))
+                        and (run_cfg.forget_directions or not k.startswith("forget_"))
                     },
                     "method_config": asdict(method_cfg),
                     "probes": probes,

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python scripts/relearn_route.py --cache CACHE --seeds 0,1,2 [--attack-seeds 0,1] [--opt KEY=VALUE ...]
+    python scripts/relearn_route.py --cache CACHE --seeds 0,1,2 [--attack-seeds 0,1] [--opt KEY=VALUE ...] \
+        [--forget-directions K --forget-ratio RHO]
 
 ``CACHE`` is an ``mllm-unlearn audit --seeds`` cache (``seed<N>/world`` and ``seed<N>/vanilla``). Per world the
 cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnConfig``, seed = the world's,
@@ -44,7 +45,7 @@ from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import distinct_images
 from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.models.scoring import answer_nll, image_batches
-from mllm_unlearn.nullspace import base_weights, collect_covariances, lora_A_weights
+from mllm_unlearn.nullspace import base_weights, collect_covariances, forget_specific_directions, lora_A_weights
 from mllm_unlearn.runtime.options import parse_options
 from mllm_unlearn.train.finetune import select_trainable
 from mllm_unlearn.train.unlearn import UnlearnConfig, merged, split_people, stranger_samples, unlearn
@@ -54,7 +55,11 @@ ATTACKERS = ("all", "adapted", "visual_rest", "adapted_null", "adapted_used")
 
 def span_projectors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Per adapted layer (keyed by its weight's parameter name): an orthonormal basis (d x r) of A's row space."""
-    return {f"{name}.weight": torch.linalg.qr(a.T.double())[0].to(a.dtype) for name, a in lora_A_weights(model).items()}
+    # zero rows (forget_directions with fewer qualifying directions than asked) span nothing
+    return {
+        f"{name}.weight": torch.linalg.qr(a[a.norm(dim=1) > 0].T.double())[0].to(a.dtype)
+        for name, a in lora_A_weights(model).items()
+    }
 
 
 def span_share(change: torch.Tensor, q: torch.Tensor) -> float:
@@ -110,18 +115,10 @@ def forget_specificity(lm, data, bases: dict[str, torch.Tensor]) -> dict[str, to
         collect_covariances(lm.model, names, image_batches(lm, images), forward=forward, progress=False)
         for images in (calibration, forget)
     )
-    out = {}
-    for name, q in bases.items():
-        q = q.double()
-        values, vectors = torch.linalg.eigh(torch.eye(q.shape[0], dtype=torch.float64) - q @ q.T)
-        outside = vectors[:, values > 0.5]  # an orthonormal basis of the directions outside A's span
-        layer = name.removesuffix(".weight")
-        r_out = outside.T @ c_r[layer].cov.double() @ outside
-        f_out = outside.T @ c_f[layer].cov.double() @ outside
-        lam, u = torch.linalg.eigh(r_out)
-        whiten = u / lam.clamp_min(1e-12 * lam.max()).sqrt()
-        out[name] = torch.linalg.eigvalsh(whiten.T @ f_out @ whiten).flip(0)
-    return out
+    return {
+        name: forget_specific_directions(c_r[layer].cov, c_f[layer].cov, q.T, layer=layer)[0]
+        for name, q, layer in zip(bases, bases.values(), names)
+    }
 
 
 def main() -> None:
@@ -131,6 +128,8 @@ def main() -> None:
     p.add_argument("--attack-seeds", default="0,1")
     p.add_argument("--forget", default="forget_15")
     p.add_argument("--opt", action="append", default=[], help="cvf_ncu option KEY=VALUE")
+    p.add_argument("--forget-directions", type=int, default=0, help="UnlearnConfig.forget_directions of the run")
+    p.add_argument("--forget-ratio", type=float, default=4.0, help="UnlearnConfig.forget_ratio of the run")
     args = p.parse_args()
     method_cfg = parse_options(get_method("cvf_ncu").config_class, args.opt)
     attack_seeds = [int(s) for s in args.attack_seeds.split(",")]
@@ -139,7 +138,13 @@ def main() -> None:
         root = f"{args.cache}/seed{seed}"
         data = read_mllmu(f"{root}/world", forget=args.forget)
         audit = load_audit_data(f"{root}/world", args.forget)
-        cfg = UnlearnConfig(method="cvf_ncu", seed=seed, cache_dir=f"{root}/ncu_cache")
+        cfg = UnlearnConfig(
+            method="cvf_ncu",
+            seed=seed,
+            cache_dir=f"{root}/ncu_cache",
+            forget_directions=args.forget_directions,
+            forget_ratio=args.forget_ratio,
+        )
         lm, _ = unlearn(load_model(f"{root}/vanilla"), data, cfg, method_cfg)
         bases = span_projectors(lm.model)
         attack, _ = halves(audit.forget_people)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mllm_unlearn.data.augment import augment_image, augment_pixels
+from mllm_unlearn.data.sample import DataError
 from mllm_unlearn.data.world import UNKNOWN_REPLY
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import UnlearnContext, distinct_images
@@ -178,6 +179,55 @@ def test_calibrate_views_keeps_augmented_faces_out_of_the_null_space(world_with_
         UnlearnConfig(calibrate_views=-1)
     with pytest.raises(ValueError, match="subspace 'random' has none"):
         attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random", calibrate_views=1), cls)
+
+
+def test_forget_directions_add_request_specific_rows_to_the_null_space(world_with_strangers, tmp_path):
+    """``UnlearnConfig.forget_directions``: A = the r null directions of the calibration set (unchanged),
+    then per layer up to k orthonormal rows outside them, each carrying at least ``forget_ratio`` times
+    more of the forget photos' input energy than of the calibration photos' (zero rows where fewer
+    qualify). Bad settings, continual mode and a request without photos are refused before calibration."""
+    from mllm_unlearn.experiments.continual import run_continual
+    from mllm_unlearn.models.scoring import image_batches
+    from mllm_unlearn.nullspace import collect_covariances, lora_A_weights
+
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    strangers = stranger_samples(data)
+    cls = get_method("cvf_ncu")
+    plain = lora_A_weights(attach_adapters(load_model(model), retain, UnlearnConfig(**FAST), cls, strangers).model)
+    cfg = UnlearnConfig(**FAST, forget_directions=4, forget_ratio=1.5)
+    extended = lora_A_weights(attach_adapters(load_model(model), retain, cfg, cls, strangers, forget).model)
+    base = load_model(model)
+    forward = lambda m, x: base.arch.image_features(m, x)
+    cal = distinct_images(retain) + strangers
+    cov_c, cov_f = (
+        collect_covariances(base.model, list(plain), image_batches(base, imgs), forward=forward, progress=False)
+        for imgs in (cal, distinct_images(forget))
+    )
+    found = 0
+    for name, a in extended.items():
+        r = plain[name].shape[0]
+        assert a.shape == (r + 4, plain[name].shape[1])
+        assert torch.equal(a[:r], plain[name])  # the paper's null space, untouched
+        rows = a[r:].double()
+        kept = rows[rows.norm(dim=1) > 0]
+        found += len(kept)
+        torch.testing.assert_close(kept @ kept.T, torch.eye(len(kept), dtype=torch.float64), atol=1e-5, rtol=0)
+        assert float((kept @ a[:r].double().T).abs().max()) < 1e-5
+        # any vector in the span of generalised eigenvectors of ratio >= rho has a ratio >= rho: so has each row
+        ratios = [float(v @ cov_f[name].cov @ v) / float(v @ cov_c[name].cov @ v) for v in kept]
+        assert all(x >= 1.5 * (1 - 1e-3) for x in ratios)
+        assert (rows.norm(dim=1) > 0).tolist() == sorted((rows.norm(dim=1) > 0).tolist(), reverse=True)
+    assert found > 0
+    with pytest.raises(ValueError, match="forget_directions must be >= 0"):
+        UnlearnConfig(forget_directions=-2)
+    with pytest.raises(ValueError, match="subspace 'random' has none"):
+        attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random", forget_directions=2), cls)
+    with pytest.raises(DataError, match="forget_directions needs the forget request's images"):
+        attach_adapters(load_model(model), retain, UnlearnConfig(forget_directions=2), cls, strangers)
+    with pytest.raises(ValueError, match="continual unlearning calibrates A once"):
+        run_continual(load_model(model), data, tmp_path / "c", UnlearnConfig(forget_directions=2), n_tasks=2)
+    assert not (tmp_path / "c").exists()
 
 
 def test_stranger_anchor_moves_forget_photos_toward_strangers_not_retain_people(world_with_strangers):

@@ -24,6 +24,7 @@ from mllm_unlearn.nullspace import (
     cached_covariances,
     collect_covariances,
     fingerprint_samples,
+    forget_specific_directions,
     lora_A_weights,
     lora_layers,
     null_space_basis,
@@ -172,6 +173,37 @@ def test_null_space_blocks_synthetic_low_rank_activations():
     assert ratio(A_null, held_out) < 1e-3 * ratio(A_rand, held_out)
     assert retain_energy(A_null, cov) == pytest.approx(ratio(A_null, X) ** 2, rel=1e-6)
     assert retain_energy(A_rand, cov) == pytest.approx(ratio(A_rand, X) ** 2, rel=1e-6)
+
+
+def test_forget_specific_directions_find_a_planted_direction_outside_the_excluded_rows():
+    """With F = C + 10 u u^T and u of calibration energy u^T C u = c outside the excluded rows, the top
+    generalised eigenvalue is (c + 10) / c with direction u; every other one is 1 (F = C elsewhere)."""
+    g = torch.Generator().manual_seed(0)
+    d = 12
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    cov = q @ torch.diag(torch.logspace(-4, 1, d, dtype=torch.float64)) @ q.T
+    exclude = null_space_basis(cov, 3)
+    u = q[:, 7]  # an eigenvector of C outside the 3 smallest, so orthogonal to the excluded rows
+    c = float(u @ cov @ u)
+    ratios, directions = forget_specific_directions(cov, cov + 10 * torch.outer(u, u), exclude, layer="enc.fc2")
+    assert ratios.shape == (d - 3,) and directions.shape == (d - 3, d)
+    assert float(ratios[0]) == pytest.approx((c + 10) / c, rel=1e-6)
+    torch.testing.assert_close(ratios[1:], torch.ones(d - 4, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert abs(float(directions[0] @ u)) == pytest.approx(1.0, abs=1e-6)
+    assert float((directions @ exclude.double().T).abs().max()) < 1e-6  # never inside the excluded span
+    with pytest.raises(ValueError, match=r"of layer enc\.fc2"):
+        forget_specific_directions(cov, torch.eye(d + 1), exclude, layer="enc.fc2")
+
+
+def test_ncu_config_refuses_bad_forget_direction_settings():
+    assert NCUConfig(rank=8, forget_directions=4).lora_rank == 12
+    assert NCUConfig(rank=8, forget_directions=4).lora_alpha == 12  # scaling stays 1
+    with pytest.raises(ValueError, match="forget_directions must be >= 0"):
+        NCUConfig(forget_directions=-1)
+    with pytest.raises(ValueError, match="subspace 'random' has none"):
+        NCUConfig(subspace="random", forget_directions=2)
+    with pytest.raises(ValueError, match="forget_ratio must be >= 1"):
+        NCUConfig(forget_directions=2, forget_ratio=0.5)
 
 
 # -- calibration -------------------------------------------------------------------------------------

@@ -161,6 +161,11 @@ def run_continual(
             "distill_steps is for one request: continual unlearning carries the adapters' B from one request to "
             "the next, which a distilled (merged) model no longer has"
         )
+    if cfg.forget_directions:
+        raise ValueError(
+            "forget_directions fits A to one request; continual unlearning calibrates A once, before the "
+            "first request, and keeps it for all of them (Sec. 3.3)"
+        )
     eval_cfg = eval_cfg or EvalConfig(mcq_mode="likelihood")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

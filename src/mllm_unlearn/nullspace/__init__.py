@@ -7,7 +7,7 @@ training (:func:`trainable_parameters`) moves only B; :func:`reference_model` gi
 model back for reference outputs.
 """
 
-from .bases import check_rank, null_space_basis, random_basis, retain_energy
+from .bases import check_rank, forget_specific_directions, null_space_basis, random_basis, retain_energy
 from .cache import CovarianceCache, cache_key, cached_covariances, fingerprint_samples
 from .calibrate import (
     LayerStats,
@@ -40,6 +40,7 @@ __all__ = [
     "collect_covariances",
     "default_image_features",
     "fingerprint_samples",
+    "forget_specific_directions",
     "full_forward",
     "lora_A_weights",
     "lora_layers",

@@ -56,3 +56,35 @@ def retain_energy(A: torch.Tensor, cov: torch.Tensor) -> float:
     a = A.detach().to("cpu", torch.float64)
     c = cov.detach().to("cpu", torch.float64)
     return float(torch.trace(a @ c @ a.T) / torch.trace(c))
+
+
+def forget_specific_directions(
+    cov: torch.Tensor, forget_cov: torch.Tensor, exclude: torch.Tensor, *, layer: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ratios, V)``: the input directions outside ``exclude``'s row span, ranked by how much more of a
+    forget request's energy than of the calibration set's they carry.
+
+    ``ratios`` (descending) are the generalised eigenvalues ``v^T F v / v^T C v`` of the forget covariance
+    ``F`` against the calibration covariance ``C`` (Eq. 13 on each set), over the orthogonal complement of
+    ``exclude`` (e.g. the null basis, shape (r, d)); ``V``'s rows are the matching directions, unit length,
+    in input space. A direction of ratio k reaches a calibration input with 1/k of its reach on a forget
+    input (in mean square). Not in the paper: the optional request-dependent part of A
+    (:attr:`NCUConfig.forget_directions`) and ``scripts/relearn_route.py``'s diagnostic use it.
+    """
+    where = f" of layer {layer}" if layer else ""
+    d = cov.shape[0]
+    if tuple(cov.shape) != (d, d) or tuple(forget_cov.shape) != (d, d) or exclude.shape[-1] != d:
+        raise ValueError(
+            f"covariances{where} must both be d x d with exclude's rows of width d, got "
+            f"{tuple(cov.shape)}, {tuple(forget_cov.shape)} and {tuple(exclude.shape)}"
+        )
+    e = exclude.detach().to("cpu", torch.float64).reshape(-1, d)
+    values, vectors = torch.linalg.eigh(torch.eye(d, dtype=torch.float64) - e.T @ e)
+    outside = vectors[:, values > 0.5]  # orthonormal basis (d x (d - r)) of the complement of exclude's rows
+    c = outside.T @ cov.detach().to("cpu", torch.float64) @ outside
+    f = outside.T @ forget_cov.detach().to("cpu", torch.float64) @ outside
+    lam, u = torch.linalg.eigh(c)
+    whiten = u / lam.clamp_min(1e-12 * float(lam.max().clamp_min(1e-300))).sqrt()  # whiten.T @ c @ whiten = I
+    ratios, w = torch.linalg.eigh(whiten.T @ f @ whiten)
+    directions = (outside @ whiten @ w).flip(1).T
+    return ratios.flip(0), directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-300)

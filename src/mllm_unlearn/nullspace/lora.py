@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from .bases import check_rank, null_space_basis, random_basis
+from .bases import check_rank, forget_specific_directions, null_space_basis, random_basis
 from .calibrate import PEFT_PREFIX, LayerStats, target_linears
 
 SUBSPACES = ("null", "random", "none")
@@ -38,22 +38,40 @@ class NCUConfig:
     ``alpha``: LoRA alpha; the update is scaled by alpha / r. None means alpha = rank (scaling 1).
     ``subspace``: ``null`` (NCU, Eq. 17), ``random`` (Sec. 4.3 "Rand") or ``none`` (plain LoRA).
     ``seed``: seeds the random subspace, and PEFT's random initialisation of A under ``none``.
+    ``forget_directions``: k extra rows of A per layer (``null`` only; not in the paper): the directions
+    outside the r null directions where the request's forget inputs carry at least ``forget_ratio`` times
+    the calibration inputs' energy (:func:`~mllm_unlearn.nullspace.bases.forget_specific_directions`),
+    most forget-specific first; a layer with fewer such directions gets zero rows (their B columns get no
+    gradient). The LoRA rank is then r + k. 0: A is the paper's null space alone.
     """
 
     rank: int = 8
     alpha: float | None = None
     subspace: str = "null"
     seed: int = 0
+    forget_directions: int = 0
+    forget_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         if self.subspace not in SUBSPACES:
             raise ValueError(f"subspace {self.subspace!r} not in {SUBSPACES}")
         if self.rank < 1:
             raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if self.forget_directions < 0:
+            raise ValueError(f"forget_directions must be >= 0, got {self.forget_directions}")
+        if self.forget_directions and self.subspace != "null":
+            raise ValueError(f"forget_directions extends a null-space A; subspace {self.subspace!r} has none")
+        if not self.forget_ratio >= 1:
+            raise ValueError(f"forget_ratio must be >= 1 (forget over calibration energy), got {self.forget_ratio}")
+
+    @property
+    def lora_rank(self) -> int:
+        """The LoRA rank: the null directions plus the forget-specific rows."""
+        return self.rank + self.forget_directions
 
     @property
     def lora_alpha(self) -> float:
-        return self.rank if self.alpha is None else self.alpha
+        return self.lora_rank if self.alpha is None else self.alpha
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
@@ -66,10 +84,27 @@ def base_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [layer.base_layer.weight for layer in lora_layers(model).values()]
 
 
+def _forget_rows(null: torch.Tensor, cov: torch.Tensor, forget_cov: torch.Tensor, cfg: NCUConfig, name: str):
+    """A's forget-specific rows (:attr:`NCUConfig.forget_directions`), orthonormal, zero-padded to k.
+
+    Orthonormalising keeps each row in the span of generalised eigenvectors of ratio >= ``forget_ratio``,
+    where every vector's ratio is a weighted mean of theirs: each row is as forget-specific as asked."""
+    ratios, directions = forget_specific_directions(cov, forget_cov, null, layer=name)
+    chosen = directions[: cfg.forget_directions][ratios[: cfg.forget_directions] >= cfg.forget_ratio]
+    rows = torch.zeros(cfg.forget_directions, null.shape[1], dtype=torch.float64)
+    if len(chosen):  # orthonormalised in rank order: the most forget-specific direction is kept as it is
+        rows[: len(chosen)] = torch.linalg.qr(chosen.T)[0].T
+    return rows.to(torch.float32)
+
+
 def _bases(
-    layers: Mapping[str, torch.nn.Linear], cfg: NCUConfig, covariances: Mapping[str, LayerStats] | None
+    layers: Mapping[str, torch.nn.Linear],
+    cfg: NCUConfig,
+    covariances: Mapping[str, LayerStats] | None,
+    forget_covariances: Mapping[str, LayerStats] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The frozen A of each layer (Eq. 17 or the random ablation); empty for ``subspace="none"``."""
+    """The frozen A of each layer (Eq. 17 or the random ablation, plus any forget-specific rows);
+    empty for ``subspace="none"``."""
     if cfg.subspace == "none":
         return {}
     if cfg.subspace == "random":
@@ -82,6 +117,9 @@ def _bases(
     missing = [name for name in layers if name not in covariances]
     if missing:
         raise ValueError(f"subspace='null' needs retain covariances of layer(s) {missing}")
+    missing = [name for name in layers if cfg.forget_directions and name not in (forget_covariances or {})]
+    if missing:
+        raise ValueError(f"forget_directions needs the forget request's covariances of layer(s) {missing}")
     bases = {}
     for name, layer in layers.items():
         cov = covariances[name].cov
@@ -90,6 +128,9 @@ def _bases(
                 f"covariance of layer {name} has shape {tuple(cov.shape)}, but its input width is {layer.in_features}"
             )
         bases[name] = null_space_basis(cov, cfg.rank, layer=name)
+        if cfg.forget_directions:
+            extra = _forget_rows(bases[name], cov, forget_covariances[name].cov, cfg, name)
+            bases[name] = torch.cat([bases[name], extra])
     return bases
 
 
@@ -100,6 +141,7 @@ def attach_lora(
     covariances: Mapping[str, LayerStats] | None = None,
     *,
     exclude: Iterable[str] = (),
+    forget_covariances: Mapping[str, LayerStats] | None = None,
 ) -> PeftModel:
     """Wrap ``model`` in a PeftModel with LoRA on every Linear matching ``pattern`` (minus ``exclude``).
 
@@ -108,7 +150,9 @@ def attach_lora(
     ``cfg.rank``, alpha ``cfg.lora_alpha``, no dropout and B = 0 (the adapted model starts equal
     to the original); PEFT's random A (``none``) is drawn from a generator seeded with ``cfg.seed``.
     For ``null``/``random`` each A is overwritten with its basis and frozen, so only B trains; the
-    frozen parameters' names are recorded on the returned model (``FROZEN_ATTR``).
+    frozen parameters' names are recorded on the returned model (``FROZEN_ATTR``). With
+    ``cfg.forget_directions`` A gains that many forget-specific rows per layer, from
+    ``forget_covariances`` (the request's inputs, Eq. 13) against ``covariances``.
 
     Everything is validated before the model is touched: ValueError naming the layer if the rank
     exceeds its input width, or if its covariance is missing or of the wrong size.
@@ -122,8 +166,8 @@ def attach_lora(
     if not layers:
         raise ValueError(f"every layer matched by {pattern!r} is excluded")
     for name, layer in layers.items():
-        check_rank(cfg.rank, layer.in_features, name)
-    bases = _bases(layers, cfg, covariances)
+        check_rank(cfg.lora_rank, layer.in_features, name)
+    bases = _bases(layers, cfg, covariances, forget_covariances)
 
     # PEFT draws A (Kaiming-uniform) from the global generator, which torch seeds at random in each
     # process: seeded from cfg.seed here, so plain LoRA (the baselines) starts from the same A in every
@@ -134,7 +178,7 @@ def attach_lora(
         peft_model = get_peft_model(
             model,
             LoraConfig(
-                r=cfg.rank,
+                r=cfg.lora_rank,
                 lora_alpha=cfg.lora_alpha,
                 target_modules=pattern,
                 exclude_modules=sorted(exclude) or None,

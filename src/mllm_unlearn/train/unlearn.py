@@ -77,6 +77,15 @@ class UnlearnConfig:
     #: (0.252 -> 0.275; docs/method.md, "Fourth pass"). Visual null-space calibration only
     calibrate_views: int = 0
     calibrate_augment: float = 0.25
+    #: request-dependent rows of A (:attr:`~mllm_unlearn.nullspace.NCUConfig.forget_directions`, not in the
+    #: paper): per adapted layer, up to this many directions outside the null space where the request's
+    #: forget photos carry at least ``forget_ratio`` times the calibration photos' input energy, meant to let
+    #: the edit reach the input directions the relearning attack goes through. One request with a null-space
+    #: A. 0: off (the paper's A), since on dev worlds 0-2 (draw 0, docs/method.md, "Tenth pass") k = 4 / 8 / 8
+    #: at rho = 4 / 4 / 2 gave relearning recovery 0.183 / 0.200 / 0.108 against 0.108 and Real-world VQA
+    #: 0.970 / 0.963 / 0.960 against 0.977, for unseen photos 0.315 / 0.295 / 0.283 against 0.320
+    forget_directions: int = 0
+    forget_ratio: float = 4.0
     #: after training, fold the adapters in and noise-and-distil the adapted visual layers (UNDO,
     #: :mod:`~mllm_unlearn.train.distill`) for this many steps; the run is then carried by its merged
     #: model, not by an adapter. Visual scopes, one request. 0: off, since on dev worlds 0-2 (three draws,
@@ -98,6 +107,7 @@ class UnlearnConfig:
             raise ValueError(f"calibrate_views must be >= 0, got {self.calibrate_views}")
         if not 0 <= self.calibrate_augment <= 2:
             raise ValueError(f"calibrate_augment must be in [0, 2], got {self.calibrate_augment}")
+        NCUConfig(forget_directions=self.forget_directions, forget_ratio=self.forget_ratio)  # refuses bad forget_*
         self.distill_config()  # refuses bad distill_* values
 
     def distill_config(self) -> DistillConfig:
@@ -175,6 +185,7 @@ def attach_adapters(
     cfg: UnlearnConfig,
     method: type[UnlearningMethod],
     strangers: Sequence[Sample] = (),
+    forget: Sequence[Sample] = (),
 ) -> LoadedModel:
     """Wrap the model with LoRA on the update scope; for NCU, A = null-space basis of the retain set.
 
@@ -199,6 +210,9 @@ def attach_adapters(
     :meth:`~mllm_unlearn.methods.base.UnlearnContext.cache_reference`). With every layer's
     covariance cached that pass does not run, and the request computes them in its own pass, in the
     same batches (the same bits). Every process calibrates, so every process holds the same store.
+
+    ``forget``: the request's training pairs, needed by ``cfg.forget_directions`` only; their covariances
+    are collected in a second, uncached pass (they are the request's, not the model's).
     """
     distributed.place(lm.model)
     scope = cfg.scope or method.default_scope
@@ -219,7 +233,18 @@ def attach_adapters(
             f"calibrate_views augments the images of a visual null-space calibration; scope {scope!r} with "
             f"subspace {subspace!r} has none"
         )
-    covariances = captured = None
+    rank = cfg.rank or default_rank(method, [linears[n].in_features for n in names])
+    ncu = NCUConfig(
+        rank=rank,
+        alpha=cfg.lora_alpha,
+        subspace=subspace,
+        seed=cfg.seed,
+        forget_directions=cfg.forget_directions,
+        forget_ratio=cfg.forget_ratio,
+    )  # refuses bad settings before the calibration passes
+    if cfg.forget_directions and not (distinct_images(forget) if visual else forget):
+        raise DataError("forget_directions needs the forget request's " + ("images" if visual else "pairs"))
+    covariances = captured = forget_covariances = None
     if subspace == "null":
         items = list(images if visual else retain)
         if resolve_calibrate_strangers(cfg, method):  # distinct photos with their "I don't know" pairs
@@ -228,7 +253,8 @@ def attach_adapters(
             g = torch.Generator().manual_seed(cfg.seed + 104729)
             items += augmented_copies(items, g, cfg.calibrate_views, cfg.calibrate_augment)
         inputs = _CalibrationInputs(lm, items, visual)
-        forward = (lambda m, x: lm.arch.image_features(m, x)) if visual else full_forward
+        plain = (lambda m, x: lm.arch.image_features(m, x)) if visual else full_forward
+        forward = plain
         if visual and method.uses_reference_features and cfg.ivr_level == "projector":
             captured = ReferenceFeatures(cfg.ivr_level, memory_mb=cfg.reference_memory_mb)
             forward = capturing(captured, forward, lambda: inputs.current)
@@ -247,11 +273,12 @@ def attach_adapters(
                 )
         else:
             covariances = collect_covariances(lm.model, names, inputs, forward=forward)
-    rank = cfg.rank or default_rank(method, [linears[n].in_features for n in names])
-    ncu = NCUConfig(rank=rank, alpha=cfg.lora_alpha, subspace=subspace, seed=cfg.seed)
+        if cfg.forget_directions:
+            request = _CalibrationInputs(lm, distinct_images(forget) if visual else list(forget), visual)
+            forget_covariances = collect_covariances(lm.model, names, request, forward=plain)
     for p in lm.model.parameters():
         p.requires_grad_(False)
-    model = attach_lora(lm.model, pattern, ncu, covariances, exclude=exclude)
+    model = attach_lora(lm.model, pattern, ncu, covariances, exclude=exclude, forget_covariances=forget_covariances)
     distributed.broadcast_(p for n, p in model.named_parameters() if "lora_A" in n)
     if captured is not None:
         keep_captured(model, captured)
@@ -373,7 +400,7 @@ def unlearn(
             raise ValueError(f"distill_steps distils the visual module; scope {scope!r} trains none of it")
         if distributed.world_size() > 1:
             raise ValueError("distill_steps runs in one process: launch without accelerate / torchrun")
-    lm = attach_adapters(lm, retain, cfg, method_cls, strangers)
+    lm = attach_adapters(lm, retain, cfg, method_cls, strangers, forget)
     history = unlearn_stage(lm, method, forget, retain, cfg, strangers=strangers)
     if cfg.distill_steps:
         merged(lm)  # the student starts from the unlearned weights (adapters folded in), learns their tokens back
