@@ -8,11 +8,11 @@ Usage::
 
 A variant is ``NAME[:KEY=VALUE,...]``: method options (``--opt`` keys of the method's config) and the
 driver's ``rank``, ``steps``, ``lr``, ``scope`` (the adapters' update scope), ``calibrate_strangers``
-(true|false), ``calibrate_views``, ``calibrate_augment``, ``method`` (default ``cvf_ncu``) and
+(true|false), ``calibrate_views``, ``calibrate_augment``, ``forget_directions``, ``forget_ratio`` (A's
+request-dependent rows), ``method`` (default ``cvf_ncu``) and
 ``seed_offset`` (the unlearning run's seed is the world's seed plus it: another draw of batches, views
 and the simulated attack on the same world) and ``distill_steps``, ``distill_noise``, ``distill_lr``,
-``distill_views`` (the noise-and-distil stage after unlearning), ``forget_directions``, ``forget_ratio``
-(A's request-dependent rows), with ``distill_generic=N``: N random faces
+``distill_views`` (the noise-and-distil stage after unlearning), with ``distill_generic=N``: N random faces
 (``data.world.generic_faces``, drawn from the run's seed) join its images, a generic face corpus's stand-in.
 Per seed the cached vanilla model is unlearned with the variant (the audit's default ``UnlearnConfig``
 otherwise), merged, and audited with the chosen probes against the cached vanilla and oracle (the

@@ -218,7 +218,7 @@ def test_forget_directions_add_request_specific_rows_to_the_null_space(world_wit
         ratios = [float(v @ cov_f[name].cov @ v) / float(v @ cov_c[name].cov @ v) for v in kept]
         assert all(x >= 1.5 * (1 - 1e-3) for x in ratios)
         assert (rows.norm(dim=1) > 0).tolist() == sorted((rows.norm(dim=1) > 0).tolist(), reverse=True)
-    assert found > 0
+    assert 0 < found < 4 * len(extended)  # here 48 of 56: some layers have fewer qualifying directions
     with pytest.raises(ValueError, match="forget_directions must be >= 0"):
         UnlearnConfig(forget_directions=-2)
     with pytest.raises(ValueError, match="subspace 'random' has none"):
