@@ -582,7 +582,7 @@ def run_forget(
     method = method_cls(method_config(settings, record))
     ucfg = settings.unlearn_config(opts.cache_dir)
     if resume is None:
-        lm = attach_adapters(lm, retain_samples, ucfg, method_cls, stranger_samples, forget_samples)
+        lm = attach_adapters(lm, retain_samples, ucfg, method_cls, stranger_samples)
     else:
         lm = _attach_saved(lm, Path(resume) / "adapter", record)
     history = unlearn_stage(lm, method, forget_samples, retain_samples, ucfg, desc="forget", strangers=stranger_samples)
