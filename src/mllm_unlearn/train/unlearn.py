@@ -244,7 +244,8 @@ def attach_adapters(
         forget_directions=cfg.forget_directions,
         forget_ratio=cfg.forget_ratio,
     )  # refuses bad settings before the calibration passes
-    if cfg.forget_directions and not (distinct_images(forget) if visual else forget):
+    request = (distinct_images(forget) if visual else list(forget)) if cfg.forget_directions else []
+    if cfg.forget_directions and not request:
         raise DataError("forget_directions needs the forget request's " + ("images" if visual else "pairs"))
     covariances = captured = forget_covariances = None
     if subspace == "null":
@@ -276,8 +277,8 @@ def attach_adapters(
         else:
             covariances = collect_covariances(lm.model, names, inputs, forward=forward)
         if cfg.forget_directions:
-            request = _CalibrationInputs(lm, distinct_images(forget) if visual else list(forget), visual)
-            forget_covariances = collect_covariances(lm.model, names, request, forward=plain)
+            request_inputs = _CalibrationInputs(lm, request, visual)
+            forget_covariances = collect_covariances(lm.model, names, request_inputs, forward=plain)
     for p in lm.model.parameters():
         p.requires_grad_(False)
     model = attach_lora(lm.model, pattern, ncu, covariances, exclude=exclude, forget_covariances=forget_covariances)
