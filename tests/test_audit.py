@@ -322,6 +322,9 @@ def test_multiseed_quick_variant(tmp_path: Path) -> None:
     unseen = summary["runs"]["cvf_ncu"]["unseen_forget_vqa"]
     assert unseen["n"] == 2 and not math.isnan(unseen["ci95"])
     assert (tmp_path / "out" / "seed4" / "report.json").is_file() and (tmp_path / "out" / "summary.md").is_file()
+    # the 32-wide quick tower gets the driver's capped rank, never the whole input space (r = d = 32)
+    record = json.loads((tmp_path / "cache" / "seed3" / "runs" / "cvf_ncu" / "run.json").read_text())
+    assert record["resolved"]["rank"] == record["resolved"]["lora_rank"] == 16
     mtime = (tmp_path / "cache" / "seed3" / "vanilla" / "config.json").stat().st_mtime
     run_multiseed(tmp_path / "out2", replace(cfg, seeds=(3,)), tmp_path / "cache")
     assert (tmp_path / "cache" / "seed3" / "vanilla" / "config.json").stat().st_mtime == mtime

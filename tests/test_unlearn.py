@@ -64,6 +64,7 @@ def test_unlearn_cli_writes_a_peft_adapter_that_reloads(setup, capsys):
     assert code == 0
     record = json.loads((out / "run.json").read_text())
     assert record["method_config"]["push"] == "nmse" and record["resolved"]["subspace"] == "null"
+    assert record["resolved"]["rank"] == 16  # the rank used: cvf_ncu's 32 capped at half the 32-wide tower
     assert len(list((root / "cache").glob("*.safetensors"))) > 0  # covariances cached for the next run
     reloaded = PeftModel.from_pretrained(load_model(model).model, out / "adapter")
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in reloaded.named_parameters())

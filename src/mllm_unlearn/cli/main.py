@@ -222,7 +222,7 @@ def cmd_unlearn(args):
         metrics = evaluate(lm, data, eval_cfg)
         _say(markdown_table({args.method: metrics}))
     record = run_record(
-        cfg, method_cls(method_cfg), history, model=args.model, data=args.data, forget=args.forget, metrics=metrics
+        cfg, method_cls(method_cfg), history, lm, model=args.model, data=args.data, forget=args.forget, metrics=metrics
     )
     # a method that edits base weights (MANU) is carried only by the merged model
     _say(f"wrote {save_run(lm, args.out, record, merge=args.merge or not method_cls.trains)}")

@@ -139,17 +139,21 @@ def prepare_seed(cfg: MultiSeedConfig, seed: int, cache: Path) -> dict[str, Path
                 "method": method,
                 "seed": seed,
                 "cache_dir": str(cache / "ncu_cache"),
-                "rank": cfg.unlearn.rank or method_cls.default_rank,
             }
         )
-        # the key holds the resolved rank and method options: a changed default retrains the run
-        key = json.dumps({**asdict(run_cfg), "method_config": method_cls().config_dict()}, sort_keys=True, default=str)
+        # the key holds the method's default rank (the driver caps it by the layers' width) and options:
+        # a changed default retrains the run
+        key = json.dumps(
+            {**asdict(run_cfg), "default_rank": method_cls.default_rank, "method_config": method_cls().config_dict()},
+            sort_keys=True,
+            default=str,
+        )
         run_dir = cache / "runs" / method
         if run_dir.exists() and json.loads((run_dir / "run.json").read_text()).get("audit_key") != key:
             shutil.rmtree(run_dir)
         if not run_dir.exists():
             lm, history = unlearn(load_model(vanilla), data, run_cfg)
-            save_run(lm, run_dir, run_record(run_cfg, method_cls(), history, audit_key=key), merge=True)
+            save_run(lm, run_dir, run_record(run_cfg, method_cls(), history, lm, audit_key=key), merge=True)
         paths[method] = run_dir
     return paths
 

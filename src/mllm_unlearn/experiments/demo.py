@@ -86,7 +86,10 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, d
                 timings[f"unlearn_{method}_s"] = time.perf_counter() - t0
                 method_cls = get_method(method)
                 save_run(
-                    lm, work / "runs" / method, run_record(run_cfg, method_cls(), history), merge=not method_cls.trains
+                    lm,
+                    work / "runs" / method,
+                    run_record(run_cfg, method_cls(), history, lm),
+                    merge=not method_cls.trains,
                 )
             t0 = time.perf_counter()
             results[method] = evaluate(lm, data, cfg.eval, predictions_file=work / f"predictions_{method}.jsonl")

@@ -598,6 +598,7 @@ def run_forget(
         ucfg,
         method,
         history,
+        lm,
         forget={
             "settings": asdict(settings),
             "requests": requests,
@@ -636,7 +637,9 @@ def _attach_saved(lm: LoadedModel, adapter: Path, record: dict) -> LoadedModel:
         frozen = frozenset(n for n, _ in model.named_parameters() if ".lora_A." in n)
         setattr(model, FROZEN_ATTR, frozen)
         refreeze(model)
-    return LoadedModel(model, lm.processor, lm.arch)
+    resolved = record.get("resolved", {})
+    adapters = {k: resolved[k] for k in ("rank", "lora_rank") if k in resolved} or None
+    return LoadedModel(model, lm.processor, lm.arch, adapters=adapters)
 
 
 # -- the report ----------------------------------------------------------------------------------

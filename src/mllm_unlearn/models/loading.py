@@ -25,6 +25,9 @@ class LoadedModel:
     model: Any
     processor: Any
     arch: ArchAdapter
+    #: how the unlearning driver shaped its adapters (e.g. ``{"rank": 32, "lora_rank": 32}``), for the
+    #: run's record; it outlives a merge. None for a model that got none.
+    adapters: dict[str, Any] | None = None
 
 
 def looks_local(path_or_id: str | Path) -> bool:

@@ -285,7 +285,7 @@ def attach_adapters(
     distributed.broadcast_(p for n, p in model.named_parameters() if "lora_A" in n)
     if captured is not None:
         keep_captured(model, captured)
-    return LoadedModel(model, lm.processor, lm.arch)
+    return LoadedModel(model, lm.processor, lm.arch, adapters={"rank": rank, "lora_rank": ncu.lora_rank})
 
 
 def unlearn_stage(
@@ -422,8 +422,13 @@ def merged(lm: LoadedModel) -> LoadedModel:
     return lm
 
 
-def run_record(cfg: UnlearnConfig, method: UnlearningMethod, history: list[dict], **extra: Any) -> dict:
-    """What ``run.json`` holds: the driver and method configs, resolved defaults, the log."""
+def run_record(
+    cfg: UnlearnConfig, method: UnlearningMethod, history: list[dict], lm: LoadedModel | None = None, **extra: Any
+) -> dict:
+    """What ``run.json`` holds: the driver and method configs, resolved defaults, the log. ``lm``: the
+    unlearned model, whose :attr:`~LoadedModel.adapters` give the rank used (the method's default capped
+    by :func:`default_rank`, and the LoRA rank with ``forget_directions``); without it, the configured one."""
+    attached = (lm.adapters if lm is not None else None) or {"rank": cfg.rank or method.default_rank}
     return {
         "unlearn": asdict(cfg),
         "method_config": method.config_dict(),
@@ -431,7 +436,7 @@ def run_record(cfg: UnlearnConfig, method: UnlearningMethod, history: list[dict]
             "scope": cfg.scope or method.default_scope,
             "subspace": cfg.subspace or method.default_subspace,
             "lr": cfg.lr or method.default_lr,
-            "rank": cfg.rank or method.default_rank,
+            **attached,
             "calibrate_strangers": resolve_calibrate_strangers(cfg, type(method)),
         },
         "log": history,
