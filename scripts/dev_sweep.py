@@ -7,9 +7,9 @@ Usage::
         --variant default --variant "gum4:gum_batch_size=4" --variant "r16:rank=16"
 
 A variant is ``NAME[:KEY=VALUE,...]``: method options (``--opt`` keys of the method's config) and the
-driver's ``rank``, ``steps``, ``lr``, ``scope`` (the adapters' update scope), ``calibrate_strangers``
-(true|false), ``calibrate_views``, ``calibrate_augment``, ``forget_directions``, ``forget_ratio`` (A's
-request-dependent rows), ``method`` (default ``cvf_ncu``) and
+driver's ``rank``, ``steps``, ``lr``, ``batch_size`` (forget photos per step), ``scope`` (the adapters'
+update scope), ``calibrate_strangers`` (true|false), ``calibrate_views``, ``calibrate_augment``,
+``forget_directions``, ``forget_ratio`` (A's request-dependent rows), ``method`` (default ``cvf_ncu``) and
 ``seed_offset`` (the unlearning run's seed is the world's seed plus it: another draw of batches, views
 and the simulated attack on the same world) and ``distill_steps``, ``distill_noise``, ``distill_lr``,
 ``distill_views`` (the noise-and-distil stage after unlearning), with ``distill_generic=N``: N random faces
@@ -46,6 +46,7 @@ DRIVER_KEYS = {
     "rank": int,
     "steps": int,
     "lr": float,
+    "batch_size": int,
     "method": str,
     "scope": str,
     "calibrate_strangers": lambda v: v == "true",
