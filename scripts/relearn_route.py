@@ -22,13 +22,15 @@ VQA is printed (training photos, and unseen photos in brackets), averaged over `
 
 It also prints, per adapted layer, the share of the ``adapted`` attack's weight change that lies in A's span
 (of r of d input directions: r / d if the change had no preferred direction), and the same share for one sign
-step on the attack's loss (``sign(grad_W)`` of the answer NLL of 16 of half A's pairs, at the unlearned
-weights: the shape of ``relearn_sim``'s simulated step), the sizes ||dW|| / ||W|| of the unlearning's edit
-and of the attack's change, and how specific to the forget people the directions outside A's span are: the
-largest and the 8th largest ratio of forget to retain input energy over directions there (generalised
-eigenvalues of the forget photos' input covariance against that of NCU's calibration photos, the retain and
-stranger photos, on the vanilla model). An edit along a direction of ratio k reaches the retain photos with
-1 / k of the energy it reaches the forget photos with.
+step on each of ``relearn_sim``'s two attack losses, at the unlearned weights (the shape of its simulated
+step): ``sign(grad_W)`` of the answer NLL of 16 of half A's pairs (``relearn_sim_attack=answers``) and of
+Eq. 9 between the projector tokens of their photos and the reference model's (``tokens``, the default); the
+sizes ||dW|| / ||W|| of the unlearning's edit and of the attack's change, and how specific to the forget
+people the directions outside A's span are: the largest and the 8th largest ratio of forget to retain input
+energy over directions there (generalised eigenvalues of the forget photos' input covariance against that of
+NCU's calibration photos, the retain and stranger photos, on the vanilla model). An edit along a direction of
+ratio k reaches the retain photos with 1 / k of the energy it reaches the forget photos with. ``--attackers``
+runs a subset of the attackers (``none``: only the per-layer shares).
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ from mllm_unlearn.evaluate.audit import load_audit_data
 from mllm_unlearn.evaluate.audit.relearn import AttackBudget, finetune_copy, halves, relearn_probe
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import distinct_images
+from mllm_unlearn.methods.losses import retention_mse
 from mllm_unlearn.models.loading import load_model
-from mllm_unlearn.models.scoring import answer_nll, image_batches
+from mllm_unlearn.models.scoring import answer_nll, eval_mode, image_batches
 from mllm_unlearn.nullspace import base_weights, collect_covariances, forget_specific_directions, lora_A_weights
+from mllm_unlearn.nullspace.lora import reference_model
 from mllm_unlearn.runtime.options import parse_options
 from mllm_unlearn.train.finetune import select_trainable
 from mllm_unlearn.train.unlearn import UnlearnConfig, merged, split_people, stranger_samples, unlearn
@@ -121,6 +125,26 @@ def forget_specificity(lm, data, bases: dict[str, torch.Tensor]) -> dict[str, to
     }
 
 
+def sign_steps(lm, pairs) -> dict[str, list[torch.Tensor]]:
+    """``sign(grad_W)`` of the adapted layers' base weights W under each of ``relearn_sim``'s attack losses on
+    ``pairs``, at the adapted (unlearned, not merged) model's weights."""
+    inputs = image_batches(lm, distinct_images(pairs))[0]
+    with torch.no_grad(), eval_mode(lm.model), reference_model(lm.model):
+        target = lm.arch.visual_tokens(lm.model, inputs, "projector")
+    losses = {
+        "answers": lambda: answer_nll(lm, pairs),
+        "tokens": lambda: retention_mse(lm.arch.visual_tokens(lm.model, inputs, "projector"), target),
+    }
+    weights = base_weights(lm.model)
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        return {name: [g.sign() for g in torch.autograd.grad(loss(), weights)] for name, loss in losses.items()}
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True)
@@ -130,10 +154,15 @@ def main() -> None:
     p.add_argument("--opt", action="append", default=[], help="cvf_ncu option KEY=VALUE")
     p.add_argument("--forget-directions", type=int, default=0, help="UnlearnConfig.forget_directions of the run")
     p.add_argument("--forget-ratio", type=float, default=4.0, help="UnlearnConfig.forget_ratio of the run")
+    p.add_argument("--attackers", default=",".join(ATTACKERS), help="comma-separated subset, or none")
     args = p.parse_args()
+    attackers = [a for a in args.attackers.split(",") if a and a != "none"]
+    unknown = set(attackers) - set(ATTACKERS)
+    if unknown:
+        p.error(f"--attackers: unknown {sorted(unknown)}; choose from {', '.join(ATTACKERS)} or none")
     method_cfg = parse_options(get_method("cvf_ncu").config_class, args.opt)
     attack_seeds = [int(s) for s in args.attack_seeds.split(",")]
-    table = {a: [] for a in ATTACKERS}
+    table = {a: [] for a in attackers}
     for seed in (int(s) for s in args.seeds.split(",")):
         root = f"{args.cache}/seed{seed}"
         data = read_mllmu(f"{root}/world", forget=args.forget)
@@ -149,12 +178,7 @@ def main() -> None:
         bases = span_projectors(lm.model)
         attack, _ = halves(audit.forget_people)
         train = [s for s in audit.bench.train if s.person in set(attack)]
-        weights = base_weights(lm.model)
-        for w in weights:
-            w.requires_grad_(True)
-        sign_steps = [g.sign() for g in torch.autograd.grad(answer_nll(lm, train[:16]), weights)]
-        for w in weights:
-            w.requires_grad_(False)
+        steps = sign_steps(lm, train[:16])
         lm = merged(lm)
         start = {n: w.detach().clone() for n, w in lm.model.named_parameters() if n in bases}
         reference = load_model(f"{root}/vanilla")
@@ -164,7 +188,7 @@ def main() -> None:
         if missing:
             raise RuntimeError(f"adapted layers not found in the merged model: {sorted(missing)[:3]}")
         trainable = attacked_parameters(visual_parameters(lm.model, lm.arch), set(bases))
-        for attacker in ATTACKERS:
+        for attacker in attackers:
             hook = keep_change(start, bases, attacker == "adapted_null") if attacker.startswith("adapted_") else None
             runs = [
                 relearn_probe(lm, audit, AttackBudget(seed=s), trainable=trainable[attacker], on_step=hook)
@@ -176,11 +200,13 @@ def main() -> None:
             print(f"world {seed} {attacker:13s} recovery {rec:+.3f} (unseen photos {unseen:+.3f})", flush=True)
         tuned = finetune_copy(lm, train, AttackBudget(seed=attack_seeds[0]), trainable=trainable["adapted"])
         after = dict(tuned.model.named_parameters())
-        for (name, q), sign_step in zip(bases.items(), sign_steps):
+        for i, (name, q) in enumerate(bases.items()):
             change = after[name].detach() - start[name]
+            answers, tokens = (span_share(steps[loss][i], q) for loss in ("answers", "tokens"))
             print(
                 f"  {name}: in A's span ({q.shape[1]} of {q.shape[0]} directions) {span_share(change, q):.3f} of "
-                f"the attack's change, {span_share(sign_step, q):.3f} of a sign step; ||dW|| / ||W||: the edit "
+                f"the attack's change, of a sign step {answers:.3f} (answers) / {tokens:.3f} (tokens); "
+                f"||dW|| / ||W||: the edit "
                 f"{(start[name] - vanilla[name]).norm() / vanilla[name].norm():.2f}, "
                 f"the attack {change.norm() / start[name].norm():.4f}; forget / retain energy outside A's span: "
                 f"largest {specificity[name][0]:.1f}, 8th {specificity[name][7]:.1f}"
