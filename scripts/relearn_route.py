@@ -31,6 +31,11 @@ energy over directions there (generalised eigenvalues of the forget photos' inpu
 NCU's calibration photos, the retain and stranger photos, on the vanilla model). An edit along a direction of
 ratio k reaches the retain photos with 1 / k of the energy it reaches the forget photos with. ``--attackers``
 runs a subset of the attackers (``none``: only the per-layer shares).
+
+``--per-person`` prints, for each person of the held-out half, forget VQA on their training and unseen photos
+before and after the audit's attack (every weight, mean over ``--attack-seeds``), and how alike they look to the
+attacked half in the vanilla model: the largest cosine between their mean pooled projector tokens and an
+attacked person's (centred on the mean over the forget and retain people), beside the largest to a retain person.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 
 from mllm_unlearn.data.mllmu import read_mllmu
 from mllm_unlearn.evaluate.audit import load_audit_data
+from mllm_unlearn.evaluate.audit.common import score_mcqs
 from mllm_unlearn.evaluate.audit.relearn import AttackBudget, finetune_copy, halves, relearn_probe
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import distinct_images
@@ -125,6 +131,57 @@ def forget_specificity(lm, data, bases: dict[str, torch.Tensor]) -> dict[str, to
     }
 
 
+def person_means(lm, samples) -> dict[str, torch.Tensor]:
+    """Each person's mean pooled projector tokens over their distinct training photos."""
+    by_person: dict[str, list] = {}
+    for s in distinct_images(samples):
+        by_person.setdefault(s.person, []).append(s)
+    with torch.no_grad(), eval_mode(lm.model):
+        return {
+            person: torch.cat(
+                [lm.arch.visual_tokens(lm.model, x, "projector").mean(1) for x in image_batches(lm, photos)]
+            ).mean(0)
+            for person, photos in by_person.items()
+        }
+
+
+def per_person(lm, reference, data, audit, attack: list[str], seeds: list[int]) -> None:
+    """``--per-person``: who of the held-out half comes back after the audit's attack, and how alike they look
+    to the attacked half in the vanilla model."""
+    held = [p for p in audit.forget_people if p not in set(attack)]
+    train = [s for s in audit.bench.train if s.person in set(attack)]
+    forget, retain_samples = split_people(data)
+    means = person_means(reference, forget + retain_samples)
+    centre = torch.stack(list(means.values())).mean(0)
+    unit = {p: torch.nn.functional.normalize(m - centre, dim=0) for p, m in means.items()}
+    retain = sorted({s.person for s in retain_samples})
+
+    def vqa(model) -> dict[str, tuple[float, float]]:
+        return {
+            p: (
+                score_mcqs(model, audit.image_mcqs("forget", [p])).accuracy(),
+                score_mcqs(model, audit.unseen_mcqs([p])).accuracy(),
+            )
+            for p in held
+        }
+
+    before = vqa(lm)
+    afters = []
+    for s in seeds:
+        tuned = finetune_copy(lm, train, AttackBudget(seed=s))
+        afters.append(vqa(tuned))
+        del tuned
+    for p in held:
+        after = [sum(a[p][i] for a in afters) / len(afters) for i in (0, 1)]
+        near_attack = max(float(unit[p] @ unit[q]) for q in attack)
+        near_retain = max(float(unit[p] @ unit[q]) for q in retain)
+        print(
+            f"  held-out {p}: forget VQA {before[p][0]:.2f} -> {after[0]:.2f} (unseen {before[p][1]:.2f} -> "
+            f"{after[1]:.2f}); nearest attacked person cos {near_attack:.2f}, nearest retain person {near_retain:.2f}",
+            flush=True,
+        )
+
+
 def sign_steps(lm, pairs) -> dict[str, list[torch.Tensor]]:
     """``sign(grad_W)`` of the adapted layers' base weights W under each of ``relearn_sim``'s attack losses on
     ``pairs``, at the adapted (unlearned, not merged) model's weights."""
@@ -155,6 +212,7 @@ def main() -> None:
     p.add_argument("--forget-directions", type=int, default=0, help="UnlearnConfig.forget_directions of the run")
     p.add_argument("--forget-ratio", type=float, default=4.0, help="UnlearnConfig.forget_ratio of the run")
     p.add_argument("--attackers", default=",".join(ATTACKERS), help="comma-separated subset, or none")
+    p.add_argument("--per-person", action="store_true", help="who of the held-out half comes back, and why")
     args = p.parse_args()
     attackers = [a for a in args.attackers.split(",") if a and a != "none"]
     unknown = set(attackers) - set(ATTACKERS)
@@ -188,6 +246,8 @@ def main() -> None:
         if missing:
             raise RuntimeError(f"adapted layers not found in the merged model: {sorted(missing)[:3]}")
         trainable = attacked_parameters(visual_parameters(lm.model, lm.arch), set(bases))
+        if args.per_person:
+            per_person(lm, reference, data, audit, attack, attack_seeds)
         for attacker in attackers:
             hook = keep_change(start, bases, attacker == "adapted_null") if attacker.startswith("adapted_") else None
             runs = [
