@@ -114,7 +114,7 @@ def test_distilled_student_learns_the_teachers_tokens_back_and_the_llm_is_untouc
     for n, p in lm.model.named_parameters():
         if n in llm:
             assert torch.equal(p, llm[n]), n
-    out = save_run(lm, tmp_path / "run", run_record(cfg, get_method("cvf_ncu")(), history))
+    out = save_run(lm, tmp_path / "run", run_record(cfg, get_method("cvf_ncu")(), history, lm))
     assert (out / "merged" / "config.json").is_file() and not (out / "adapter").exists()
     assert json.loads((out / "run.json").read_text())["unlearn"]["distill_steps"] == 60
     again = load_run(out)

@@ -423,12 +423,11 @@ def merged(lm: LoadedModel) -> LoadedModel:
 
 
 def run_record(
-    cfg: UnlearnConfig, method: UnlearningMethod, history: list[dict], lm: LoadedModel | None = None, **extra: Any
+    cfg: UnlearnConfig, method: UnlearningMethod, history: list[dict], lm: LoadedModel, **extra: Any
 ) -> dict:
     """What ``run.json`` holds: the driver and method configs, resolved defaults, the log. ``lm``: the
     unlearned model, whose :attr:`~LoadedModel.adapters` give the rank used (the method's default capped
-    by :func:`default_rank`, and the LoRA rank with ``forget_directions``); without it, the configured one."""
-    attached = (lm.adapters if lm is not None else None) or {"rank": cfg.rank or method.default_rank}
+    by :func:`default_rank`, and the LoRA rank with ``forget_directions``)."""
     return {
         "unlearn": asdict(cfg),
         "method_config": method.config_dict(),
@@ -436,7 +435,7 @@ def run_record(
             "scope": cfg.scope or method.default_scope,
             "subspace": cfg.subspace or method.default_subspace,
             "lr": cfg.lr or method.default_lr,
-            **attached,
+            **(lm.adapters or {}),
             "calibrate_strangers": resolve_calibrate_strangers(cfg, type(method)),
         },
         "log": history,
