@@ -172,3 +172,51 @@ def test_continual_run_writes_matrix_plots_and_resumes(setup, tmp_path):
     progress.write_text(json.dumps({**record, "config": {**old, "distill_noise": 0.1}}))
     with pytest.raises(ValueError, match="other config"):
         run_continual(load_model(model), data, tmp_path / "cont", cfg, n_tasks=n, unseen=unseen)
+
+
+def test_recalibrate_gives_each_request_a_null_space_off_the_earlier_requests(setup, tmp_path):
+    """``UnlearnConfig.recalibrate`` (continual, no replay): stage 2's A is calibrated on the model with
+    stage 1's edit folded in, over the retain photos and request 1's: in every adapted layer it lets
+    through less of request 1's input energy (as that model encodes them) than stage 1's A. The run is
+    carried by ``merged/``; one interrupted after stage 1 resumes to the same bytes; replay and a single
+    request are refused before any training."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from mllm_unlearn.data.mllmu import read_mllmu
+    from mllm_unlearn.models.scoring import image_batches
+    from mllm_unlearn.nullspace import collect_covariances, retain_energy
+    from mllm_unlearn.train.unlearn import unlearn
+
+    _, world, _, model = setup
+    data = read_mllmu(world, forget="forget_15")
+    cfg = UnlearnConfig(steps=3, batch_size=2, warmup=1, cache_dir=str(tmp_path / "cache"), recalibrate=True)
+    out = tmp_path / "rc"
+    state = run_continual(load_model(model), data, out, cfg, n_tasks=2, replay=False)
+    a1, a2 = (load_file(out / f"stage-{k}" / "adapter_model.safetensors") for k in (1, 2))
+    keys = [k for k in a1 if "lora_A" in k]
+    names = [k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in keys]
+    lm1 = load_model(model)
+    lm1.model = PeftModel.from_pretrained(lm1.model, out / "stage-1").merge_and_unload()
+    first = distinct_images([s for s in data.train if s.person in state["tasks"][0]])
+    forward = lambda m, x: lm1.arch.image_features(m, x)
+    cov = collect_covariances(lm1.model, names, image_batches(lm1, first), forward=forward, progress=False)
+    energy = [(retain_energy(a2[k], cov[n].cov), retain_energy(a1[k], cov[n].cov)) for k, n in zip(keys, names)]
+    assert keys and all(e2 < e1 for e2, e1 in energy), energy
+    merged_weights = load_file(out / "merged" / "model.safetensors")
+
+    progress = json.loads((out / "progress.json").read_text())
+    (out / "progress.json").write_text(json.dumps({**progress, "stages": progress["stages"][:1]}))
+    shutil.rmtree(out / "stage-2")
+    shutil.rmtree(out / "merged")
+    again = run_continual(load_model(model), data, out, cfg, n_tasks=2, replay=False)
+    assert again["stages"] == state["stages"]
+    resumed = load_file(out / "merged" / "model.safetensors")
+    assert resumed.keys() == merged_weights.keys() and all(torch.equal(resumed[k], merged_weights[k]) for k in resumed)
+
+    with pytest.raises(ValueError, match="without replay"):
+        run_continual(load_model(model), data, tmp_path / "replayed", cfg, n_tasks=2)
+    assert not (tmp_path / "replayed").exists()
+    with pytest.raises(ValueError, match="per request of a continual run"):
+        unlearn(load_model(model), data, cfg)

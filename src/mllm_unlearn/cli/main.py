@@ -405,6 +405,12 @@ def _add_unlearn(sub) -> None:
         action="store_true",
         help="continual: stage t trains on task t only (the paper's protocol) instead of tasks 1..t",
     )
+    sp.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="continual with --no-replay: before each request, fold the last stage in and calibrate a new null "
+        "space on the retain set and the earlier requests' photos (docs/method.md, twelfth pass). Default: off",
+    )
     sp.add_argument("--no-eval", action="store_true")
     sp.add_argument("--merge", action="store_true", help="also write the merged model")
     sp.add_argument(

@@ -37,7 +37,8 @@ from ..evaluate.harness import EvalConfig, score_items, summarize
 from ..methods.base import get_method
 from ..models.loading import LoadedModel
 from ..runtime import distributed
-from ..train.unlearn import UnlearnConfig, attach_adapters, split_people, stranger_samples, unlearn_stage
+from ..runtime.outputs import atomic_dir
+from ..train.unlearn import UnlearnConfig, attach_adapters, merged, split_people, stranger_samples, unlearn_stage
 
 MATRIX_FILE = "matrix.json"
 
@@ -133,6 +134,12 @@ def _save_stage(lm: LoadedModel, stage_dir: Path, state: dict[str, Any], state_f
     tmp.replace(state_file)
 
 
+def _save_merged(lm: LoadedModel, path: Path) -> None:
+    with atomic_dir(path) as tmp:
+        lm.model.save_pretrained(tmp)
+        lm.processor.save_pretrained(tmp)
+
+
 def _save_final(state: dict[str, Any], out: Path) -> None:
     (out / MATRIX_FILE).write_text(json.dumps(state, indent=2))
     plot(state, out)
@@ -153,13 +160,18 @@ def run_continual(
     """Run (or resume) the K-stage continual unlearning experiment into ``out_dir``; with ``unseen``
     (the world as :func:`~mllm_unlearn.evaluate.audit.load_audit_data` reads it) every stage also
     measures each request on its people's unseen photos."""
-    from peft import set_peft_model_state_dict
+    from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     if cfg.distill_steps:
         raise ValueError(
             "distill_steps is for one request: continual unlearning carries the adapters' B from one request to "
             "the next, which a distilled (merged) model no longer has"
+        )
+    if cfg.recalibrate and replay:
+        raise ValueError(
+            "recalibrate keeps each new request's edit off the earlier requests' photos; with replay every stage "
+            "trains on them again: use it without replay (--no-replay)"
         )
     if cfg.forget_directions:
         raise ValueError(
@@ -194,7 +206,8 @@ def run_continual(
             )
 
     before = None if state else _stage_metrics(lm, data, tasks, eval_cfg, unseen)
-    lm = attach_adapters(lm, retain, cfg, method_cls, strangers)
+    if not cfg.recalibrate:  # one A for every request (Sec. 3.2)
+        lm = attach_adapters(lm, retain, cfg, method_cls, strangers)
     state = state or {
         "method": cfg.method,
         "tasks": tasks,
@@ -210,9 +223,12 @@ def run_continual(
             **({"unseen_forget_vqa_per_task": before["unseen_forget_vqa_per_task"]} if unseen is not None else {}),
         },
     }
-    if state["stages"]:  # resume: B of the last completed stage
+    if state["stages"] and not cfg.recalibrate:  # resume: B of the last completed stage
         last = out / f"stage-{len(state['stages'])}" / "adapter_model.safetensors"
         set_peft_model_state_dict(lm.model, load_file(last))
+    elif state["stages"]:  # resume: every completed stage's edit folded in, in order
+        for k in range(1, len(state["stages"]) + 1):
+            lm = merged(LoadedModel(PeftModel.from_pretrained(lm.model, out / f"stage-{k}"), lm.processor, lm.arch))
     for t in range(len(state["stages"]), n_tasks):
         requested = {p for task in (tasks[: t + 1] if replay else tasks[t : t + 1]) for p in task}
         forget = [s for s in data.train if s.person in requested]
@@ -223,6 +239,8 @@ def run_continual(
         # without replay, the earlier requests' photos are held where this stage found them
         earlier = {p for task in tasks[:t] for p in task} if not replay else set()
         forgotten = [s for s in data.train if s.person in earlier]
+        if cfg.recalibrate:  # the last stage's edit folded in; A avoids the earlier requests' photos as they now are
+            lm = attach_adapters(merged(lm), retain + forgotten, cfg, method_cls, strangers, cache=t == 0)
         unlearn_stage(
             lm,
             method,
@@ -243,5 +261,7 @@ def run_continual(
             + (f" (unseen photos {[round(v, 2) for v in seen]})" if seen else "")
             + f", retain VQA {metrics['retain_vqa']:.3f}, real VQA {metrics['real_vqa']:.3f}"
         )
+    if cfg.recalibrate:  # the stages' adapters are a chain of edits: the run is carried by the merged model
+        distributed.on_main(_save_merged, merged(lm), out / "merged")
     distributed.on_main(_save_final, state, out)
     return state

@@ -103,6 +103,13 @@ class UnlearnConfig:
     distill_noise: float = 0.6
     distill_lr: float = 3e-3
     distill_views: int = 2
+    #: continual unlearning without replay: before each request after the first, fold the adapters in and
+    #: calibrate a new null space on the retain set *and the earlier requests' photos* as the model now
+    #: encodes them, so the new request's edit cannot reach what the earlier edits made of them (Sec. 3.2's
+    #: lifelong-editing argument, AlphaEdit's null space of the previous edits; the paper's Sec. 3.2 itself
+    #: keeps one A for all requests). Each stage then saves its own adapter (its own A) and the run its
+    #: merged model. Off by default: see :func:`~mllm_unlearn.experiments.continual.run_continual`
+    recalibrate: bool = False
 
     def __post_init__(self) -> None:
         if self.calibrate_views < 0:
@@ -188,6 +195,8 @@ def attach_adapters(
     method: type[UnlearningMethod],
     strangers: Sequence[Sample] = (),
     forget: Sequence[Sample] = (),
+    *,
+    cache: bool = True,
 ) -> LoadedModel:
     """Wrap the model with LoRA on the update scope; for NCU, A = null-space basis of the retain set.
 
@@ -215,6 +224,8 @@ def attach_adapters(
 
     ``forget``: the request's training pairs, needed by ``cfg.forget_directions`` only; their covariances
     are collected in a second, uncached pass (they are the request's, not the model's).
+    ``cache=False``: no covariance cache, for a model that exists only in memory (a continual stage's
+    merged model, :attr:`UnlearnConfig.recalibrate`), whose cache id would still be its folder's.
     """
     distributed.place(lm.model)
     scope = cfg.scope or method.default_scope
@@ -261,8 +272,8 @@ def attach_adapters(
         if visual and method.uses_reference_features and cfg.ivr_level == "projector":
             captured = ReferenceFeatures(cfg.ivr_level, memory_mb=cfg.reference_memory_mb)
             forward = capturing(captured, forward, lambda: inputs.current)
-        model_id = model_cache_id(lm.model)
-        cache_root = cfg.cache_dir or (default_cache_dir() if model_id else None)
+        model_id = model_cache_id(lm.model) if cache else ""
+        cache_root = (cfg.cache_dir or (default_cache_dir() if model_id else None)) if cache else None
         if cache_root is not None:
             with distributed.main_first():
                 covariances = cached_covariances(
@@ -392,6 +403,8 @@ def unlearn(
     ``strangers``: photos of people the model does not know; default :func:`stranger_samples` of ``data``.
     ``distill_images``: more images for the noise-and-distil stage (``cfg.distill_steps``), e.g. a generic
     face corpus, on top of the request's forget, retain and stranger photos."""
+    if cfg.recalibrate:
+        raise ValueError("recalibrate calibrates a null space per request of a continual run (--tasks)")
     method_cls = get_method(cfg.method)
     forget, retain = split_people(data, forget_people)
     if strangers is None:
