@@ -9,6 +9,12 @@ T_t alone (the paper's protocol, ``replay=False``) let later stages undo earlier
 demo world: T_1's Forget VQA went 0.5 -> 0.7 -> 1.0 over stages 1-3, since nothing in stage t's loss
 keeps T_1 forgotten — unacceptable when each request is a deletion that must stay honoured.
 
+``UnlearnConfig.recalibrate`` (without replay only; not in the paper, off): before each request after the
+first, the last stage's edit is folded into the weights and A calibrated again on the retain photos *and the
+earlier requests' photos* as the model now encodes them, B starting at zero (Sec. 3.2's lifelong-editing
+argument: each edit in the null space of the previous ones). Each ``stage-t/`` then holds that stage's own
+adapter, and the run's model is ``merged/``.
+
 Forget VQA of a request is asked on the photos its stage trained on (5 MCQs per person). Given the
 audit's view of the world (``unseen``: MLLMU-Bench's ``Test_Set`` photos, which no stage trains on),
 each stage also measures every request's Forget VQA on its people's unseen photos (the audit's probe 1,
