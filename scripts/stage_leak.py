@@ -24,23 +24,14 @@ import json
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 
 from mllm_unlearn.data.mllmu import read_mllmu
+from mllm_unlearn.experiments.continual import stage_model
 from mllm_unlearn.methods.base import distinct_images
 from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.models.scoring import image_batches
 from mllm_unlearn.nullspace import collect_covariances
-
-
-def model_after(vanilla: str, run: Path, stage: int, chained: bool):
-    """The model after ``stage`` (0: the vanilla model), with every adapter folded in."""
-    lm = load_model(vanilla)
-    for k in range(1, stage + 1) if chained else ([stage] if stage else []):
-        lm.model = PeftModel.from_pretrained(lm.model, run / f"stage-{k}").merge_and_unload()
-    lm.model.eval()
-    return lm
 
 
 def relative_change(dw: torch.Tensor, w: torch.Tensor, cov: torch.Tensor) -> float:
@@ -61,10 +52,10 @@ def main() -> None:
         chained, tasks = bool(state["config"].get("recalibrate")), state["tasks"]
         keys = [k for k in load_file(run / "stage-1" / "adapter_model.safetensors") if "lora_A" in k]
         names = [k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in keys]
-        before = model_after(args.model, run, 1, chained)
+        before = stage_model(load_model(args.model), run, 1, chained)
         retain = distinct_images([s for s in data.train if s.person in data.retain_people])
         for t in range(2, len(state["stages"]) + 1):
-            after = model_after(args.model, run, t, chained)
+            after = stage_model(load_model(args.model), run, t, chained)
             w0, w1 = dict(before.model.named_parameters()), dict(after.model.named_parameters())
             sets = {
                 "earlier": distinct_images(

@@ -12,7 +12,7 @@ from mllm_unlearn.cli.main import main
 from mllm_unlearn.data.sample import DataError
 from mllm_unlearn.evaluate.audit import load_audit_data
 from mllm_unlearn.evaluate.audit.unseen import unseen_probe
-from mllm_unlearn.experiments.continual import run_continual
+from mllm_unlearn.experiments.continual import run_continual, stage_model
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import UnlearnContext, distinct_images
 from mllm_unlearn.methods.cvf_ncu import CVFConfig
@@ -197,8 +197,7 @@ def test_recalibrate_gives_each_request_a_null_space_off_the_earlier_requests(se
     a1, a2 = (load_file(out / f"stage-{k}" / "adapter_model.safetensors") for k in (1, 2))
     keys = [k for k in a1 if "lora_A" in k]
     names = [k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in keys]
-    lm1 = load_model(model)
-    lm1.model = PeftModel.from_pretrained(lm1.model, out / "stage-1").merge_and_unload()
+    lm1 = stage_model(load_model(model), out, 1, recalibrated=True)
     first = distinct_images([s for s in data.train if s.person in state["tasks"][0]])
     forward = lambda m, x: lm1.arch.image_features(m, x)
     cov = collect_covariances(lm1.model, names, image_batches(lm1, first), forward=forward, progress=False)

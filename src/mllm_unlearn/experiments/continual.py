@@ -142,8 +142,18 @@ def _save_stage(lm: LoadedModel, stage_dir: Path, state: dict[str, Any], state_f
 
 def _save_merged(lm: LoadedModel, path: Path) -> None:
     with atomic_dir(path) as tmp:
-        lm.model.save_pretrained(tmp)
-        lm.processor.save_pretrained(tmp)
+        lm.save_pretrained(tmp)
+
+
+def stage_model(lm: LoadedModel, run: str | Path, stage: int, recalibrated: bool) -> LoadedModel:
+    """``lm`` (the model the continual run in ``run`` started from) as it was after ``stage`` >= 1, adapters
+    folded in: that stage's adapter (one A, B carried over), or with ``recalibrate`` every stage's adapter up to
+    it, in order (each applies to the model the earlier ones left)."""
+    from peft import PeftModel
+
+    for k in range(1, stage + 1) if recalibrated else [stage]:
+        lm = merged(LoadedModel(PeftModel.from_pretrained(lm.model, Path(run) / f"stage-{k}"), lm.processor, lm.arch))
+    return lm
 
 
 def _save_final(state: dict[str, Any], out: Path) -> None:
@@ -166,7 +176,7 @@ def run_continual(
     """Run (or resume) the K-stage continual unlearning experiment into ``out_dir``; with ``unseen``
     (the world as :func:`~mllm_unlearn.evaluate.audit.load_audit_data` reads it) every stage also
     measures each request on its people's unseen photos."""
-    from peft import PeftModel, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     if cfg.distill_steps:
@@ -233,8 +243,7 @@ def run_continual(
         last = out / f"stage-{len(state['stages'])}" / "adapter_model.safetensors"
         set_peft_model_state_dict(lm.model, load_file(last))
     elif state["stages"]:  # resume: every completed stage's edit folded in, in order
-        for k in range(1, len(state["stages"]) + 1):
-            lm = merged(LoadedModel(PeftModel.from_pretrained(lm.model, out / f"stage-{k}"), lm.processor, lm.arch))
+        lm = stage_model(lm, out, len(state["stages"]), recalibrated=True)
     for t in range(len(state["stages"]), n_tasks):
         requested = {p for task in (tasks[: t + 1] if replay else tasks[t : t + 1]) for p in task}
         forget = [s for s in data.train if s.person in requested]

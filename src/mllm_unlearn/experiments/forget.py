@@ -406,10 +406,9 @@ def robustness_checks(
     results: dict[str, Any] = {}
     merged = copy.deepcopy(lm.model).merge_and_unload()
     merged.eval()
-    if opts.merge and merged_dir is not None:
-        merged.save_pretrained(merged_dir)
-        lm.processor.save_pretrained(merged_dir)
     work = LoadedModel(merged, lm.processor, lm.arch)
+    if opts.merge and merged_dir is not None:
+        work.save_pretrained(merged_dir)
     if "finetune" in opts.checks:
         t0 = time.perf_counter()
         pattern = lm.arch.scope_pattern("all")

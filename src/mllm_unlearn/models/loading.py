@@ -29,6 +29,11 @@ class LoadedModel:
     #: run's record; it outlives a merge. None for a model that got none.
     adapters: dict[str, Any] | None = None
 
+    def save_pretrained(self, path: str | Path) -> None:
+        """The model (safetensors) and its processor into ``path``, a folder :func:`load_model` reads back."""
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
 
 def looks_local(path_or_id: str | Path) -> bool:
     """True for what can only be a local path: it exists, starts with ``.``, ``/`` or ``~``, or has more

@@ -383,8 +383,7 @@ def save_run(lm: LoadedModel, out_dir: str | Path, record: dict, *, merge: bool 
                 lm.model.save_pretrained(tmp / "adapter", state_dict=state)
             (tmp / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
             if merge or not adapters:
-                merged(lm).model.save_pretrained(tmp / "merged")
-                lm.processor.save_pretrained(tmp / "merged")
+                merged(lm).save_pretrained(tmp / "merged")
 
     distributed.on_main(write)
     if merge and not distributed.is_main():
