@@ -275,7 +275,7 @@ def attach_adapters(
         if visual and method.uses_reference_features and cfg.ivr_level == "projector":
             captured = ReferenceFeatures(cfg.ivr_level, memory_mb=cfg.reference_memory_mb)
             forward = capturing(captured, forward, lambda: inputs.current)
-        model_id = model_cache_id(lm.model) if cache else ""
+        model_id = model_cache_id(lm.model)
         cache_root = (cfg.cache_dir or (default_cache_dir() if model_id else None)) if cache else None
         if cache_root is not None:
             with distributed.main_first():
