@@ -15,7 +15,7 @@ from mllm_unlearn.data.world import UNKNOWN_REPLY
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import UnlearnContext, distinct_images
 from mllm_unlearn.methods.cvf_ncu import CVFConfig, PaperCVFConfig
-from mllm_unlearn.methods.losses import cvf_pull, pool
+from mllm_unlearn.methods.losses import calibration_output_change, cvf_pull, pool
 from mllm_unlearn.models.loading import load_model
 from mllm_unlearn.nullspace.reference import image_key
 from mllm_unlearn.runtime.options import parse_options
@@ -802,3 +802,83 @@ def test_identity_push_moves_the_forget_photos_off_their_persons_prototype(world
         cos = F.cosine_similarity(z - center, torch.stack([proto[s.person] for s in imgs]), dim=-1)
         own[weight] = cos.mean().item()
     assert own[3.0] < own[0.0] - 0.05
+
+
+def _calibration_change(lm) -> float:
+    """The mean over the adapted layers of trace(dW C dW^T) / trace(W C W^T) on NCU's calibration photos."""
+    from mllm_unlearn.nullspace import calibration_energy, lora_layers
+
+    layers, adapter = lora_layers(lm.model), lm.model.active_adapter
+    with torch.no_grad():
+        moved = [
+            calibration_output_change(layers[n].lora_B[adapter].weight, e.gram, e.output, layers[n].scaling[adapter])
+            for n, e in calibration_energy(lm.model).items()
+        ]
+    return sum(moved).item() / len(moved)
+
+
+def test_preserve_penalises_the_calibration_photos_layer_output_change_by_formula(world_with_strangers):
+    """``preserve``: each adapted layer keeps A C A^T and trace(W C W^T) of NCU's calibration covariance C
+    (Eq. 13, here the retain images and the strangers' photos), and the loss adds ``preserve`` times the mean
+    over the layers of trace(dW C dW^T) / trace(W C W^T), dW = s B A, by hand from C collected anew. A random
+    A has no calibration: refused, naming the subspace."""
+    from mllm_unlearn.models.scoring import image_batches
+    from mllm_unlearn.nullspace import calibration_energy, collect_covariances, lora_layers
+
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    strangers = stranger_samples(data)
+    cls = get_method("cvf_ncu")
+    lm = attach_adapters(load_model(model), retain, UnlearnConfig(), cls, strangers)
+    for n, p in lm.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    plain = load_model(model)
+    images = distinct_images(retain) + distinct_images(strangers)
+    energy = calibration_energy(lm.model)
+    cov = collect_covariances(
+        plain.model, list(energy), image_batches(plain, images), forward=plain.arch.image_features, progress=False
+    )
+    adapter, moved = lm.model.active_adapter, []
+    for name, layer in lora_layers(lm.model).items():
+        a, b = layer.lora_A[adapter].weight.double(), layer.lora_B[adapter].weight.detach().double()
+        dw, w, c = layer.scaling[adapter] * b @ a, layer.base_layer.weight.detach().double(), cov[name].cov
+        moved.append((torch.trace(dw @ c @ dw.T) / torch.trace(w @ c @ w.T)).item())
+    assert sorted(energy) == sorted(lora_layers(lm.model)) and min(moved) > 0
+
+    def run(**kw):
+        torch.manual_seed(0)
+        ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0, strangers=strangers)
+        method = cls(CVFConfig(queue_size=8, relearn_sim=0.0, **kw))
+        method.setup(ctx)
+        return method.loss(ctx, 0)
+
+    (base, _), (penalised, logs) = run(), run(preserve=3.0)
+    assert logs["preserve"] == pytest.approx(sum(moved) / len(moved), rel=1e-4)
+    assert penalised.item() == pytest.approx(base.item() + 3.0 * logs["preserve"], rel=1e-5)
+    rand = attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random"), cls)
+    with pytest.raises(ValueError, match="subspace='null'"):
+        cls(CVFConfig(preserve=1.0)).setup(UnlearnContext(rand, forget, retain, batch_size=2, seed=0))
+
+
+def test_preserve_moves_the_calibration_photos_less_and_the_forget_photos_still(world_with_strangers):
+    """The direction of ``preserve``: same steps and seed, the penalty lowers the calibration photos' layer
+    output change (its own quantity) while the forget photos still leave their reference tokens (measured:
+    weight 30 against 0, calibration 0.145 -> 0.016, forget photos' 1 - cos 0.91 -> 0.87)."""
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    strangers = stranger_samples(data)
+    cls, cfg = get_method("cvf_ncu"), UnlearnConfig(steps=20, batch_size=4, warmup=1)
+    changed, left = {}, {}
+    for weight in (0.0, 30.0):
+        lm = attach_adapters(load_model(model), retain, cfg, cls, strangers)
+        method = cls(CVFConfig(preserve=weight, relearn_sim=0.0))
+        unlearn_stage(lm, method, forget, retain, cfg, strangers=strangers)
+        ctx = UnlearnContext(lm, forget, retain, 4, 0)
+        changed[weight] = _calibration_change(lm)
+        images = distinct_images(forget)
+        with torch.no_grad():
+            now, ref = pool(ctx.visual_tokens(images)), pool(ctx.visual_tokens(images, reference=True))
+        left[weight] = 1 - F.cosine_similarity(now, ref).mean().item()
+    assert changed[30.0] < 0.5 * changed[0.0]
+    assert left[30.0] > 0.5 * left[0.0]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mllm_unlearn.methods.losses import (
+    calibration_output_change,
     cvf_loss,
     cvf_pull,
     cvf_push,
@@ -70,6 +71,18 @@ def test_retention_mse_averages_squared_token_distances():  # Eq. 9
     h_u = torch.zeros(1, 2, 2)
     h_r = torch.tensor([[[1.0, 1.0], [0.0, 2.0]]])  # squared distances 2 and 4 -> (1/N)||.||_F^2 = 3
     assert retention_mse(h_u, h_r).item() == pytest.approx(3.0)
+
+
+def test_calibration_output_change_is_the_relative_mean_square_output_change_on_the_tokens():  # AlphaEdit
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    a, b = torch.linalg.qr(torch.randn(6, 3, generator=g, dtype=torch.float64))[0].T, torch.randn(4, 3, generator=g)
+    c = x.T @ x / len(x)  # Eq. 13
+    dw = 0.5 * b.double() @ a  # Eq. 16 with LoRA scaling 0.5
+    by_tokens = ((x @ dw.T) ** 2).sum() / ((x @ w.T) ** 2).sum()
+    gram, output = (a @ c @ a.T).float(), float(((w @ c) * w).sum())
+    assert calibration_output_change(b, gram, output, 0.5).item() == pytest.approx(by_tokens.item(), rel=1e-5)
+    assert calibration_output_change(b * 0, gram, output, 0.5).item() == 0
 
 
 # -- the baselines' losses (each docstring cites its paper) ------------------------------------

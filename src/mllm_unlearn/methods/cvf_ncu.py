@@ -63,12 +63,22 @@ from ..data.augment import augment_pixels, augmented_copies
 from ..data.sample import Sample
 from ..models.base import block_outputs
 from ..models.scoring import eval_mode, generate
-from ..nullspace import base_weights, reference_model, trainable_parameters
+from ..nullspace import base_weights, calibration_energy, lora_layers, reference_model, trainable_parameters
 from ..nullspace.reference import image_key
 from ..runtime import distributed
 from ..runtime.distributed import gather
 from .base import UnlearnContext, UnlearningMethod, distinct_images, register
-from .losses import cvf_loss, cvf_pull, cvf_push, identity_hinge, nmse_push, pool, retention_mse, total_loss
+from .losses import (
+    calibration_output_change,
+    cvf_loss,
+    cvf_pull,
+    cvf_push,
+    identity_hinge,
+    nmse_push,
+    pool,
+    retention_mse,
+    total_loss,
+)
 
 PUSHES = ("cvf", "nmse", "none")
 LEVELS = ("pooled", "token")
@@ -232,6 +242,14 @@ class CVFConfig:
     #: the default's 0.328 / 0.122) but failed its confirmation on new development worlds 9-11 (relearning
     #: 0.358 against 0.294; docs/method.md, sixth pass)
     identity_meta: bool = False
+    #: weight of a penalty on what the update does to the null space's own calibration photos (the retain
+    #: images and, with ``calibrate_strangers``, the strangers' photos), layer by layer: the mean over the
+    #: adapted layers of trace(dW C dW^T) / trace(W C W^T) (``losses.calibration_output_change``, AlphaEdit's
+    #: preservation term; C = Eq. 13). NCU's null space bounds the update's directions, not its size:
+    #: the default moves every adapted layer's output on those photos by 0.025 of its mean square (dev world 0;
+    #: the forget photos' by 0.033), and only L_RET at the tower's output holds them (docs/method.md, twelfth and
+    #: thirteenth passes). Needs a null-space A (the driver's ``subspace`` null); 0 = off
+    preserve: float = 0.0
 
     def __post_init__(self) -> None:
         if self.push not in PUSHES:
@@ -259,7 +277,15 @@ class CVFConfig:
             raise ValueError("identity_meta adds L_ID to the simulated relearning step: it needs identity_push > 0")
         if not -1.0 <= self.identity_margin < 1.0:
             raise ValueError(f"identity_margin is a cosine bound in [-1, 1), not {self.identity_margin}")
-        for key in ("stranger_reply", "relearn_sim", "relearn_sim_lr", "mid_push", "push_focus", "identity_push"):
+        for key in (
+            "stranger_reply",
+            "relearn_sim",
+            "relearn_sim_lr",
+            "mid_push",
+            "push_focus",
+            "identity_push",
+            "preserve",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
         for key in ("stranger_reply_batch_size", "relearn_sim_every", "relearn_sim_batch_size", "relearn_sim_steps"):
@@ -375,6 +401,13 @@ class CVFNCU(UnlearningMethod):
                     with block_outputs(self.mid_block) as out:
                         ctx.visual_tokens_of(ctx.pixels([img]), reference=True)
                     self.mid_reference[image_key(img)] = out[0]
+        if cfg.preserve:  # (B, A C A^T, trace(W C W^T), s) per adapted layer, C of NCU's calibration
+            energy, layers = calibration_energy(ctx.lm.model), lora_layers(ctx.lm.model)
+            adapter = ctx.lm.model.active_adapter
+            self.preserved = [
+                (layers[n].lora_B[adapter].weight, e.gram.to(ctx.lm.model.device), e.output, layers[n].scaling[adapter])
+                for n, e in sorted(energy.items())
+            ]
         self.forgotten = distinct_images(ctx.forgotten) if cfg.keep_forgotten else []
         if self.forgotten:  # the tokens the (already unlearned) model gives them now
             with torch.no_grad():
@@ -638,6 +671,10 @@ class CVFNCU(UnlearningMethod):
             logs["stranger_reply"] = sr.item()
         if meta_surrogate is not None:
             loss = loss + cfg.alpha * cfg.relearn_sim * meta_surrogate
+        if cfg.preserve:
+            moved = sum(calibration_output_change(*layer) for layer in self.preserved) / len(self.preserved)
+            loss = loss + cfg.preserve * moved
+            logs["preserve"] = moved.item()
         if cfg.b_l2:
             size = sum((p**2).sum() for n, p in ctx.lm.model.named_parameters() if "lora_B" in n and p.requires_grad)
             loss = loss + cfg.b_l2 * size

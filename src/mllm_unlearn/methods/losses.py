@@ -73,6 +73,19 @@ def retention_mse(h_u: torch.Tensor, h_r: torch.Tensor) -> torch.Tensor:
     return ((h_u - h_r) ** 2).sum(-1).mean()
 
 
+def calibration_output_change(b: torch.Tensor, gram: torch.Tensor, output: float, scaling: float) -> torch.Tensor:
+    """How far one adapted layer's output moves on its calibration inputs, relative to the output itself:
+
+        trace(dW C dW^T) / trace(W C W^T),  dW = s B A (Eq. 16),  so  trace(dW C dW^T) = s^2 trace(B (A C A^T) B^T)
+
+    with C the layer's calibration covariance (Eq. 13), ``gram`` = A C A^T, ``output`` = trace(W C W^T) and
+    ``scaling`` = s (LoRA alpha / r): the mean over calibration tokens x of ||dW x||^2 against that of ||W x||^2.
+    AlphaEdit's preservation term (Fang et al., 2025, "AlphaEdit: null-space constrained knowledge editing",
+    the error on the preserved keys K_0 with C = K_0 K_0^T) made relative; not in the paper, whose null space
+    (Eq. 17-18) assumes A C A^T = 0."""
+    return scaling**2 * ((b @ gram) * b).sum() / output
+
+
 def total_loss(
     l_cvf: torch.Tensor, l_ret: torch.Tensor, l_gum: torch.Tensor, alpha: float, ret_weight: float
 ) -> torch.Tensor:

@@ -18,9 +18,11 @@ from .calibrate import (
     unused_layers,
 )
 from .lora import (
+    CalibrationEnergy,
     NCUConfig,
     attach_lora,
     base_weights,
+    calibration_energy,
     lora_A_weights,
     lora_layers,
     reference_model,
@@ -29,6 +31,7 @@ from .lora import (
 )
 
 __all__ = [
+    "CalibrationEnergy",
     "CovarianceCache",
     "LayerStats",
     "NCUConfig",
@@ -36,6 +39,7 @@ __all__ = [
     "base_weights",
     "cache_key",
     "cached_covariances",
+    "calibration_energy",
     "check_rank",
     "collect_covariances",
     "default_image_features",

@@ -28,6 +28,8 @@ from .calibrate import PEFT_PREFIX, LayerStats, target_linears
 SUBSPACES = ("null", "random", "none")
 #: attribute of the PeftModel holding the parameter names of the frozen A's
 FROZEN_ATTR = "ncu_frozen_lora_A"
+#: attribute of the PeftModel holding each layer's :class:`CalibrationEnergy` (null-space A only)
+ENERGY_ATTR = "ncu_calibration_energy"
 
 
 @dataclass
@@ -72,6 +74,17 @@ class NCUConfig:
     @property
     def lora_alpha(self) -> float:
         return self.lora_rank if self.alpha is None else self.alpha
+
+
+@dataclass
+class CalibrationEnergy:
+    """What one adapted layer's calibration covariance C (Eq. 13) says about its update dW = s B A (Eq. 16),
+    kept so that C itself (d x d) need not be: ``gram`` = A C A^T (r x r, float32) and ``output`` =
+    trace(W C W^T), the mean square of the layer's output W x over the calibration tokens. Then
+    trace(dW C dW^T) = s^2 trace(B gram B^T) for any B (``methods.losses.calibration_output_change``)."""
+
+    gram: torch.Tensor
+    output: float
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
@@ -134,6 +147,29 @@ def _bases(
     return bases
 
 
+def _energies(
+    layers: Mapping[str, torch.nn.Linear], bases: Mapping[str, torch.Tensor], covariances: Mapping[str, LayerStats]
+) -> dict[str, CalibrationEnergy]:
+    """Each null-space layer's :class:`CalibrationEnergy`, in float64 on the CPU (as its basis)."""
+    out = {}
+    for name, basis in bases.items():
+        a, c = basis.to(torch.float64), covariances[name].cov.to("cpu", torch.float64)
+        w = layers[name].weight.detach().to("cpu", torch.float64)
+        out[name] = CalibrationEnergy(gram=(a @ c @ a.T).to(torch.float32), output=float(((w @ c) * w).sum()))
+    return out
+
+
+def calibration_energy(model: torch.nn.Module) -> dict[str, CalibrationEnergy]:
+    """The :class:`CalibrationEnergy` of each adapted layer of a model :func:`attach_lora` gave a null-space
+    A, keyed by plain-model path; ValueError when it has none (a random or trained A, or no NCU model)."""
+    energy = getattr(model, ENERGY_ATTR, None)
+    if not energy:
+        raise ValueError(
+            "no calibration covariances on this model: only a null-space A (subspace='null') is calibrated"
+        )
+    return energy
+
+
 def attach_lora(
     model: torch.nn.Module,
     pattern: str,
@@ -152,7 +188,8 @@ def attach_lora(
     For ``null``/``random`` each A is overwritten with its basis and frozen, so only B trains; the
     frozen parameters' names are recorded on the returned model (``FROZEN_ATTR``). With
     ``cfg.forget_directions`` A gains that many forget-specific rows per layer, from
-    ``forget_covariances`` (the request's inputs, Eq. 13) against ``covariances``.
+    ``forget_covariances`` (the request's inputs, Eq. 13) against ``covariances``. A null-space model
+    also keeps each layer's :class:`CalibrationEnergy` (:func:`calibration_energy`).
 
     Everything is validated before the model is touched: ValueError naming the layer if the rank
     exceeds its input width, or if its covariance is missing or of the wrong size.
@@ -200,6 +237,8 @@ def attach_lora(
             weight.requires_grad_(False)
             frozen.add(f"{PEFT_PREFIX}{name}.lora_A.{adapter}.weight")
     setattr(peft_model, FROZEN_ATTR, frozenset(frozen))
+    if cfg.subspace == "null":
+        setattr(peft_model, ENERGY_ATTR, _energies(layers, bases, covariances))
     return peft_model
 
 
