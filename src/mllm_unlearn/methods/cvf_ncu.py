@@ -63,7 +63,7 @@ from ..data.augment import augment_pixels, augmented_copies
 from ..data.sample import Sample
 from ..models.base import block_outputs
 from ..models.scoring import eval_mode, generate
-from ..nullspace import base_weights, calibration_energy, lora_layers, reference_model, trainable_parameters
+from ..nullspace import base_weights, calibration_terms, reference_model, trainable_parameters
 from ..nullspace.reference import image_key
 from ..runtime import distributed
 from ..runtime.distributed import gather
@@ -405,12 +405,7 @@ class CVFNCU(UnlearningMethod):
                         ctx.visual_tokens_of(ctx.pixels([img]), reference=True)
                     self.mid_reference[image_key(img)] = out[0]
         if cfg.preserve:  # (B, A C A^T, trace(W C W^T), s) per adapted layer, C of NCU's calibration
-            energy, layers = calibration_energy(ctx.lm.model), lora_layers(ctx.lm.model)
-            adapter = ctx.lm.model.active_adapter
-            self.preserved = [
-                (layers[n].lora_B[adapter].weight, e.gram.to(ctx.lm.model.device), e.output, layers[n].scaling[adapter])
-                for n, e in sorted(energy.items())
-            ]
+            self.preserved = calibration_terms(ctx.lm.model)
         self.forgotten = distinct_images(ctx.forgotten) if cfg.keep_forgotten else []
         if self.forgotten:  # the tokens the (already unlearned) model gives them now
             with torch.no_grad():
