@@ -214,7 +214,9 @@ class CVFConfig:
     #: share (the identity) rather than what one photo shows. Over three unlearning draws on dev worlds 0-2
     #: (docs/method.md, fifth pass) ``person`` against ``photo``: unseen-photo forget VQA 0.314 vs 0.328,
     #: Real-world VQA 0.974 vs 0.980, relearning recovery 0.111 vs 0.122, summary 0.861 vs 0.853; every
-    #: difference within the spread between one setting's draws, so the default stays the paper's
+    #: difference within the spread between one setting's draws, so the default stays the paper's. On development
+    #: worlds 9-11 (three draws, thirteenth pass) ``person`` was worse on each: unseen 0.357 vs 0.343, relearning
+    #: recovery 0.397 vs 0.294, summary 0.860 vs 0.875
     push_target: str = "photo"
     #: gamma of a focal push (cf. Lin et al., 2017, focal loss): each IVR's term of Eq. 4 weighted by
     #: max(0, cos(z_u - c, z_r - c))^gamma (detached; c the centre), so the IVRs still most like their
