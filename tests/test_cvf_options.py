@@ -881,3 +881,19 @@ def test_preserve_moves_the_calibration_photos_less_and_the_forget_photos_still(
         left[weight] = 1 - F.cosine_similarity(now, ref).mean().item()
     assert changed[30.0] < 0.5 * changed[0.0]
     assert left[30.0] > 0.5 * left[0.0]
+
+
+def test_what_a_step_reads_outside_the_forward_is_refused_under_sharded_parameters(world_with_strangers, monkeypatch):
+    """``relearn_sim`` (moves full base weights) and ``preserve`` (reads every B) are refused in ``setup``, before
+    any step, when ZeRO-3 / FSDP shard the parameters; the message names the option to turn off."""
+    from mllm_unlearn.runtime import distributed
+
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    cls = get_method("cvf_ncu")
+    lm = attach_adapters(load_model(model), retain, UnlearnConfig(), cls)
+    monkeypatch.setattr(distributed, "sharded", lambda: True)
+    for kw, name in (({}, "relearn_sim"), ({"relearn_sim": 0.0, "preserve": 1.0}, "preserve")):
+        with pytest.raises(ValueError, match=f"{name} .*ZeRO-3 / FSDP shard: run with --opt {name}=0"):
+            cls(CVFConfig(**kw)).setup(UnlearnContext(lm, forget, retain, batch_size=2, seed=0))
+    cls(CVFConfig(relearn_sim=0.0)).setup(UnlearnContext(lm, forget, retain, batch_size=2, seed=0))

@@ -383,12 +383,14 @@ class CVFNCU(UnlearningMethod):
                     p: ctx.visual_tokens(photos, reference=True).mean(0) for p, photos in self.impostors.items()
                 }
         self.stranger_targets = self._stranger_replies(ctx) if cfg.stranger_reply and self.strangers else []
-        if cfg.relearn_sim:
-            if distributed.sharded():
+        # what a step reads outside the forward pass, where ZeRO-3 / FSDP leave each process its shard only
+        outside = {"relearn_sim": "moves the full base weights of the adapted layers", "preserve": "reads every B"}
+        for key, what in outside.items():
+            if getattr(cfg, key) and distributed.sharded():
                 raise ValueError(
-                    "relearn_sim moves the full base weights of the adapted layers, which ZeRO-3 / FSDP shard: "
-                    "run with --opt relearn_sim=0, or with a DDP / ZeRO-2 config"
+                    f"{key} {what}, which ZeRO-3 / FSDP shard: run with --opt {key}=0, or with a DDP / ZeRO-2 config"
                 )
+        if cfg.relearn_sim:
             self.forget_pairs = [s for s in ctx.forget if s.image is not None]
             self.forget_people = sorted({s.person for s in self.forget_pairs})
             self.attack_weights = base_weights(ctx.lm.model)
