@@ -251,9 +251,9 @@ class CVFConfig:
     #: the default moves every adapted layer's output on those photos by 0.025 of its mean square (dev world 0;
     #: the forget photos' by 0.033), and only L_RET at the tower's output holds them (docs/method.md, twelfth and
     #: thirteenth passes). Needs a null-space A (the driver's ``subspace`` null). Off: weight 30 cuts both to
-    #: 0.010 / 0.014 (smaller, not more selective), and on dev worlds 0-2 weights 10 / 30 / 100 left unseen-photo
-    #: forget VQA (0.307-0.325 against 0.320), Real-world VQA (0.953-0.973 against 0.977) and relearning recovery
-    #: (0.075-0.258 against 0.108) within one draw's noise; with ``view_pool=4`` neither rule route picked it
+    #: 0.010 / 0.014 (smaller, not more selective), and on dev worlds 0-2 weights 10 / 30 / 100 gave unseen-photo
+    #: forget VQA 0.307-0.325 against 0.320, Real-world VQA 0.953-0.973 against 0.977 and relearning recovery
+    #: 0.117 / 0.075 / 0.258 against 0.108 (one draw); with ``view_pool=4`` neither route of the rule picked it
     preserve: float = 0.0
 
     def __post_init__(self) -> None:
