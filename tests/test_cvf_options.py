@@ -17,6 +17,7 @@ from mllm_unlearn.methods.base import UnlearnContext, distinct_images
 from mllm_unlearn.methods.cvf_ncu import CVFConfig, PaperCVFConfig
 from mllm_unlearn.methods.losses import calibration_output_change, cvf_pull, pool
 from mllm_unlearn.models.loading import load_model
+from mllm_unlearn.nullspace import lora_layers
 from mllm_unlearn.nullspace.reference import image_key
 from mllm_unlearn.runtime.options import parse_options
 from mllm_unlearn.train.unlearn import UnlearnConfig, attach_adapters, split_people, stranger_samples, unlearn_stage
@@ -121,11 +122,7 @@ def test_calibrate_strangers_keeps_strangers_activations_out_of_the_null_space(w
     plain = attach_adapters(load_model(model), retain, UnlearnConfig(**FAST, calibrate_strangers=False), cls, strangers)
     both = attach_adapters(load_model(model), retain, UnlearnConfig(**FAST), cls, strangers)  # cvf_ncu's default
     base = load_model(model)
-    names = [
-        n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
-        for n, _ in plain.model.named_parameters()
-        if "lora_A" in n
-    ]
+    names = list(lora_layers(plain.model))
     forward = lambda m, x: base.arch.image_features(m, x)
     cov_s = collect_covariances(base.model, names, image_batches(base, strangers), forward=forward, progress=False)
     cov_r = collect_covariances(
@@ -159,11 +156,7 @@ def test_calibrate_views_keeps_augmented_faces_out_of_the_null_space(world_with_
     plain = attach_adapters(load_model(model), retain, UnlearnConfig(**FAST), cls, strangers)
     viewed = attach_adapters(load_model(model), retain, UnlearnConfig(**FAST, calibrate_views=2), cls, strangers)
     base = load_model(model)
-    names = [
-        n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
-        for n, _ in plain.model.named_parameters()
-        if "lora_A" in n
-    ]
+    names = list(lora_layers(plain.model))
     fresh = augmented_copies(distinct_images(retain) + strangers, torch.Generator().manual_seed(12345), 1, 0.25)
     forward = lambda m, x: base.arch.image_features(m, x)
     cov = collect_covariances(base.model, names, image_batches(base, fresh), forward=forward, progress=False)
@@ -819,7 +812,7 @@ def test_preserve_penalises_the_calibration_photos_layer_output_change_by_formul
     over the layers of trace(dW C dW^T) / trace(W C W^T), dW = s B A, by hand from C collected anew. A random
     A has no calibration: refused, naming the subspace."""
     from mllm_unlearn.models.scoring import image_batches
-    from mllm_unlearn.nullspace import collect_covariances, lora_layers
+    from mllm_unlearn.nullspace import collect_covariances
 
     data, model = world_with_strangers
     forget, retain = split_people(data)
