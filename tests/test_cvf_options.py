@@ -824,15 +824,12 @@ def test_preserve_penalises_the_calibration_photos_layer_output_change_by_formul
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
     plain = load_model(model)
     images = distinct_images(retain) + distinct_images(strangers)
+    layers = lora_layers(lm.model)
     cov = collect_covariances(
-        plain.model,
-        list(lora_layers(lm.model)),
-        image_batches(plain, images),
-        forward=plain.arch.image_features,
-        progress=False,
+        plain.model, list(layers), image_batches(plain, images), forward=plain.arch.image_features, progress=False
     )
     adapter, moved = lm.model.active_adapter, []
-    for name, layer in lora_layers(lm.model).items():
+    for name, layer in layers.items():
         a, b = layer.lora_A[adapter].weight.double(), layer.lora_B[adapter].weight.detach().double()
         dw, w, c = layer.scaling[adapter] * b @ a, layer.base_layer.weight.detach().double(), cov[name].cov
         moved.append((torch.trace(dw @ c @ dw.T) / torch.trace(w @ c @ w.T)).item())
