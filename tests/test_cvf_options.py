@@ -797,6 +797,77 @@ def test_identity_push_moves_the_forget_photos_off_their_persons_prototype(world
     assert own[3.0] < own[0.0] - 0.05
 
 
+def test_stranger_profile_holds_forget_ivrs_as_far_from_every_known_person_as_strangers_by_formula(
+    world_with_strangers,
+):
+    """L_SP (``stranger_profile``): mean over pooled forget IVRs of max(0, max_k cos(z - c, p_k) - m), p_k the
+    prototypes of every known person (the request's and the retain set's), m the reference model's mean
+    cosine of a stranger photo to its nearest one; by hand on hand-made tensors and on the first batch.
+    Without stranger photos it is off; a weight < 0 is refused and ``identity_meta`` accepts it alone."""
+    from mllm_unlearn.methods.losses import stranger_profile_hinge
+
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    known = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    # nearest known cosines 1, 1/sqrt(2), -1/sqrt(2): margin 0.5 keeps the first two
+    assert stranger_profile_hinge(z, known, 0.5).item() == pytest.approx((0.5 + 2**-0.5 - 0.5) / 3, rel=1e-6)
+    assert stranger_profile_hinge(z, known, -1.0).item() == pytest.approx((2 + 1 + 2**-0.5 + 1 - 2**-0.5) / 3)
+
+    data, model = world_with_strangers
+    strangers = stranger_samples(data)
+    assert _ctx_and_method(data, model, relearn_sim=0.0, stranger_profile=1.0)[1].known is None
+    ctx, method = _ctx_and_method(data, model, strangers, relearn_sim=0.0, stranger_profile=1.0)
+    with torch.no_grad():  # B = 0: the photos start where the reference model puts them, nearer than strangers
+        for n, p in ctx.lm.model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    torch.manual_seed(0)
+    _, logs = method.loss(ctx, 0)
+    forget, retain = split_people(data)
+    people = sorted({s.person for s in forget if s.image is not None} | {s.person for s in retain if s.image})
+    with torch.no_grad():
+        center = pool(ctx.visual_tokens(distinct_images(retain), reference=True)).mean(0)
+        images = method.push_images + distinct_images(retain)
+        ref = pool(ctx.visual_tokens(images, reference=True)) - center
+        protos = F.normalize(torch.stack([ref[[s.person == p for s in images]].mean(0) for p in people]), dim=-1)
+        s_z = F.normalize(pool(ctx.visual_tokens(method.strangers, reference=True)) - center, dim=-1)
+        margin = (s_z @ protos.T).max(-1).values.mean().item()
+    assert len(method.known) == len(people)
+    assert method.stranger_margin == pytest.approx(margin, rel=1e-5)
+    fresh = UnlearnContext(ctx.lm, ctx.forget, ctx.retain, batch_size=2, seed=0, strangers=strangers)
+    batch = fresh.stream("forget_images", lambda: method.push_images)
+    with torch.no_grad():
+        z_u = F.normalize(pool(fresh.visual_tokens(batch)) - center, dim=-1)
+    nearest = (z_u @ protos.T).max(-1).values
+    expected = (nearest - margin).clamp(min=0).mean().item()
+    assert expected > 0  # the term is active: the check can fail
+    assert logs["stranger_profile"] == pytest.approx(expected, rel=1e-4)
+    assert "identity" not in logs
+    assert CVFConfig(stranger_profile=1.0, identity_meta=True).identity_meta
+    with pytest.raises(ValueError, match="stranger_profile"):
+        CVFConfig(stranger_profile=-1.0)
+
+
+def test_stranger_profile_moves_forget_photos_away_from_every_known_person(world_with_strangers):
+    """The direction of L_SP on the small world: same steps and seed, the forget photos' pooled IVRs end with a
+    smaller cosine to their nearest known person's prototype with ``stranger_profile=3`` than without."""
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    strangers = stranger_samples(data)
+    imgs = distinct_images(forget) + distinct_images(retain)
+    nearest = {}
+    for weight in (0.0, 3.0):
+        lm, z, _ = _train(data, model, CVFConfig(stranger_profile=weight, relearn_sim=0.0), strangers)
+        ctx = UnlearnContext(lm, forget, retain, 4, 0)
+        with torch.no_grad():
+            center = pool(ctx.visual_tokens(distinct_images(retain), reference=True)).mean(0)
+            ref = pool(ctx.visual_tokens(imgs, reference=True)) - center
+        protos = F.normalize(
+            torch.stack([ref[[s.person == p for s in imgs]].mean(0) for p in sorted({s.person for s in imgs})]), dim=-1
+        )
+        nearest[weight] = (F.normalize(z - center, dim=-1) @ protos.T).max(-1).values.mean().item()
+    assert nearest[3.0] < nearest[0.0] - 0.05, nearest
+
+
 def _calibration_change(lm) -> float:
     """The mean over the adapted layers of trace(dW C dW^T) / trace(W C W^T) on NCU's calibration photos."""
     from mllm_unlearn.nullspace import calibration_terms

@@ -62,6 +62,17 @@ def identity_hinge(z: torch.Tensor, prototypes: torch.Tensor, margin: float) -> 
     return F.relu(F.cosine_similarity(z, prototypes, dim=-1) - margin).mean()
 
 
+def stranger_profile_hinge(z: torch.Tensor, known: torch.Tensor, margin: float) -> torch.Tensor:
+    """L_SP (issue #10, "make forget IVRs indistinguishable from strangers' under the reference model's own
+    similarity"; not in the paper): mean over IVRs of max(0, max_k cos(z_i, p_k) - margin), ``p_k`` the
+    identity prototypes of every person the model knows (the request's and the retain set's; all centred)
+    and ``margin`` how close the reference model puts a stranger's photo to its nearest known person. Zero
+    once no IVR is nearer to any known person, its own or another, than a stranger's photo is: L_ID
+    (:func:`identity_hinge`) bounds the own prototype only, wherever else the IVR goes."""
+    nearest = (F.normalize(z, dim=-1) @ F.normalize(known, dim=-1).T).max(-1).values
+    return F.relu(nearest - margin).mean()
+
+
 def cvf_loss(push: torch.Tensor, pull: torch.Tensor, lam: float) -> torch.Tensor:
     """L_CVF, Eq. 7: lambda * push + pull."""
     return lam * push + pull
