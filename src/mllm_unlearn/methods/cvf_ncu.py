@@ -252,7 +252,10 @@ class CVFConfig:
     #: strangers' photos, on average, to their nearest known person: a forgotten face is to look like a
     #: stranger's under the reference model's own similarity, neither like its own person (L_ID's bound) nor
     #: like someone else. Needs stranger photos; without them it is off, as the other stranger options.
-    #: Off: docs/method.md, fifteenth pass
+    #: Off: over three draws on dev worlds 0-2 it left unseen-photo forget VQA (0.348; 0.334 with
+    #: ``identity_meta``), relearning recovery (0.128; 0.103) and misidentification on unseen photos (0.93; 0.90)
+    #: where the default has them (0.328, 0.122, 0.92), so both failed the rule written before the draws
+    #: (docs/method.md, fifteenth pass)
     stranger_profile: float = 0.0
     #: weight of a penalty on what the update does to the null space's own calibration photos (the retain
     #: images and, with ``calibrate_strangers``, the strangers' photos), layer by layer: the mean over the
