@@ -95,10 +95,9 @@ class CVFConfig:
     (``ret_strangers``) are on, with the driver's NCU calibration on stranger photos
     (``CVFNCU.calibrate_strangers``); the stranger anchors and L_SR, per-step ``views``, the middle-block
     push, the ||B|| penalty, the person and focal pushes, L_ID (``identity_push``, ``identity_meta``), L_SP
-    (``stranger_profile``) and a
-    longer simulated attack (``relearn_sim_steps``) are off: none improved unseen-photo forgetting or
-    robustness to relearning without costing the other or real-world VQA (L_ID came closest: see its
-    field). ``keep_forgotten`` is on: it only acts in continual unlearning without replay.
+    (``stranger_profile``) and a longer simulated attack (``relearn_sim_steps``) are off: none improved
+    unseen-photo forgetting or robustness to relearning without costing the other or real-world VQA (L_ID
+    came closest: see its field). ``keep_forgotten`` is on: it only acts in continual unlearning without replay.
 
     The first defaults were chosen on the demo world (forget_15, 200 steps at lr 3e-2: forget VQA
     1.00 -> 0.25 = chance, retain VQA 0.995 -> 0.995, real VQA 0.99 -> 0.91; alpha 3 / 5 / 10 all reach
@@ -452,7 +451,9 @@ class CVFNCU(UnlearningMethod):
         if cfg.stranger_profile and self.strangers:
             self.known, self.stranger_margin = self._known_people(ctx, retain_images, pool(retain_ref))
 
-    def _known_people(self, ctx: UnlearnContext, retain_images: list, retain_pooled: torch.Tensor):
+    def _known_people(
+        self, ctx: UnlearnContext, retain_images: list[Sample], retain_pooled: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
         """L_SP's prototypes and margin: every known person's identity prototype (the request's people, as
         L_ID's, and each retain person's mean pooled reference IVR; centred, unit length) and the mean over
         the stranger photos of the reference model's cosine to their nearest one."""
