@@ -77,6 +77,7 @@ from .losses import (
     nmse_push,
     pool,
     retention_mse,
+    shift_alignment,
     stranger_profile_hinge,
     total_loss,
 )
@@ -95,9 +96,10 @@ class CVFConfig:
     (``ret_strangers``) are on, with the driver's NCU calibration on stranger photos
     (``CVFNCU.calibrate_strangers``); the stranger anchors and L_SR, per-step ``views``, the middle-block
     push, the ||B|| penalty, the person and focal pushes, L_ID (``identity_push``, ``identity_meta``), L_SP
-    (``stranger_profile``) and a longer simulated attack (``relearn_sim_steps``) are off: none improved
-    unseen-photo forgetting or robustness to relearning without costing the other or real-world VQA (L_ID
-    came closest: see its field). ``keep_forgotten`` is on: it only acts in continual unlearning without replay.
+    (``stranger_profile``), L_DC (``decorrelate``) and a longer simulated attack (``relearn_sim_steps``) are
+    off: none improved unseen-photo forgetting or robustness to relearning without costing the other or
+    real-world VQA (L_ID came closest: see its field). ``keep_forgotten`` is on: it only acts in continual
+    unlearning without replay.
 
     The first defaults were chosen on the demo world (forget_15, 200 steps at lr 3e-2: forget VQA
     1.00 -> 0.25 = chance, retain VQA 0.995 -> 0.995, real VQA 0.99 -> 0.91; alpha 3 / 5 / 10 all reach
@@ -256,6 +258,13 @@ class CVFConfig:
     #: where the default has them (0.328, 0.122, 0.92), so both failed the rule written before the draws
     #: (docs/method.md, fifteenth pass)
     stranger_profile: float = 0.0
+    #: weight of L_DC (:func:`~mllm_unlearn.methods.losses.shift_alignment`; issue #10, not in the paper): the
+    #: mean squared cosine between different forget people's mean IVR shifts (unlearned minus reference pooled
+    #: IVR, over the batch's images of each). The default moves every forget person along one shared direction
+    #: (pairwise cosine of the people's mean shifts 0.73-0.96 on dev worlds 0-2 and 9-11, while their identity
+    #: prototypes are near-orthogonal, -0.07-0.07): a relearning fine-tune that undoes the shift for some people
+    #: undoes one shift for all. Off: docs/method.md, fifteenth pass
+    decorrelate: float = 0.0
     #: weight of a penalty on what the update does to the null space's own calibration photos (the retain
     #: images and, with ``calibrate_strangers``, the strangers' photos), layer by layer: the mean over the
     #: adapted layers of trace(dW C dW^T) / trace(W C W^T) (``losses.calibration_output_change``, AlphaEdit's
@@ -305,6 +314,7 @@ class CVFConfig:
             "push_focus",
             "identity_push",
             "stranger_profile",
+            "decorrelate",
             "preserve",
         ):
             if getattr(self, key) < 0:
@@ -609,6 +619,15 @@ class CVFNCU(UnlearningMethod):
         total = sum(scale * weights[k] * v for k, v in terms.items())
         return total, {k: v.item() for k, v in terms.items()}
 
+    def _shift_alignment(self, h_u: torch.Tensor, h_r: torch.Tensor, people: list[str]) -> torch.Tensor:
+        """L_DC of a batch: each person's mean shift of pooled IVRs (unlearned ``h_u`` minus reference ``h_r``,
+        (n, T, d) tokens of ``people``'s images) over their images in it, then
+        :func:`~mllm_unlearn.methods.losses.shift_alignment` across the people."""
+        shift = pool(h_u) - pool(h_r)
+        names = sorted(set(people))
+        per = [shift[[p == q for q in people]].mean(0) for p in names]
+        return shift_alignment(torch.stack(per))
+
     def _ivr(self, h: torch.Tensor) -> torch.Tensor:
         """The IVRs the contrastive terms compare: (B, d) pooled, or (B*T, d) tokens."""
         return pool(h) if self.cfg.level == "pooled" else h.reshape(-1, h.shape[-1])
@@ -713,6 +732,10 @@ class CVFNCU(UnlearningMethod):
             ident, values = self._identity(h_fu, people, cfg.alpha)
             loss = loss + ident
             logs.update(values)
+        if cfg.decorrelate:
+            dc = self._shift_alignment(h_fu, h_fr, people)
+            loss = loss + cfg.alpha * cfg.decorrelate * dc
+            logs["decorrelate"] = dc.item()
         if self.stranger_targets:
             sr = self._like_stranger(ctx)
             loss = loss + cfg.stranger_reply * sr

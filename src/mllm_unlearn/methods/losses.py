@@ -73,6 +73,17 @@ def stranger_profile_hinge(z: torch.Tensor, known: torch.Tensor, margin: float) 
     return F.relu(nearest - margin).mean()
 
 
+def shift_alignment(shifts: torch.Tensor) -> torch.Tensor:
+    """L_DC (issue #10, "deep, not redirected"; not in the paper): mean over pairs i != j of
+    cos(d_i, d_j)^2, ``d_i`` (n, d) one forget person's mean shift of their IVRs (unlearned minus reference).
+    Zero when every person is moved along a direction of their own; 0 for fewer than two people."""
+    n = shifts.shape[0]
+    if n < 2:
+        return shifts.new_zeros(())
+    u = F.normalize(shifts, dim=-1)
+    return ((u @ u.T).pow(2).sum() - n) / (n * (n - 1))
+
+
 def cvf_loss(push: torch.Tensor, pull: torch.Tensor, lam: float) -> torch.Tensor:
     """L_CVF, Eq. 7: lambda * push + pull."""
     return lam * push + pull
