@@ -23,11 +23,16 @@ cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnCon
 * ``null_energy``: the share of their layer-input energy, averaged over the adapted layers, that NCU's frozen A
   lets through (:func:`mllm_unlearn.nullspace.retain_energy` on their covariance), with the retain set's for
   comparison.
+
+After the people, per world (fifteenth pass): the mean pairwise cosine between the forget people's mean shifts of
+pooled IVRs (unlearned minus reference, over their training photos; what ``decorrelate`` lowers), the same between
+their identity prototypes, and the mean length of a shift over that of the person's mean pooled reference IVR.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +51,11 @@ from mllm_unlearn.train.unlearn import UnlearnConfig, encode_images, split_peopl
 def pooled(ctx: UnlearnContext, images, reference: bool = False) -> torch.Tensor:
     with torch.no_grad():
         return ctx.visual_tokens(images, reference=reference).mean(1)
+
+
+def mean_pairwise_cosine(vectors: list[torch.Tensor]) -> float:
+    pairs = list(itertools.combinations(vectors, 2))
+    return sum(F.cosine_similarity(a, b, dim=0).item() for a, b in pairs) / len(pairs)
 
 
 def null_energy(lm, plain, images) -> float:
@@ -80,6 +90,7 @@ def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
     }
     known_center = torch.stack(list(means.values())).mean(0)
     rows = [{"seed": seed, "person": "retain", "null_energy": null_energy(lm, plain, retain_images[:64])}]
+    shifts, protos, lengths = [], [], []
     for p in people:
         images = distinct_images([s for s in data.train if s.person == p])
         with torch.no_grad():
@@ -88,6 +99,9 @@ def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
         seen = F.normalize(means[p] - known_center, dim=-1)
         others = F.normalize(pooled(ctx, unseen_images, True) - known_center, dim=-1)
         proto = F.normalize(means[p] - center, dim=-1)  # the person's identity prototype (L_ID's)
+        shifts.append((u.mean(1) - r.mean(1)).mean(0))
+        protos.append(proto)
+        lengths.append((shifts[-1].norm() / means[p].norm()).item())
         along = [
             (F.normalize(z - center, dim=-1) @ proto).mean().item() for z in (u.mean(1), pooled(ctx, unseen_images))
         ]
@@ -104,7 +118,17 @@ def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
                 "null_energy": null_energy(lm, plain, images),
             }
         )
-    return rows
+
+    length = sum(lengths) / len(lengths)
+    return rows + [
+        {
+            "seed": seed,
+            "person": "shifts",
+            "shift_cos": mean_pairwise_cosine(shifts),
+            "proto_cos": mean_pairwise_cosine(protos),
+            "shift_length": length,
+        }
+    ]
 
 
 def main() -> None:
@@ -116,8 +140,12 @@ def main() -> None:
     torch.set_num_threads(1)
     print("| world | person | unseen ↓ | train ↓ | cos_ref | signature | proto_train | proto_unseen | null_energy |")
     print("|---|---|---|---|---|---|---|---|---|")
+    shapes = []
     for seed in map(int, args.seeds.split(",")):
         for r in world(args.cache, seed, args.opt):
+            if r["person"] == "shifts":
+                shapes.append(r)
+                continue
             if r["person"] == "retain":
                 print(f"| {seed} | retain set | | | | | | | {r['null_energy']:.4f} |")
                 continue
@@ -126,6 +154,10 @@ def main() -> None:
                 f"| {seed} | {r['person']} | {r['unseen']:.2f}{mark} | {r['train']:.2f} | {r['cos_ref']:.2f} | "
                 f"{r['signature']:.2f} | {r['proto_train']:.2f} | {r['proto_unseen']:.2f} | {r['null_energy']:.4f} |"
             )
+    print("\n| world | people's shifts: pairwise cosine | prototypes: pairwise cosine | shift / reference IVR length |")
+    print("|---|---|---|---|")
+    for r in shapes:
+        print(f"| {r['seed']} | {r['shift_cos']:.2f} | {r['proto_cos']:.2f} | {r['shift_length']:.1f} |")
 
 
 if __name__ == "__main__":
