@@ -263,7 +263,11 @@ class CVFConfig:
     #: IVR, over the batch's images of each). The default moves every forget person along one shared direction
     #: (pairwise cosine of the people's mean shifts 0.73-0.96 on dev worlds 0-2 and 9-11, while their identity
     #: prototypes are near-orthogonal, -0.07-0.07): a relearning fine-tune that undoes the shift for some people
-    #: undoes one shift for all. Off: docs/method.md, fifteenth pass
+    #: undoes one shift for all. Off: over three draws on dev worlds 0-2, weight 1 lowered relearning recovery
+    #: (0.075 against 0.122) and lost unseen photos (0.375 against 0.328); with ``identity_push=1`` and
+    #: ``identity_meta`` it passed the rule written before the draws (unseen 0.288, relearning 0.047, Real-world
+    #: VQA 0.966) and failed its confirmation on development worlds 9-11 (relearning 0.331 against 0.294); with
+    #: ``view_pool=4`` (relearning 0.017) it missed the Real-world VQA bound by 0.0006 (docs/method.md, fifteenth pass)
     decorrelate: float = 0.0
     #: weight of a penalty on what the update does to the null space's own calibration photos (the retain
     #: images and, with ``calibrate_strangers``, the strangers' photos), layer by layer: the mean over the
