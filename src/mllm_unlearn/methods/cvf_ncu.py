@@ -267,7 +267,8 @@ class CVFConfig:
     #: (0.075 against 0.122) and lost unseen photos (0.375 against 0.328); with ``identity_push=1`` and
     #: ``identity_meta`` it passed the rule written before the draws (unseen 0.288, relearning 0.047, Real-world
     #: VQA 0.966) and failed its confirmation on development worlds 9-11 (relearning 0.331 against 0.294); with
-    #: ``view_pool=4`` (relearning 0.017) it missed the Real-world VQA bound by 0.0006 (docs/method.md, fifteenth pass)
+    #: ``view_pool=4`` / ``3`` (relearning 0.017 / 0.058; on worlds 9-11, as reports, 0.175 / 0.192 against 0.294)
+    #: it missed the Real-world VQA bound, 0.964 / 0.958 against 0.965 (docs/method.md, fifteenth pass)
     decorrelate: float = 0.0
     #: weight of a penalty on what the update does to the null space's own calibration photos (the retain
     #: images and, with ``calibrate_strangers``, the strangers' photos), layer by layer: the mean over the
