@@ -88,6 +88,11 @@ ANCHORS = ("retain", "stranger", "stranger_pair", "stranger_person")
 PUSH_TARGETS = ("photo", "person")
 
 
+def person_means(x: torch.Tensor, people: list[str]) -> dict[str, torch.Tensor]:
+    """The mean of ``x``'s rows (one per image) over each person's, by name in sorted order."""
+    return {p: x[[q == p for q in people]].mean(0) for p in sorted(set(people))}
+
+
 @dataclass
 class CVFConfig:
     """Defaults: see docs/method.md for the measurements behind each (dev worlds, seeds 0-2). Of the
@@ -472,10 +477,9 @@ class CVFNCU(UnlearningMethod):
         """L_SP's prototypes and margin: every known person's identity prototype (the request's people, as
         L_ID's, and each retain person's mean pooled reference IVR; centred, unit length) and the mean over
         the stranger photos of the reference model's cosine to their nearest one."""
-        people = [s.person for s in retain_images]
+        means = person_means(retain_pooled, [s.person for s in retain_images])
         retain_protos = [
-            torch.nn.functional.normalize(retain_pooled[[q == p for q in people]].mean(0) - self.center, dim=-1)
-            for p in sorted(set(people) - set(self.identity))
+            torch.nn.functional.normalize(m - self.center, dim=-1) for p, m in means.items() if p not in self.identity
         ]
         known = torch.stack([self.identity[p] for p in sorted(self.identity)] + retain_protos)
         with torch.no_grad():
@@ -628,10 +632,7 @@ class CVFNCU(UnlearningMethod):
         """L_DC of a batch: each person's mean shift of pooled IVRs (unlearned ``h_u`` minus reference ``h_r``,
         (n, T, d) tokens of ``people``'s images) over their images in it, then
         :func:`~mllm_unlearn.methods.losses.shift_alignment` across the people."""
-        shift = pool(h_u) - pool(h_r)
-        names = sorted(set(people))
-        per = [shift[[p == q for q in people]].mean(0) for p in names]
-        return shift_alignment(torch.stack(per))
+        return shift_alignment(torch.stack(list(person_means(pool(h_u) - pool(h_r), people).values())))
 
     def _ivr(self, h: torch.Tensor) -> torch.Tensor:
         """The IVRs the contrastive terms compare: (B, d) pooled, or (B*T, d) tokens."""
