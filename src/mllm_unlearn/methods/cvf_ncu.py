@@ -273,7 +273,8 @@ class CVFConfig:
     #: ``identity_meta`` it passed the rule written before the draws (unseen 0.288, relearning 0.047, Real-world
     #: VQA 0.966) and failed its confirmation on development worlds 9-11 (relearning 0.331 against 0.294); with
     #: ``view_pool=4`` / ``3`` (relearning 0.017 / 0.058; on worlds 9-11, as reports, 0.175 / 0.192 against 0.294)
-    #: it missed the Real-world VQA bound, 0.964 / 0.958 against 0.965 (docs/method.md, fifteenth pass)
+    #: it missed the Real-world VQA bound, 0.964 / 0.958 against 0.965, and with L_RET on 8 stranger photos too
+    #: (0.962; docs/method.md, fifteenth pass)
     decorrelate: float = 0.0
     #: weight of a penalty on what the update does to the null space's own calibration photos (the retain
     #: images and, with ``calibrate_strangers``, the strangers' photos), layer by layer: the mean over the
