@@ -823,15 +823,14 @@ def test_stranger_profile_holds_forget_ivrs_as_far_from_every_known_person_as_st
     torch.manual_seed(0)
     _, logs = method.loss(ctx, 0)
     forget, retain = split_people(data)
-    people = sorted({s.person for s in distinct_images(forget) + distinct_images(retain)})
     with torch.no_grad():
         center = pool(ctx.visual_tokens(distinct_images(retain), reference=True)).mean(0)
         images = method.push_images + distinct_images(retain)
         ref = pool(ctx.visual_tokens(images, reference=True)) - center
-        protos = F.normalize(torch.stack([ref[[s.person == p for s in images]].mean(0) for p in people]), dim=-1)
+        protos = F.normalize(_by_person(ref, images), dim=-1)
         s_z = F.normalize(pool(ctx.visual_tokens(method.strangers, reference=True)) - center, dim=-1)
         margin = (s_z @ protos.T).max(-1).values.mean().item()
-    assert len(method.known) == len(people)
+    assert len(method.known) == len({s.person for s in images})  # every forget and retain person
     assert method.stranger_margin == pytest.approx(margin, rel=1e-5)
     fresh = UnlearnContext(ctx.lm, ctx.forget, ctx.retain, batch_size=2, seed=0, strangers=strangers)
     batch = fresh.stream("forget_images", lambda: method.push_images)
@@ -862,11 +861,14 @@ def test_stranger_profile_moves_forget_photos_away_from_every_known_person(world
         with torch.no_grad():
             center = pool(ctx.visual_tokens(distinct_images(retain), reference=True)).mean(0)
             ref = pool(ctx.visual_tokens(imgs, reference=True)) - center
-        protos = F.normalize(
-            torch.stack([ref[[s.person == p for s in imgs]].mean(0) for p in sorted({s.person for s in imgs})]), dim=-1
-        )
+        protos = F.normalize(_by_person(ref, imgs), dim=-1)
         nearest[weight] = (F.normalize(z - center, dim=-1) @ protos.T).max(-1).values.mean().item()
     assert nearest[3.0] < nearest[0.0] - 0.05, nearest
+
+
+def _by_person(x: torch.Tensor, images) -> torch.Tensor:
+    """The mean of ``x``'s rows (one per image of ``images``) over each person's, people sorted by name."""
+    return torch.stack([x[[s.person == p for s in images]].mean(0) for p in sorted({s.person for s in images})])
 
 
 def _three_forget_people(data) -> list[str]:
@@ -878,8 +880,7 @@ def _person_shifts(ctx, images) -> torch.Tensor:
     """Each person's mean shift of pooled IVRs (unlearned minus reference) over ``images``, people sorted."""
     with torch.no_grad():
         shift = pool(ctx.visual_tokens(images)) - pool(ctx.visual_tokens(images, reference=True))
-    people = [s.person for s in images]
-    return torch.stack([shift[[p == q for q in people]].mean(0) for p in sorted(set(people))])
+    return _by_person(shift, images)
 
 
 def test_decorrelate_is_the_mean_squared_cosine_between_peoples_shifts_by_formula(world_with_strangers):
