@@ -822,7 +822,7 @@ def test_stranger_profile_holds_forget_ivrs_as_far_from_every_known_person_as_st
                 p.zero_()
     torch.manual_seed(0)
     _, logs = method.loss(ctx, 0)
-    forget, retain = split_people(data)
+    _, retain = split_people(data)
     with torch.no_grad():
         center = pool(ctx.visual_tokens(distinct_images(retain), reference=True)).mean(0)
         images = method.push_images + distinct_images(retain)
