@@ -276,8 +276,8 @@ class CVFConfig:
     #: it missed the Real-world VQA bound, 0.964 / 0.958 against 0.965, and with L_RET on 8 stranger photos too
     #: (0.962; docs/method.md, fifteenth pass). With ``view_pool=4`` at weights 0.5 / 0.25 (or 1 with
     #: ``ret_weight=2``) it passed on dev worlds 0-2 (Real-world VQA 0.972 / 0.968 / 0.971, relearning -0.017 /
-    #: 0.008 / 0.036) and failed on worlds 9-11: unseen photos 0.316 / 0.317 against the bound 0.313, and at 0.25
-    #: relearning 0.350 against 0.294 (docs/method.md, sixteenth pass)
+    #: 0.008 / 0.036); weights 0.5 and 0.25, sent on in that order, failed on worlds 9-11: unseen photos 0.316 /
+    #: 0.317 against the bound 0.313, and at 0.25 relearning 0.350 against 0.294 (docs/method.md, sixteenth pass)
     decorrelate: float = 0.0
     #: weight of a penalty on what the update does to the null space's own calibration photos (the retain
     #: images and, with ``calibrate_strangers``, the strangers' photos), layer by layer: the mean over the
