@@ -69,6 +69,8 @@ def test_paper_reading_is_its_own_registered_method():
     paper = dataclasses.asdict(PaperCVFConfig())
     assert paper | dict(alpha=1.0, level="pooled", center=False, queue_source="forget", anchor="retain") == paper
     assert paper["views"] == 0 and paper["gum_batch_size"] == 0
+    # the library's own defaults (view pool, L_DC, beta 2) stay out of the paper's reading
+    assert (paper["view_pool"], paper["decorrelate"], paper["ret_weight"]) == (0, 0.0, 1.0)
 
 
 # -- on a small world -------------------------------------------------------------------------------
@@ -671,7 +673,7 @@ def test_view_pool_moves_the_forget_persons_unseen_photos_further(world_with_str
     assert unseen and not {image_key(s) for s in unseen} & {image_key(s) for s in distinct_images(forget)}
     assert moved[2]["unseen"] > moved[0]["unseen"] + 0.05
     assert moved[0]["retain"] < moved[2]["retain"] < moved[2]["unseen"]
-    assert CVFConfig().view_pool == 2
+    assert CVFConfig().view_pool == 4
 
 
 def _push_on_first_batch(ctx, method):
@@ -905,7 +907,7 @@ def test_decorrelate_is_the_mean_squared_cosine_between_peoples_shifts_by_formul
     shifts = _person_shifts(fresh, batch)
     assert len(shifts) >= 2  # two people or more in the batch: the term is defined and can differ
     assert logs["decorrelate"] == pytest.approx(shift_alignment(shifts).item(), rel=1e-4)
-    assert CVFConfig().decorrelate == 0.0
+    assert CVFConfig().decorrelate == 1.0
     with pytest.raises(ValueError, match="decorrelate"):
         CVFConfig(decorrelate=-1.0)
 
