@@ -726,11 +726,12 @@ def test_person_push_target_pushes_from_the_persons_mean_reference_tokens_by_for
     from mllm_unlearn.methods.losses import cvf_push
 
     data, model = world_with_strangers
-    ctx, method = _ctx_and_method(data, model, relearn_sim=0.0, push_target="person")  # view_pool 2
+    ctx, method = _ctx_and_method(data, model, relearn_sim=0.0, push_target="person")  # the default view pool
     people = sorted({s.person for s in method.push_images})
     for person in people:
         imgs = [s for s in method.push_images if s.person == person]
-        assert len(imgs) == 3 * len([s for s in distinct_images(ctx.forget) if s.person == person])
+        photos = [s for s in distinct_images(ctx.forget) if s.person == person]
+        assert len(imgs) == (1 + CVFConfig().view_pool) * len(photos)
         assert torch.equal(method.person_tokens[person], ctx.visual_tokens(imgs, reference=True).mean(0))
     push, batch, z_u, z_r, queue, center = _push_on_first_batch(ctx, method)
     mean = torch.stack([method.person_tokens[s.person] for s in batch]).reshape(z_u.shape) - center
