@@ -198,7 +198,9 @@ class CVFConfig:
     #: weight 1 gave 0.058-0.067 too but cost Real-world VQA (0.887-0.913) and a step at 7B (the every-8th step keeps
     #: Qwen2-VL-7B's projection at 0.80x GA_Diff's). 16 (was 8) since the fourth dev pass, together with
     #: ``ret_strangers``: on dev worlds 0-2 with ``ret_strangers`` on, 8 -> 16 moved unseen-photo forget VQA 0.338 ->
-    #: 0.320, Real-world VQA 0.967 -> 0.977, relearning recovery 0.083 -> 0.108 (within its spread of +-0.2 per world)
+    #: 0.320, Real-world VQA 0.967 -> 0.977, relearning recovery 0.083 -> 0.108 (within its spread of +-0.2 per world).
+    #: Kept at 16 beside L_DC: 32 gave relearning recovery 0.144 against 0.128 over dev worlds 0-2 and 12-14 (three
+    #: draws each; lower on 3 of 6 worlds) and unseen photos 0.320 against 0.305 (docs/method.md, eighteenth pass)
     relearn_sim: float = 16.0
     relearn_sim_lr: float = 1e-3
     relearn_sim_every: int = 8
@@ -290,7 +292,9 @@ class CVFConfig:
     #: (0.962; docs/method.md, fifteenth pass). With ``view_pool=4`` at weights 0.5 / 0.25 (or 1 with
     #: ``ret_weight=2``) it passed on dev worlds 0-2 (Real-world VQA 0.972 / 0.968 / 0.971, relearning -0.017 /
     #: 0.008 / 0.036); weights 0.5 and 0.25, sent on in that order, failed on worlds 9-11: unseen photos 0.316 /
-    #: 0.317 against the bound 0.313, and at 0.25 relearning 0.350 against 0.294 (docs/method.md, sixteenth pass)
+    #: 0.317 against the bound 0.313, and at 0.25 relearning 0.350 against 0.294 (docs/method.md, sixteenth pass).
+    #: Weight 2 gave relearning recovery 0.144 against 0.128 over dev worlds 0-2 and 12-14 (three draws each; lower
+    #: on 3 of 6 worlds) and unseen photos 0.331 against 0.305 (docs/method.md, eighteenth pass)
     decorrelate: float = 1.0
     #: weight of a penalty on what the update does to the null space's own calibration photos (the retain
     #: images and, with ``calibrate_strangers``, the strangers' photos), layer by layer: the mean over the
