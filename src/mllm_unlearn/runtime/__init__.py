@@ -4,4 +4,5 @@
 - :mod:`.batching`: seeding and endless, resumable mini-batch streams;
 - :mod:`.outputs`: output folders that appear only when complete;
 - :mod:`.options`: ``KEY=VALUE`` strings into a config dataclass, every bad value named.
+- :mod:`.background`: one independent job in a second process (the demo's retrained oracle).
 """
