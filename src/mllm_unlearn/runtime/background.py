@@ -40,6 +40,8 @@ def _child(log: str, threads: int, target: Callable, args: tuple) -> None:
 
 
 class BackgroundJob:
+    """A started job: ``join`` it for its result (raises if it failed), ``stop`` it to give up on it."""
+
     def __init__(self, name: str, target: Callable, args: tuple, *, log: Path, threads: int):
         self.name, self.log = name, Path(log)
         context = multiprocessing.get_context("spawn")
