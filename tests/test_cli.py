@@ -148,3 +148,14 @@ def test_unlearn_distils_on_a_folder_of_images_and_refuses_a_corrupt_one(setup, 
         2,
     ]
     assert (tmp_path / "c" / "merged" / "config.json").is_file() and not (tmp_path / "c" / "adapter").exists()
+
+
+def test_demo_trains_the_oracle_in_process_when_asked(tmp_path, monkeypatch):
+    """``demo --oracle-in-process`` switches ``DemoConfig.parallel_oracle`` off; by default it is on."""
+    from mllm_unlearn.experiments import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, cfg: seen.append(cfg.parallel_oracle))
+    assert main(["demo", "--out", str(tmp_path / "a")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "b"), "--oracle-in-process"]) == 0
+    assert seen == [True, False]

@@ -247,6 +247,7 @@ def cmd_demo(args):
     cfg = DemoConfig(seed=args.seed, forget=args.forget)
     if args.no_audit:
         cfg.audit = None
+    cfg.parallel_oracle = not args.oracle_in_process
     if args.methods == "all":
         from ..methods import available_methods
 
@@ -455,6 +456,12 @@ def _add_demo(sub) -> None:
         help="comma-separated rows, 'all' for every registered method (default: vanilla,cvf_ncu)",
     )
     sp.add_argument("--no-audit", action="store_true", help="skip the audit of the unlearned runs (and the oracle)")
+    sp.add_argument(
+        "--oracle-in-process",
+        action="store_true",
+        help="train the audit's oracle in this process after the vanilla model, not in a second process beside "
+        "it (same bytes; slower on 2 cores, one process's memory)",
+    )
     sp.set_defaults(fn=cmd_demo)
 
 
