@@ -53,7 +53,9 @@ def table(outs: list[Path], only: list[str] | None = None) -> str:
         if missing:
             raise SystemExit(f"{name} has no report for seed(s) {missing} in {', '.join(map(str, outs))}")
     rows = aggregate(reports)
-    head = f"Seeds {', '.join(map(str, seeds))}: mean ± 95 % CI half-width.\n\n"
+    # one world has no interval: its values are printed alone
+    spread = "mean ± 95 % CI half-width" if len(seeds) > 1 else "one world"
+    head = f"Seeds {', '.join(map(str, seeds))}: {spread}.\n\n"
     # a metric no report has (e.g. one added to the audit after these reports were made) is left out
     columns = [k for k in only or COLUMNS if any(not math.isnan(m[k]["mean"]) for m in rows.values())]
     lines = ["| model | " + " | ".join(COLUMNS[k] for k in columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -61,7 +63,10 @@ def table(outs: list[Path], only: list[str] | None = None) -> str:
         cells = []
         for key in columns:
             m = metrics.get(key)
-            cells.append("–" if m is None else f"{m['mean']:.2f} ± {m['ci95']:.2f}")
+            if m is None or math.isnan(m["mean"]):
+                cells.append("–")
+            else:
+                cells.append(f"{m['mean']:.2f}" + ("" if math.isnan(m["ci95"]) else f" ± {m['ci95']:.2f}"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines)
 

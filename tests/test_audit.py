@@ -381,3 +381,7 @@ def test_audit_table_pools_seeds_of_several_outs(tmp_path) -> None:
     d = _audit_out(tmp_path / "d", [8], {"vanilla": [0.0]})
     with pytest.raises(SystemExit, match=r"cvf_ncu has no report for seed\(s\) \[8\]"):
         audit_table.table([a, b, d])
+    # one world has no interval: its values alone, no "± nan"
+    single = audit_table.table([a])
+    assert single.startswith("Seeds 6: one world.") and "nan" not in single
+    assert "| cvf_ncu | 0.80 |" in single
