@@ -361,6 +361,30 @@ def test_keep_forgotten_holds_earlier_requests_at_their_tokens_by_formula(world_
     assert moved_on["ret"] == pytest.approx(moved_off["ret"] + 2.0 * moved, rel=1e-4)
 
 
+def test_keep_forgotten_views_holds_augmented_copies_of_the_earlier_photos_too(world_with_strangers):
+    """``keep_forgotten_views=N``: the hold covers N augmented copies of each earlier photo as well (same
+    people, other pixels), each with its own target; off (0) by default; negative counts are refused."""
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    earlier = [s for s in retain if s.person == sorted({r.person for r in retain})[0]]
+    retain = [s for s in retain if s not in earlier]
+    cls = get_method("cvf_ncu")
+    lm = attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random"), cls)
+    held = {}
+    for n in (0, 2):
+        method = cls(CVFConfig(queue_size=8, keep_forgotten_views=n))
+        method.setup(UnlearnContext(lm, forget, retain, batch_size=2, seed=0, forgotten=earlier))
+        held[n] = method
+    photos = distinct_images(earlier)
+    assert CVFConfig().keep_forgotten_views == 0 and len(held[0].forgotten) == len(photos)
+    assert len(held[2].forgotten) == 3 * len(photos)
+    assert {s.person for s in held[2].forgotten} == {s.person for s in photos}
+    assert len({s.image.data for s in held[2].forgotten}) == 3 * len(photos)  # the copies are other pixels
+    assert set(held[2].forgotten_target) == {image_key(s) for s in held[2].forgotten}
+    with pytest.raises(ValueError, match="keep_forgotten_views must be >= 0"):
+        CVFConfig(keep_forgotten_views=-1)
+
+
 def test_the_default_rank_is_the_methods_capped_at_half_the_narrowest_layer():
     from mllm_unlearn.train.unlearn import default_rank
 

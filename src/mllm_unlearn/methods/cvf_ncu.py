@@ -178,6 +178,11 @@ class CVFConfig:
     #: continual: weight of an L_RET-like term (Eq. 9's form) holding the earlier requests' forgotten
     #: photos at the tokens the model gave them when this request began (:attr:`UnlearnContext.forgotten`)
     keep_forgotten: float = 1.0
+    #: continual: ``keep_forgotten`` also holds this many augmented copies (``augment``) of each earlier
+    #: request's photo, at the tokens the model gives them when this request began: the hold covers the
+    #: person's appearance, not only the photos the earlier stage saw (0: the photos only). Drawn from a
+    #: generator of its own, so the run's other draws do not move with it
+    keep_forgotten_views: int = 0
     #: L_GUM on N pairs of the retain batch only, every (retain_batch_size // N)-th (0: all). Its pass through
     #: the LLM dominates a step at 7B (issue #13): 4 instead of 8 projects Qwen2-VL-7B's step from 1.00x to
     #: 0.77x GA_Diff's FLOPs, and cost nothing measurable on dev worlds 0-2 (8 -> 4: unseen-photo forget VQA
@@ -323,7 +328,7 @@ class CVFConfig:
             raise ValueError(f"pull_distance must be 'cos' or 'mse', not {self.pull_distance!r}")
         if self.relearn_sim_attack not in ("answers", "tokens"):
             raise ValueError(f"relearn_sim_attack must be 'answers' or 'tokens', not {self.relearn_sim_attack!r}")
-        for key in ("views", "view_pool"):
+        for key in ("views", "view_pool", "keep_forgotten_views"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
         if self.gum_batch_size < 0:
@@ -470,6 +475,9 @@ class CVFNCU(UnlearningMethod):
         if cfg.preserve:  # (B, A C A^T, trace(W C W^T), s) per adapted layer, C of NCU's calibration
             self.preserved = calibration_terms(ctx.lm.model)
         self.forgotten = distinct_images(ctx.forgotten) if cfg.keep_forgotten else []
+        if self.forgotten and cfg.keep_forgotten_views:
+            views = torch.Generator().manual_seed(ctx.seed + 7920)
+            self.forgotten += augmented_copies(self.forgotten, views, cfg.keep_forgotten_views, cfg.augment)
         if self.forgotten:  # the tokens the (already unlearned) model gives them now
             with torch.no_grad():
                 self.forgotten_target = {
