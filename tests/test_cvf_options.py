@@ -71,6 +71,7 @@ def test_paper_reading_is_its_own_registered_method():
     assert paper["views"] == 0 and paper["gum_batch_size"] == 0
     # the library's own defaults (view pool, L_DC, beta 2) stay out of the paper's reading
     assert (paper["view_pool"], paper["decorrelate"], paper["ret_weight"]) == (0, 0.0, 1.0)
+    assert paper["keep_forgotten_views"] == 0
 
 
 # -- on a small world -------------------------------------------------------------------------------
@@ -342,7 +343,7 @@ def test_keep_forgotten_holds_earlier_requests_at_their_tokens_by_formula(world_
             if "lora_B" in n:
                 torch.nn.init.zeros_(p)
         ctx = UnlearnContext(lm, forget, retain, batch_size=2, seed=0, forgotten=earlier)
-        method = cls(CVFConfig(queue_size=8, **kw))
+        method = cls(CVFConfig(queue_size=8, keep_forgotten_views=0, **kw))  # the photos only: Eq. 9 on them
         method.setup(ctx)
         moved = 0.0
         if perturb:
@@ -363,7 +364,8 @@ def test_keep_forgotten_holds_earlier_requests_at_their_tokens_by_formula(world_
 
 def test_keep_forgotten_views_holds_augmented_copies_of_the_earlier_photos_too(world_with_strangers):
     """``keep_forgotten_views=N``: the hold covers N augmented copies of each earlier photo as well (same
-    people, other pixels), each with its own target; off (0) by default; negative counts are refused."""
+    people, other pixels), each with its own target; 4 by default (nineteenth pass); negative counts are
+    refused."""
     data, model = world_with_strangers
     forget, retain = split_people(data)
     earlier = [s for s in retain if s.person == sorted({r.person for r in retain})[0]]
@@ -376,7 +378,7 @@ def test_keep_forgotten_views_holds_augmented_copies_of_the_earlier_photos_too(w
         method.setup(UnlearnContext(lm, forget, retain, batch_size=2, seed=0, forgotten=earlier))
         held[n] = method
     photos = distinct_images(earlier)
-    assert CVFConfig().keep_forgotten_views == 0 and len(held[0].forgotten) == len(photos)
+    assert CVFConfig().keep_forgotten_views == 4 and len(held[0].forgotten) == len(photos)
     assert len(held[2].forgotten) == 3 * len(photos)
     assert {s.person for s in held[2].forgotten} == {s.person for s in photos}
     assert len({s.image.data for s in held[2].forgotten}) == 3 * len(photos)  # the copies are other pixels

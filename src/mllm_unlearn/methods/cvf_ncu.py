@@ -181,8 +181,12 @@ class CVFConfig:
     #: continual: ``keep_forgotten`` also holds this many augmented copies (``augment``) of each earlier
     #: request's photo, at the tokens the model gives them when this request began: the hold covers the
     #: person's appearance, not only the photos the earlier stage saw (0: the photos only). Drawn from a
-    #: generator of its own, so the run's other draws do not move with it
-    keep_forgotten_views: int = 0
+    #: generator of its own, so the run's other draws do not move with it. 4 since the nineteenth pass
+    #: (paper's protocol, dev worlds 0-2 and 12-14, one draw each): the worst request's unseen-photo forget
+    #: VQA after the last stage 0.557 -> 0.487 (no higher on 5 of 6 worlds), goal met in 1 of 6 runs (was 0),
+    #: Real-world VQA 0.977 -> 0.970. On the tests' untrained tiny model the token-level proxy does not show
+    #: it (an earlier request's unseen photos drift less in 2 of 4 seeds): no test pins its direction
+    keep_forgotten_views: int = 4
     #: L_GUM on N pairs of the retain batch only, every (retain_batch_size // N)-th (0: all). Its pass through
     #: the LLM dominates a step at 7B (issue #13): 4 instead of 8 projects Qwen2-VL-7B's step from 1.00x to
     #: 0.77x GA_Diff's FLOPs, and cost nothing measurable on dev worlds 0-2 (8 -> 4: unseen-photo forget VQA
@@ -384,6 +388,7 @@ class PaperCVFConfig(CVFConfig):
     stranger_reply: float = 0.0
     relearn_sim: float = 0.0
     mid_push: float = 0.0
+    keep_forgotten_views: int = 0
 
 
 @register
