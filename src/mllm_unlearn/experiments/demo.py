@@ -51,8 +51,9 @@ class DemoConfig:
     audit: AuditConfig | None = field(default_factory=AuditConfig)
     #: train the audit's retrained oracle in a second process, beside the vanilla fine-tune and the
     #: unlearning runs, when the machine has a core to spare (every job here runs on one thread). Same
-    #: bytes either way (each fine-tune seeds itself); on 2 cores it takes the oracle's fine-tune (269 s of
-    #: 12 min 38 s) off the critical path: 9 min 55 s, same results (README, "What the demo does")
+    #: bytes either way (each fine-tune seeds itself); on 2 cores it takes the oracle's fine-tune off the
+    #: critical path: 5 min 40 s -> 3 min 56 s (oracle 118 s), and 12 min 38 s -> 9 min 55 s on a machine
+    #: 2.5x slower, same results (README, "What the demo does"; the CLI's ``--oracle-in-process`` turns it off)
     parallel_oracle: bool = True
 
 
