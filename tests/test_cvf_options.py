@@ -327,15 +327,27 @@ def test_beta_2_keeps_real_world_faces_nearer_their_reference_tokens_beside_l_dc
     assert CVFConfig().ret_weight == 2.0 and 0 < drift[2.0] < drift[1.0]
 
 
-def test_keep_forgotten_holds_earlier_requests_at_their_tokens_by_formula(world_with_strangers):
-    """Continual without replay: L_RET gains keep_forgotten * Eq. 9 between the earlier-forgotten photos'
-    tokens now and the tokens the model gave them when the stage began (0 until B moves)."""
+def _earlier_request(world_with_strangers):
+    """(cls, lm, forget, retain, earlier): one retain person taken out as an earlier request's people, and
+    cvf_ncu's adapters (a random A) attached for a stage that forgets the forget split."""
     data, model = world_with_strangers
     forget, retain = split_people(data)
     earlier = [s for s in retain if s.person == sorted({r.person for r in retain})[0]]
     retain = [s for s in retain if s not in earlier]
     cls = get_method("cvf_ncu")
-    lm = attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random"), cls)
+    return (
+        cls,
+        attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random"), cls),
+        forget,
+        retain,
+        earlier,
+    )
+
+
+def test_keep_forgotten_holds_earlier_requests_at_their_tokens_by_formula(world_with_strangers):
+    """Continual without replay: L_RET gains keep_forgotten * Eq. 9 between the earlier-forgotten photos'
+    tokens now and the tokens the model gave them when the stage began (0 until B moves)."""
+    cls, lm, forget, retain, earlier = _earlier_request(world_with_strangers)
 
     def run(perturb: bool, **kw):
         torch.manual_seed(0)
@@ -366,12 +378,7 @@ def test_keep_forgotten_views_holds_augmented_copies_of_the_earlier_photos_too(w
     """``keep_forgotten_views=N``: the hold covers N augmented copies of each earlier photo as well (same
     people, other pixels), each with its own target; 4 by default (nineteenth pass); negative counts are
     refused."""
-    data, model = world_with_strangers
-    forget, retain = split_people(data)
-    earlier = [s for s in retain if s.person == sorted({r.person for r in retain})[0]]
-    retain = [s for s in retain if s not in earlier]
-    cls = get_method("cvf_ncu")
-    lm = attach_adapters(load_model(model), retain, UnlearnConfig(subspace="random"), cls)
+    cls, lm, forget, retain, earlier = _earlier_request(world_with_strangers)
     held = {}
     for n in (0, 2):
         method = cls(CVFConfig(queue_size=8, keep_forgotten_views=n))
