@@ -388,6 +388,7 @@ class PaperCVFConfig(CVFConfig):
     stranger_reply: float = 0.0
     relearn_sim: float = 0.0
     mid_push: float = 0.0
+    keep_forgotten: float = 0.0
     keep_forgotten_views: int = 0
 
 
