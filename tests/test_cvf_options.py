@@ -396,6 +396,39 @@ def test_keep_forgotten_views_holds_augmented_copies_of_the_earlier_photos_too(w
         CVFConfig(keep_forgotten_views=-1)
 
 
+def test_keep_forgotten_views_holds_other_views_of_the_earlier_faces_too(world_with_strangers):
+    """The direction of ``keep_forgotten_views`` (the nineteenth pass's default): over a stage that forgets the
+    forget split, *fresh* augmented copies of an earlier request's photos (drawn by a generator of their own, so
+    other pixels than the held copies: the earlier face as other photos show it) drift less from the tokens
+    they had when the stage began with four copies held than with the photos alone. Summed over six earlier
+    requests (each retain person in turn, the stage's seed its index), 20 steps: Eq. 9 0.221 against 0.323
+    (measured); lower for 4 of the 6 requests, so the sum is what is asserted. (The world's own unseen photos
+    were a mixed proxy on this untrained tiny model: docs/method.md, nineteenth pass.)"""
+    from mllm_unlearn.data.augment import augmented_copies
+    from mllm_unlearn.methods.losses import retention_mse
+
+    data, model = world_with_strangers
+    forget, retain = split_people(data)
+    people = sorted({s.person for s in retain})
+    cls = get_method("cvf_ncu")
+    drift = {0: 0.0, 4: 0.0}
+    for seed in range(6):
+        earlier = [s for s in retain if s.person == people[seed % len(people)]]
+        others = [s for s in retain if s not in earlier]
+        fresh = augmented_copies(distinct_images(earlier), torch.Generator().manual_seed(999 + seed), 8, 0.25)
+        for views in drift:
+            cfg = UnlearnConfig(subspace="random", steps=20, batch_size=4, warmup=1, seed=seed)
+            lm = attach_adapters(load_model(model), others, cfg, cls)
+            ctx = UnlearnContext(lm, forget, others, 4, seed)
+            with torch.no_grad():
+                before = ctx.visual_tokens(fresh)
+            method = cls(CVFConfig(queue_size=8, keep_forgotten_views=views))
+            unlearn_stage(lm, method, forget, others, cfg, forgotten=earlier)
+            with torch.no_grad():
+                drift[views] += retention_mse(ctx.visual_tokens(fresh), before).item()
+    assert 0 < drift[4] < 0.85 * drift[0]
+
+
 def test_the_default_rank_is_the_methods_capped_at_half_the_narrowest_layer():
     from mllm_unlearn.train.unlearn import default_rank
 
