@@ -22,7 +22,12 @@ cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnCon
   ``identity_push`` holds the training photos' at most ``identity_margin``);
 * ``null_energy``: the share of their layer-input energy, averaged over the adapted layers, that NCU's frozen A
   lets through (:func:`mllm_unlearn.nullspace.retain_energy` on their covariance), with the retain set's for
-  comparison.
+  comparison;
+* ``twin``: the highest cosine between their mean pooled reference IVR and a retain person's, both centred on
+  the known people's mean (how close their face is to someone unlearning must keep recognised; twentieth pass).
+
+At the end, over every forget person of the worlds asked: the mean ``twin`` of the people still recognised on
+their unseen photos and of the rest, and the rank correlation of ``twin`` with ``unseen``.
 
 After the people, per world (fifteenth pass): the mean pairwise cosine between the forget people's mean shifts of
 pooled IVRs (unlearned minus reference, over their training photos; what ``decorrelate`` lowers), the same between
@@ -36,6 +41,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 
 from mllm_unlearn.evaluate.audit import load_audit_data
 from mllm_unlearn.evaluate.audit.common import score_mcqs
@@ -97,6 +103,10 @@ def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
             u, r = ctx.visual_tokens(images), ctx.visual_tokens(images, reference=True)
         unseen_images = distinct_images(audit.unseen_mcqs([p]))
         seen = F.normalize(means[p] - known_center, dim=-1)
+        twin = max(
+            F.cosine_similarity(means[p] - known_center, means[q] - known_center, dim=0).item()
+            for q in sorted(data.retain_people)
+        )
         others = F.normalize(pooled(ctx, unseen_images, True) - known_center, dim=-1)
         proto = F.normalize(means[p] - center, dim=-1)  # the person's identity prototype (L_ID's)
         shifts.append((u.mean(1) - r.mean(1)).mean(0))
@@ -116,6 +126,7 @@ def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
                 "cos_ref": F.cosine_similarity(u - center, r - center, dim=-1).mean().item(),
                 "signature": (others @ seen).mean().item(),
                 "null_energy": null_energy(lm, plain, images),
+                "twin": twin,
             }
         )
 
@@ -138,26 +149,38 @@ def main() -> None:
     parser.add_argument("--opt", action="append", default=[], help="a cvf_ncu option KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| world | person | unseen ↓ | train ↓ | cos_ref | signature | proto_train | proto_unseen | null_energy |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    shapes = []
+    print(
+        "| world | person | unseen ↓ | train ↓ | cos_ref | signature | proto_train | proto_unseen | null_energy "
+        "| twin |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    shapes, people = [], []
     for seed in map(int, args.seeds.split(",")):
         for r in world(args.cache, seed, args.opt):
             if r["person"] == "shifts":
                 shapes.append(r)
                 continue
             if r["person"] == "retain":
-                print(f"| {seed} | retain set | | | | | | | {r['null_energy']:.4f} |")
+                print(f"| {seed} | retain set | | | | | | | {r['null_energy']:.4f} | |")
                 continue
+            people.append(r)
             mark = "*" if r["unseen"] > RECOGNISED else ""
             print(
                 f"| {seed} | {r['person']} | {r['unseen']:.2f}{mark} | {r['train']:.2f} | {r['cos_ref']:.2f} | "
-                f"{r['signature']:.2f} | {r['proto_train']:.2f} | {r['proto_unseen']:.2f} | {r['null_energy']:.4f} |"
+                f"{r['signature']:.2f} | {r['proto_train']:.2f} | {r['proto_unseen']:.2f} | {r['null_energy']:.4f} | "
+                f"{r['twin']:.2f} |"
             )
     print("\n| world | people's shifts: pairwise cosine | prototypes: pairwise cosine | shift / reference IVR length |")
     print("|---|---|---|---|")
     for r in shapes:
         print(f"| {r['seed']} | {r['shift_cos']:.2f} | {r['proto_cos']:.2f} | {r['shift_length']:.1f} |")
+    recognised = [r["twin"] for r in people if r["unseen"] > RECOGNISED]
+    rest = [r["twin"] for r in people if r["unseen"] <= RECOGNISED]
+    rho = spearmanr([r["twin"] for r in people], [r["unseen"] for r in people]).statistic
+    print(
+        f"\ntwin: {sum(recognised) / max(len(recognised), 1):.3f} for the {len(recognised)} people still recognised, "
+        f"{sum(rest) / max(len(rest), 1):.3f} for the other {len(rest)}; Spearman rho(twin, unseen) = {rho:.2f}"
+    )
 
 
 if __name__ == "__main__":
