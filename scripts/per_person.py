@@ -24,7 +24,8 @@ cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnCon
   lets through (:func:`mllm_unlearn.nullspace.retain_energy` on their covariance), with the retain set's for
   comparison;
 * ``twin``: the highest cosine between their mean pooled reference IVR and a retain person's, both centred on
-  the known people's mean (how close their face is to someone unlearning must keep recognised; twentieth pass).
+  the known people's mean (how close their face is to someone unlearning must keep recognised; docs/method.md,
+  "Who stays recognisable").
 
 At the end, over every forget person of the worlds asked: the mean ``twin`` of the people still recognised on
 their unseen photos and of the rest, and the rank correlation of ``twin`` with ``unseen``.

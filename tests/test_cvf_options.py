@@ -71,8 +71,7 @@ def test_paper_reading_is_its_own_registered_method():
     assert paper["views"] == 0 and paper["gum_batch_size"] == 0
     # the library's own defaults (view pool, L_DC, beta 2) stay out of the paper's reading
     assert (paper["view_pool"], paper["decorrelate"], paper["ret_weight"]) == (0, 0.0, 1.0)
-    # nor does the continual hold on earlier requests (Eq. 9's form): under the paper's protocol the paper's
-    # reading lets a later stage undo an earlier one, as it does there
+    # nor the hold on earlier requests in continual runs (keep_forgotten, Eq. 9's form): the paper has none
     assert (paper["keep_forgotten"], paper["keep_forgotten_views"]) == (0.0, 0)
 
 
