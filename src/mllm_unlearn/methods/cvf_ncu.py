@@ -184,8 +184,9 @@ class CVFConfig:
     #: generator of its own, so the run's other draws do not move with it. 4 since the nineteenth pass
     #: (paper's protocol, dev worlds 0-2 and 12-14, one draw each): the worst request's unseen-photo forget
     #: VQA after the last stage 0.557 -> 0.487 (no higher on 5 of 6 worlds), goal met in 1 of 6 runs (was 0),
-    #: Real-world VQA 0.977 -> 0.970. On the tests' untrained tiny model the token-level proxy does not show
-    #: it (an earlier request's unseen photos drift less in 2 of 4 seeds): no test pins its direction
+    #: Real-world VQA 0.977 -> 0.970. On the tests' small world, fresh augmented copies of an earlier
+    #: request's photos drift less over a stage with the copies held (Eq. 9 summed over six requests: 0.221
+    #: against 0.323; the world's own unseen photos were a mixed proxy there, 2 of 4 seeds)
     keep_forgotten_views: int = 4
     #: L_GUM on N pairs of the retain batch only, every (retain_batch_size // N)-th (0: all). Its pass through
     #: the LLM dominates a step at 7B (issue #13): 4 instead of 8 projects Qwen2-VL-7B's step from 1.00x to
