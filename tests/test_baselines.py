@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from mllm_unlearn.methods import available_methods, get_method
+from mllm_unlearn.methods import available_methods, get_method, report_order
 from mllm_unlearn.methods.base import UnlearnContext
 from mllm_unlearn.methods.baseline import select
 from mllm_unlearn.methods.siu import person_names
@@ -171,6 +171,14 @@ def forget_loglik(lm, samples):
     """Mean over ``samples`` of the answer's summed log-probability given the question."""
     with torch.no_grad():
         return answer_logprobs(lm, samples, [s.question for s in samples], [s.answer for s in samples]).mean().item()
+
+
+def test_report_order_puts_the_baselines_first_and_cvf_ncu_last():
+    """``--methods all`` (audit and demo) lists rows as the README does: the eight baselines
+    alphabetically, then the paper's literal reading, then cvf_ncu; every registered method once."""
+    order = report_order()
+    assert sorted(order) == available_methods()
+    assert order == [*sorted(BASELINES), "cvf_ncu_paper", "cvf_ncu"]
 
 
 @pytest.mark.parametrize("name", BASELINES)

@@ -117,9 +117,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
         seeds = tuple(int(s) for s in args.seeds.split(","))
         if args.methods == "all":
-            from ..methods import available_methods
+            from ..methods import report_order
 
-            methods = tuple(available_methods())
+            methods = tuple(report_order())
         else:
             methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         cfg = quick_config(seeds) if args.quick else MultiSeedConfig(seeds=seeds)

@@ -249,9 +249,9 @@ def cmd_demo(args):
         cfg.audit = None
     cfg.parallel_oracle = not args.oracle_in_process
     if args.methods == "all":
-        from ..methods import available_methods
+        from ..methods import report_order
 
-        cfg.methods = ("vanilla", *[m for m in available_methods() if m != "cvf_ncu"], "cvf_ncu")
+        cfg.methods = ("vanilla", *report_order())
     elif args.methods:
         cfg.methods = tuple(m.strip() for m in args.methods.split(","))
     run_demo(args.out, cfg)

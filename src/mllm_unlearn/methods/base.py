@@ -38,6 +38,14 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def report_order() -> list[str]:
+    """Every registered method in the order the README's tables list them (``--methods all``): the
+    baselines alphabetically, then the paper's literal reading, then cvf_ncu, so the method a table is
+    about sits last, under the row it departs from."""
+    ours = [m for m in ("cvf_ncu_paper", "cvf_ncu") if m in _METHODS]
+    return [m for m in available_methods() if m not in ours] + ours
+
+
 def get_method(name: str) -> type[UnlearningMethod]:
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
