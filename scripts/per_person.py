@@ -2,11 +2,12 @@
 
 Usage::
 
-    python scripts/per_person.py --cache CACHE --seeds 0,1,2 [--opt KEY=VALUE ...]
+    python scripts/per_person.py --cache CACHE --seeds 0,1,2 [--seed-offset K] [--opt KEY=VALUE ...]
 
 ``CACHE`` is an ``mllm-unlearn audit --seeds`` cache (``seed<N>/world`` and ``seed<N>/vanilla``). Per world the
-cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnConfig``, seed = the world's,
-``--opt`` method options), and per forget person it prints:
+cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnConfig``, seed = the world's plus
+``--seed-offset``: another draw of batches and copies, as ``dev_sweep.py``'s ``seed_offset``; ``--opt`` method
+options), and per forget person it prints:
 
 * ``unseen``: forget VQA on their unseen ``Test_Set`` photos after unlearning (the audit's probe 1 per person;
   ``*`` marks the people above chance + 0.15, the audit's ``still_recognised``), and ``train``: the same on the
@@ -25,7 +26,9 @@ cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnCon
   comparison;
 * ``twin``: the highest cosine between their mean pooled reference IVR and a retain person's, both centred on
   the known people's mean (how close their face is to someone unlearning must keep recognised; docs/method.md,
-  "Who stays recognisable").
+  "Who stays recognisable");
+* ``oracle``: forget VQA on their unseen photos by the audit's retrained oracle (cached as ``seed<N>/oracle-*``;
+  blank without one): whether a model that never saw them can answer about them from their looks alone.
 
 At the end, over every forget person of the worlds asked: the mean ``twin`` of the people still recognised on
 their unseen photos and of the rest, and the rank correlation of ``twin`` with ``unseen``.
@@ -38,6 +41,7 @@ their identity prototypes, and the mean length of a shift over that of the perso
 from __future__ import annotations
 
 import argparse
+import glob
 import itertools
 
 import torch
@@ -75,7 +79,7 @@ def null_energy(lm, plain, images) -> float:
     return sum(retain_energy(A[n], cov[n].cov) for n in A) / len(A)
 
 
-def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
+def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]:
     root = f"{cache}/seed{seed}"
     audit = load_audit_data(f"{root}/world", "forget_15")
     data = audit.bench
@@ -83,7 +87,9 @@ def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
     plain = load_model(f"{root}/vanilla")
     forget, retain = split_people(data)
     method_cfg = parse_options(get_method("cvf_ncu").config_class, opts)
-    lm, _ = unlearn(load_model(f"{root}/vanilla"), data, UnlearnConfig(seed=seed), method_cfg)
+    oracles = glob.glob(f"{root}/oracle-*")
+    oracle = score_mcqs(load_model(oracles[0]), audit.unseen_mcqs(people)) if len(oracles) == 1 else None
+    lm, _ = unlearn(load_model(f"{root}/vanilla"), data, UnlearnConfig(seed=seed + offset), method_cfg)
     unseen = score_mcqs(lm, audit.unseen_mcqs(people))
     train = score_mcqs(lm, audit.image_mcqs("forget", people))
     ctx = UnlearnContext(lm, forget, retain, batch_size=8, seed=0)
@@ -128,6 +134,7 @@ def world(cache: str, seed: int, opts: list[str]) -> list[dict]:
                 "signature": (others @ seen).mean().item(),
                 "null_energy": null_energy(lm, plain, images),
                 "twin": twin,
+                "oracle": oracle.accuracy([p]) if oracle else float("nan"),
             }
         )
 
@@ -148,28 +155,29 @@ def main() -> None:
     parser.add_argument("--cache", required=True)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--opt", action="append", default=[], help="a cvf_ncu option KEY=VALUE")
+    parser.add_argument("--seed-offset", type=int, default=0, help="unlearning seed = the world's + this (a draw)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(
         "| world | person | unseen ↓ | train ↓ | cos_ref | signature | proto_train | proto_unseen | null_energy "
-        "| twin |"
+        "| twin | oracle |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     shapes, people = [], []
     for seed in map(int, args.seeds.split(",")):
-        for r in world(args.cache, seed, args.opt):
+        for r in world(args.cache, seed, args.opt, args.seed_offset):
             if r["person"] == "shifts":
                 shapes.append(r)
                 continue
             if r["person"] == "retain":
-                print(f"| {seed} | retain set | | | | | | | {r['null_energy']:.4f} | |")
+                print(f"| {seed} | retain set | | | | | | | {r['null_energy']:.4f} | | |")
                 continue
             people.append(r)
             mark = "*" if r["unseen"] > RECOGNISED else ""
             print(
                 f"| {seed} | {r['person']} | {r['unseen']:.2f}{mark} | {r['train']:.2f} | {r['cos_ref']:.2f} | "
                 f"{r['signature']:.2f} | {r['proto_train']:.2f} | {r['proto_unseen']:.2f} | {r['null_energy']:.4f} | "
-                f"{r['twin']:.2f} |"
+                f"{r['twin']:.2f} | {r['oracle']:.2f} |"
             )
     print("\n| world | people's shifts: pairwise cosine | prototypes: pairwise cosine | shift / reference IVR length |")
     print("|---|---|---|---|")
@@ -182,6 +190,15 @@ def main() -> None:
         f"\ntwin: {sum(recognised) / max(len(recognised), 1):.3f} for the {len(recognised)} people still recognised, "
         f"{sum(rest) / max(len(rest), 1):.3f} for the other {len(rest)}; Spearman rho(twin, unseen) = {rho:.2f}"
     )
+    judged = [r for r in people if r["oracle"] == r["oracle"]]  # the worlds with a cached oracle
+    if judged:
+        hard = [r["oracle"] for r in judged if r["unseen"] > RECOGNISED]
+        easy = [r["oracle"] for r in judged if r["unseen"] <= RECOGNISED]
+        rho = spearmanr([r["oracle"] for r in judged], [r["unseen"] for r in judged]).statistic
+        print(
+            f"oracle: {sum(hard) / max(len(hard), 1):.3f} for the people still recognised, "
+            f"{sum(easy) / max(len(easy), 1):.3f} for the others; Spearman rho(oracle, unseen) = {rho:.2f}"
+        )
 
 
 if __name__ == "__main__":
