@@ -2,12 +2,13 @@
 
 Usage::
 
-    python scripts/per_person.py --cache CACHE --seeds 0,1,2 [--seed-offset K] [--opt KEY=VALUE ...]
+    python scripts/per_person.py --cache CACHE --seeds 0,1,2 [--cache CACHE2 --seeds 3,4 ...] [--draws N]
+                                 [--opt KEY=VALUE ...]
 
-``CACHE`` is an ``mllm-unlearn audit --seeds`` cache (``seed<N>/world`` and ``seed<N>/vanilla``). Per world the
-cached vanilla model is unlearned with cvf_ncu (the audit's default ``UnlearnConfig``, seed = the world's plus
-``--seed-offset``: another draw of batches and copies, as ``dev_sweep.py``'s ``seed_offset``; ``--opt`` method
-options), and per forget person it prints:
+``CACHE`` is an ``mllm-unlearn audit --seeds`` cache (``seed<N>/world`` and ``seed<N>/vanilla``); several caches
+each take their own ``--seeds``. Per world the cached vanilla model is unlearned with cvf_ncu (the audit's
+default ``UnlearnConfig``, ``--opt`` method options) ``--draws`` times, draw k with seed = the world's plus k
+(other batches and copies, as ``dev_sweep.py``'s ``seed_offset``), and per draw and forget person it prints:
 
 * ``unseen``: forget VQA on their unseen ``Test_Set`` photos after unlearning (the audit's probe 1 per person;
   ``*`` marks the people above chance + 0.15, the audit's ``still_recognised``), and ``train``: the same on the
@@ -28,10 +29,17 @@ options), and per forget person it prints:
   the known people's mean (how close their face is to someone unlearning must keep recognised; docs/method.md,
   "Who stays recognisable");
 * ``oracle``: forget VQA on their unseen photos by the audit's retrained oracle (cached as ``seed<N>/oracle-*``;
-  blank without one): whether a model that never saw them can answer about them from their looks alone.
+  nan without one): whether a model that never saw them can answer about them from their looks alone;
+* ``push0``: Eq. 4's mean per-token value on their training photos when unlearning starts (B = 0, so each token
+  is its own reference), with the queue's K retain tokens stood for by all of the retain set's (log-sum-exp
+  less log(N / K)): how much push their tokens start with when some retain tokens already look like them.
 
-At the end, over every forget person of the worlds asked: the mean ``twin`` of the people still recognised on
-their unseen photos and of the rest, and the rank correlation of ``twin`` with ``unseen``.
+At the end, over every forget person of the worlds asked, with ``unseen`` averaged over the draws: for each
+measure that does not depend on the draw (``twin``, ``oracle``, ``push0``, ``null_energy``, ``signature``) its mean
+over the people still recognised (mean ``unseen`` above chance + 0.15) and over the rest, and its Spearman rank
+correlation with ``unseen``, over all people and within a world (mean, and in how many worlds it is negative).
+With several draws, also how many draws leave each person recognised and the draws' rank correlation of ``unseen``
+(is "still recognised" the person or the draw?).
 
 After the people, per world (fifteenth pass): the mean pairwise cosine between the forget people's mean shifts of
 pooled IVRs (unlearned minus reference, over their training photos; what ``decorrelate`` lowers), the same between
@@ -43,6 +51,7 @@ from __future__ import annotations
 import argparse
 import glob
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +89,8 @@ def null_energy(lm, plain, images) -> float:
 
 
 def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]:
+    """Unlearn world ``seed`` of ``cache`` (seed + ``offset``); its rows: the retain set's, one per forget
+    person, and the people's shifts."""
     root = f"{cache}/seed{seed}"
     audit = load_audit_data(f"{root}/world", "forget_15")
     data = audit.bench
@@ -97,6 +108,8 @@ def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]
     with torch.no_grad():
         ref = ctx.visual_tokens(retain_images, reference=True)
     center = ref.reshape(-1, ref.shape[-1]).mean(0)
+    keys = F.normalize(ref.reshape(-1, ref.shape[-1]) - center, dim=-1)  # every retain token, centred
+    queue_offset = math.log(len(keys) / method_cfg.queue_size)
     means = {  # every known person's mean pooled reference IVR over their training photos
         p: pooled(ctx, distinct_images([s for s in data.train if s.person == p]), reference=True).mean(0)
         for p in people + sorted(data.retain_people)
@@ -109,6 +122,8 @@ def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]
         with torch.no_grad():
             u, r = ctx.visual_tokens(images), ctx.visual_tokens(images, reference=True)
         unseen_images = distinct_images(audit.unseen_mcqs([p]))
+        cos = F.normalize(r.reshape(-1, r.shape[-1]) - center, dim=-1) @ keys.T
+        push0 = F.softplus(1 / method_cfg.tau - (torch.logsumexp(cos / method_cfg.tau, -1) - queue_offset)).mean()
         seen = F.normalize(means[p] - known_center, dim=-1)
         twin = max(
             F.cosine_similarity(means[p] - known_center, means[q] - known_center, dim=0).item()
@@ -135,6 +150,7 @@ def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]
                 "null_energy": null_energy(lm, plain, images),
                 "twin": twin,
                 "oracle": oracle.accuracy([p]) if oracle else float("nan"),
+                "push0": push0.item(),
             }
         )
 
@@ -150,55 +166,97 @@ def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]
     ]
 
 
+STATIC = ("twin", "oracle", "push0", "null_energy", "signature")  # measures that do not depend on the draw
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summary(people: dict[tuple[int, str], list[dict]]) -> None:
+    """Over every person (key (world, person), one row per draw): see the module docstring."""
+    keys = sorted(people)
+    unseen = {k: mean(r["unseen"] for r in people[k]) for k in keys}
+    hard = {k for k in keys if unseen[k] > RECOGNISED}
+    print(f"\n{len(hard)} of {len(keys)} people still recognised (unseen averaged over the draws)")
+    print("\n| measure | still recognised | the others | Spearman rho with unseen | within a world (negative in) |")
+    print("|---|---|---|---|---|")
+    worlds = sorted({w for w, _ in keys})
+    for m in STATIC:
+        have = [k for k in keys if people[k][0][m] == people[k][0][m]]  # not nan
+        if len(have) < 3:
+            continue
+        value = {k: people[k][0][m] for k in have}
+        rho = spearmanr([value[k] for k in have], [unseen[k] for k in have]).statistic
+        within = [
+            spearmanr([value[k] for k in have if k[0] == w], [unseen[k] for k in have if k[0] == w]).statistic
+            for w in worlds
+            if sum(k[0] == w for k in have) > 2
+        ]
+        within = [x for x in within if x == x]  # a world whose values are all equal has no rank correlation
+        print(
+            f"| {m} | {mean(value[k] for k in have if k in hard):.4g} "
+            f"| {mean(value[k] for k in have if k not in hard):.4g} "
+            f"| {rho:+.2f} | {mean(within):+.2f} ({sum(x < 0 for x in within)} of {len(within)}) |"
+        )
+    draws = len(people[keys[0]])
+    if draws > 1:
+
+        def draw_rho(a: int, b: int) -> float:
+            return spearmanr([people[k][a]["unseen"] for k in keys], [people[k][b]["unseen"] for k in keys]).statistic
+
+        times = [sum(r["unseen"] > RECOGNISED for r in people[k]) for k in keys]
+        print(
+            "\nrecognised in n of the draws: "
+            + ", ".join(f"{n}: {times.count(n)}" for n in range(draws + 1))
+            + "; draws' Spearman rho of unseen: "
+            + ", ".join(f"{a}-{b} {draw_rho(a, b):.2f}" for a, b in itertools.combinations(range(draws), 2))
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cache", required=True)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--cache", action="append", required=True, help="an audit cache (repeatable)")
+    parser.add_argument("--seeds", action="append", help="its worlds, e.g. 0,1,2 (one per --cache; default 0,1,2)")
     parser.add_argument("--opt", action="append", default=[], help="a cvf_ncu option KEY=VALUE")
-    parser.add_argument("--seed-offset", type=int, default=0, help="unlearning seed = the world's + this (a draw)")
+    parser.add_argument("--draws", type=int, default=1, help="unlearning runs per world, seeds the world's + 0, 1, ...")
     args = parser.parse_args()
+    seeds = args.seeds or ["0,1,2"]
+    if len(seeds) != len(args.cache) or args.draws < 1:
+        parser.error("give one --seeds per --cache, and --draws >= 1")
     torch.set_num_threads(1)
-    print(
-        "| world | person | unseen ↓ | train ↓ | cos_ref | signature | proto_train | proto_unseen | null_energy "
-        "| twin | oracle |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    shapes, people = [], []
-    for seed in map(int, args.seeds.split(",")):
-        for r in world(args.cache, seed, args.opt, args.seed_offset):
-            if r["person"] == "shifts":
-                shapes.append(r)
-                continue
-            if r["person"] == "retain":
-                print(f"| {seed} | retain set | | | | | | | {r['null_energy']:.4f} | | |")
-                continue
-            people.append(r)
-            mark = "*" if r["unseen"] > RECOGNISED else ""
-            print(
-                f"| {seed} | {r['person']} | {r['unseen']:.2f}{mark} | {r['train']:.2f} | {r['cos_ref']:.2f} | "
-                f"{r['signature']:.2f} | {r['proto_train']:.2f} | {r['proto_unseen']:.2f} | {r['null_energy']:.4f} | "
-                f"{r['twin']:.2f} | {r['oracle']:.2f} |"
-            )
-    print("\n| world | people's shifts: pairwise cosine | prototypes: pairwise cosine | shift / reference IVR length |")
-    print("|---|---|---|---|")
-    for r in shapes:
-        print(f"| {r['seed']} | {r['shift_cos']:.2f} | {r['proto_cos']:.2f} | {r['shift_length']:.1f} |")
-    recognised = [r["twin"] for r in people if r["unseen"] > RECOGNISED]
-    rest = [r["twin"] for r in people if r["unseen"] <= RECOGNISED]
-    rho = spearmanr([r["twin"] for r in people], [r["unseen"] for r in people]).statistic
-    print(
-        f"\ntwin: {sum(recognised) / max(len(recognised), 1):.3f} for the {len(recognised)} people still recognised, "
-        f"{sum(rest) / max(len(rest), 1):.3f} for the other {len(rest)}; Spearman rho(twin, unseen) = {rho:.2f}"
-    )
-    judged = [r for r in people if r["oracle"] == r["oracle"]]  # the worlds with a cached oracle
-    if judged:
-        hard = [r["oracle"] for r in judged if r["unseen"] > RECOGNISED]
-        easy = [r["oracle"] for r in judged if r["unseen"] <= RECOGNISED]
-        rho = spearmanr([r["oracle"] for r in judged], [r["unseen"] for r in judged]).statistic
+    people: dict[tuple[int, str], list[dict]] = {}
+    for draw in range(args.draws):
+        print(f"\n## draw {draw}\n" if args.draws > 1 else "", end="")
         print(
-            f"oracle: {sum(hard) / max(len(hard), 1):.3f} for the people still recognised, "
-            f"{sum(easy) / max(len(easy), 1):.3f} for the others; Spearman rho(oracle, unseen) = {rho:.2f}"
+            "| world | person | unseen ↓ | train ↓ | cos_ref | signature | proto_train | proto_unseen | null_energy "
+            "| twin | oracle | push0 |"
         )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        shapes = []
+        for cache, group in zip(args.cache, seeds):
+            for seed in map(int, group.split(",")):
+                for r in world(cache, seed, args.opt, draw):
+                    if r["person"] == "shifts":
+                        shapes.append(r)
+                        continue
+                    if r["person"] == "retain":
+                        print(f"| {seed} | retain set | | | | | | | {r['null_energy']:.4f} | | | |")
+                        continue
+                    people.setdefault((seed, r["person"]), []).append(r)
+                    mark = "*" if r["unseen"] > RECOGNISED else ""
+                    print(
+                        f"| {seed} | {r['person']} | {r['unseen']:.2f}{mark} | {r['train']:.2f} | {r['cos_ref']:.2f} | "
+                        f"{r['signature']:.2f} | {r['proto_train']:.2f} | {r['proto_unseen']:.2f} | "
+                        f"{r['null_energy']:.4f} | {r['twin']:.2f} | {r['oracle']:.2f} | {r['push0']:.3f} |"
+                    )
+        print("\n| world | people's shifts: pairwise cosine | prototypes: pairwise cosine", end=" ")
+        print("| shift / reference IVR length |")
+        print("|---|---|---|---|")
+        for r in shapes:
+            print(f"| {r['seed']} | {r['shift_cos']:.2f} | {r['proto_cos']:.2f} | {r['shift_length']:.1f} |")
+    summary(people)
 
 
 if __name__ == "__main__":
