@@ -32,12 +32,15 @@ default ``UnlearnConfig``, ``--opt`` method options) ``--draws`` times, draw k w
   nan without one): whether a model that never saw them can answer about them from their looks alone;
 * ``push0``: Eq. 4's mean per-token value on their training photos when unlearning starts (B = 0, so each token
   is its own reference), with the queue's K retain tokens stood for by all of the retain set's (log-sum-exp
-  less log(N / K)): how much push their tokens start with when some retain tokens already look like them.
+  less log(N / K)): how much push their tokens start with when some retain tokens already look like them;
+* ``margin``: the vanilla model's MCQ margin on their training photos (the correct option's summed log-probability
+  minus the best wrong one's, mean over their questions): how firmly it knew them.
 
 At the end, over every forget person of the worlds asked, with ``unseen`` averaged over the draws: for each
-measure that does not depend on the draw (``twin``, ``oracle``, ``push0``, ``null_energy``, ``signature``) its mean
-over the people still recognised (mean ``unseen`` above chance + 0.15) and over the rest, and its Spearman rank
-correlation with ``unseen``, over all people and within a world (mean, and in how many worlds it is negative).
+measure that does not depend on the draw (``twin``, ``oracle``, ``push0``, ``null_energy``, ``signature``,
+``margin``) its mean over the people still recognised (mean ``unseen`` above chance + 0.15) and over the rest,
+and its Spearman rank correlation with ``unseen``, over all people and within a world (mean, and in how many
+worlds it is negative).
 With several draws, also how many draws leave each person recognised and the draws' rank correlation of ``unseen``
 (is "still recognised" the person or the draw?).
 
@@ -58,7 +61,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from mllm_unlearn.evaluate.audit import load_audit_data
-from mllm_unlearn.evaluate.audit.common import score_mcqs
+from mllm_unlearn.evaluate.audit.common import MCQScores, score_mcqs
 from mllm_unlearn.evaluate.audit.unseen import RECOGNISED
 from mllm_unlearn.methods import get_method
 from mllm_unlearn.methods.base import UnlearnContext, distinct_images
@@ -76,6 +79,16 @@ def pooled(ctx: UnlearnContext, images, reference: bool = False) -> torch.Tensor
 def mean_pairwise_cosine(vectors: list[torch.Tensor]) -> float:
     pairs = list(itertools.combinations(vectors, 2))
     return sum(F.cosine_similarity(a, b, dim=0).item() for a, b in pairs) / len(pairs)
+
+
+def mcq_margin(scores: MCQScores, person: str) -> float:
+    """Mean over ``person``'s MCQs of the correct option's summed log-probability minus the best wrong one's."""
+    gaps = []
+    for sample, logp in zip(scores.samples, scores.logp):
+        if sample.person == person:
+            right = sorted(sample.options).index(sample.correct)
+            gaps.append(logp[right] - max(v for i, v in enumerate(logp) if i != right))
+    return sum(gaps) / len(gaps)
 
 
 def null_energy(lm, plain, images) -> float:
@@ -98,6 +111,7 @@ def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]
     plain = load_model(f"{root}/vanilla")
     forget, retain = split_people(data)
     method_cfg = parse_options(get_method("cvf_ncu").config_class, opts)
+    before = score_mcqs(plain, audit.image_mcqs("forget", people))
     oracles = glob.glob(f"{root}/oracle-*")
     oracle = score_mcqs(load_model(oracles[0]), audit.unseen_mcqs(people)) if len(oracles) == 1 else None
     lm, _ = unlearn(load_model(f"{root}/vanilla"), data, UnlearnConfig(seed=seed + offset), method_cfg)
@@ -151,6 +165,7 @@ def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]
                 "twin": twin,
                 "oracle": oracle.accuracy([p]) if oracle else float("nan"),
                 "push0": push0.item(),
+                "margin": mcq_margin(before, p),
             }
         )
 
@@ -166,7 +181,7 @@ def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]
     ]
 
 
-STATIC = ("twin", "oracle", "push0", "null_energy", "signature")  # measures that do not depend on the draw
+STATIC = ("twin", "oracle", "push0", "null_energy", "signature", "margin")  # measures that do not depend on the draw
 
 
 def mean(xs) -> float:
@@ -231,9 +246,9 @@ def main() -> None:
         print(f"\n## draw {draw}\n" if args.draws > 1 else "", end="")
         print(
             "| world | person | unseen ↓ | train ↓ | cos_ref | signature | proto_train | proto_unseen | null_energy "
-            "| twin | oracle | push0 |"
+            "| twin | oracle | push0 | margin |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         shapes = []
         for cache, group in zip(args.cache, seeds):
             for seed in map(int, group.split(",")):
@@ -242,14 +257,15 @@ def main() -> None:
                         shapes.append(r)
                         continue
                     if r["person"] == "retain":
-                        print(f"| {seed} | retain set | | | | | | | {r['null_energy']:.4f} | | | |")
+                        print(f"| {seed} | retain set | | | | | | | {r['null_energy']:.4f} | | | | |")
                         continue
                     people.setdefault((seed, r["person"]), []).append(r)
                     mark = "*" if r["unseen"] > RECOGNISED else ""
                     print(
                         f"| {seed} | {r['person']} | {r['unseen']:.2f}{mark} | {r['train']:.2f} | {r['cos_ref']:.2f} | "
                         f"{r['signature']:.2f} | {r['proto_train']:.2f} | {r['proto_unseen']:.2f} | "
-                        f"{r['null_energy']:.4f} | {r['twin']:.2f} | {r['oracle']:.2f} | {r['push0']:.3f} |"
+                        f"{r['null_energy']:.4f} | {r['twin']:.2f} | {r['oracle']:.2f} | {r['push0']:.3f} | "
+                        f"{r['margin']:.2f} |"
                     )
         print("\n| world | people's shifts: pairwise cosine | prototypes: pairwise cosine", end=" ")
         print("| shift / reference IVR length |")
