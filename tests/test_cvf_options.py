@@ -58,8 +58,8 @@ def test_stranger_anchor_pull_by_formula():
 def test_options_are_checked_and_parse_from_the_command_line():
     cfg = parse_options(CVFConfig, ["anchor=stranger_pair", "views=2", "augment=0.5", "gum_batch_size=8"])
     assert (cfg.anchor, cfg.views, cfg.augment, cfg.gum_batch_size) == ("stranger_pair", 2, 0.5, 8)
-    for bad in (dict(anchor="celebrity"), dict(views=-1), dict(gum_batch_size=-1)):
-        with pytest.raises(ValueError):
+    for bad in (dict(anchor="celebrity"), dict(views=-1), dict(gum_batch_size=-1), dict(push_floor=-0.1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
             CVFConfig(**bad)
 
 

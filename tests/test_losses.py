@@ -51,6 +51,26 @@ def test_cvf_push_falls_as_the_unlearned_ivr_leaves_its_reference():
         cvf_push(z_r, z_r, queue[:0], 0.1)
 
 
+def test_cvf_push_floor_takes_each_terms_log_and_keeps_pushing_a_token_already_near_the_negatives():
+    """``floor`` f (``push_floor``): the mean over IVRs of log(Eq. 4's term + f), by hand on two IVRs; on an IVR
+    that already resembles a negative, its gradient is the plain term's divided by (term + f), so larger."""
+    z_r = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    queue = torch.tensor([[0.0, 1.0], [0.6, 0.8]])
+    z_u = torch.tensor([[1.0, 0.2], [0.6, 0.8]])  # the second sits on a negative: its term is small
+    tau, f = 0.5, 0.1
+    terms = [cvf_push(z_u[i : i + 1], z_r[i : i + 1], queue, tau).item() for i in range(2)]
+    expected = sum(math.log(t + f) for t in terms) / 2
+    assert cvf_push(z_u, z_r, queue, tau, floor=f).item() == pytest.approx(expected, rel=1e-6)
+    assert terms[1] < terms[0]
+    grads = []
+    for floor in (0.0, f):
+        u = z_u[1:].clone().requires_grad_(True)
+        cvf_push(u, z_r[1:], queue, tau, floor=floor).backward()
+        grads.append(u.grad.norm().item())
+    assert grads[1] == pytest.approx(grads[0] / (terms[1] + f), rel=1e-5)
+    assert grads[1] > 2 * grads[0]
+
+
 def test_nmse_push_is_negative_squared_distance():  # Eq. 5
     assert nmse_push(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])).item() == pytest.approx(-5.0)
 

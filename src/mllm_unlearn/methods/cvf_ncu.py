@@ -251,6 +251,12 @@ class CVFConfig:
     #: worlds 0-2, gamma 1 / 2 / 4 gave unseen-photo forget VQA 0.298 / 0.307 / 0.312 (0.320 off) at Real-world
     #: VQA 0.957 / 0.957 / 0.963 (0.977 off), the trade-off every stronger push measured (docs/method.md)
     push_focus: float = 0.0
+    #: Eq. 4's per-IVR terms t taken as log(t + push_floor) (:func:`~mllm_unlearn.methods.losses.cvf_push`;
+    #: issue #10, not in the paper; 0 = Eq. 4, the default): Eq. 4's negatives are retain tokens, so a token some
+    #: of them already resemble starts with a small term whose gradient dies with it; the people a run leaves
+    #: recognisable start lower (Eq. 4 at B = 0: 0.36 against 0.48 over 96 people of twelve worlds;
+    #: docs/method.md, twenty-first pass, which measures it on the development worlds)
+    push_floor: float = 0.0
     #: weight of L_ID (:func:`~mllm_unlearn.methods.losses.identity_hinge`; issue #10, not in the paper):
     #: each pooled forget IVR's cosine with its person's identity prototype (their mean pooled reference
     #: IVR over their push images, centred) held at most ``identity_margin``. Eq. 4 moves each photo away
@@ -353,6 +359,7 @@ class CVFConfig:
             "relearn_sim_lr",
             "mid_push",
             "push_focus",
+            "push_floor",
             "identity_push",
             "stranger_profile",
             "decorrelate",
@@ -578,7 +585,7 @@ class CVFNCU(UnlearningMethod):
                 with torch.no_grad():
                     weights = torch.nn.functional.cosine_similarity(u, r, dim=-1).clamp(min=0) ** cfg.push_focus
                     weights = weights + 1e-8  # a batch already pushed past 90 degrees everywhere: plain mean
-            push = cvf_push(u, r, self.queue, cfg.tau, weights)
+            push = cvf_push(u, r, self.queue, cfg.tau, weights, cfg.push_floor)
         elif cfg.push == "nmse":
             push = nmse_push(z_u, z_r)
         else:

@@ -22,7 +22,12 @@ def pool(h: torch.Tensor) -> torch.Tensor:
 
 
 def cvf_push(
-    z_u: torch.Tensor, z_r: torch.Tensor, queue: torch.Tensor, tau: float, weights: torch.Tensor | None = None
+    z_u: torch.Tensor,
+    z_r: torch.Tensor,
+    queue: torch.Tensor,
+    tau: float,
+    weights: torch.Tensor | None = None,
+    floor: float = 0.0,
 ) -> torch.Tensor:
     """L_CVF-push, Eq. 4 (with Eq. 3's normalisation and temperature):
 
@@ -31,7 +36,9 @@ def cvf_push(
 
     An InfoNCE with the *negatives* in the numerator: minimising it lowers the softmax weight of the
     unlearned IVR's own reference IVR ``z_r`` against the queue ``queue`` (K, d). Mean over the batch,
-    or the ``weights``-weighted mean (B,) when given.
+    or the ``weights``-weighted mean (B,) when given. With ``floor`` f > 0 (not in the paper;
+    ``CVFConfig.push_floor``) each IVR's term t enters as log(t + f): its gradient divided by t + f, so an
+    IVR whose term is already small (it resembles some negatives) keeps being pushed until t is well below f.
     """
     if queue.numel() == 0:
         raise ValueError("Eq. 4 needs a non-empty negative queue")
@@ -41,6 +48,8 @@ def cvf_push(
     neg_lse = torch.logsumexp(neg, dim=-1)
     all_lse = torch.logsumexp(torch.cat([pos, neg], dim=-1), dim=-1)
     per = all_lse - neg_lse
+    if floor:
+        per = torch.log(per + floor)
     return per.mean() if weights is None else (weights * per).sum() / weights.sum()
 
 
