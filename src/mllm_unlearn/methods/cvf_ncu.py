@@ -257,8 +257,8 @@ class CVFConfig:
     #: recognisable start lower (Eq. 4 at B = 0: 0.36 against 0.48 over 96 people of twelve worlds). Off: over
     #: three draws on development worlds 0-2 and 12-14, f = 0.01 gave unseen-photo forget VQA 0.226 against 0.290
     #: and relearning recovery 0.079 against 0.186 (the recognisable people 0.60 -> 0.38), but Real-world VQA
-    #: 0.969 against 0.988, beyond the 0.01 the rule written before the runs allowed (with ret_weight 3:
-    #: 0.221 / 0.062 / 0.971; docs/method.md, twenty-first pass)
+    #: 0.969 against 0.988, beyond the 0.01 the rule written before the runs allowed; with ret_weight 3 or 4,
+    #: alpha 3 or stranger_batch_size 8 alike (Real-world VQA 0.969-0.972; docs/method.md, twenty-first pass)
     push_floor: float = 0.0
     #: weight of L_ID (:func:`~mllm_unlearn.methods.losses.identity_hinge`; issue #10, not in the paper):
     #: each pooled forget IVR's cosine with its person's identity prototype (their mean pooled reference
