@@ -491,16 +491,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; bad input (data, paths, options, checkpoints) ends in one message and exit 2."""
-    from ..runtime.distributed import main_print
+    from ..runtime.distributed import leave, main_print
 
     args = build_parser().parse_args(argv)
     _setup(args)
+    code = 0
     try:
         args.fn(args)
     except (OSError, ValueError, FloatingPointError) as exc:  # DataError is a ValueError
         main_print(f"mllm-unlearn {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    leave(code)  # a launched process ends here (see leave); a plain one returns
+    return code
 
 
 if __name__ == "__main__":
