@@ -39,6 +39,7 @@ noise in B's near-zero gradient entries, the null-space directions, into steps o
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import sys
 import warnings
@@ -96,9 +97,11 @@ def leave(code: int) -> None:
     output flushed, then ``os._exit``, past the interpreter's own teardown. In that teardown one process of a
     2-process CPU run sometimes aborted after a complete run ("terminate called without an active exception":
     a C++ thread destroyed while joinable), so the launcher reported a failure. Returns at once when not
-    launched."""
+    launched. Objects the command left behind are collected first, so that their finalizers (e.g. the removal
+    of spilled reference features) still run."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
+    gc.collect()
     torch.distributed.destroy_process_group()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
