@@ -52,6 +52,7 @@ their identity prototypes, and the mean length of a shift over that of the perso
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import itertools
 import math
@@ -101,6 +102,19 @@ def null_energy(lm, plain, images) -> float:
     return sum(retain_energy(A[n], cov[n].cov) for n in A) / len(A)
 
 
+@functools.cache
+def before_unlearning(root: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Per forget person of the world at ``root``, what no draw changes (scored once, however many draws):
+    the vanilla model's MCQ margin on their training photos, and the retrained oracle's unseen-photo forget
+    VQA (empty without a cached oracle)."""
+    audit = load_audit_data(f"{root}/world", "forget_15")
+    people = audit.forget_people
+    before = score_mcqs(load_model(f"{root}/vanilla"), audit.image_mcqs("forget", people))
+    oracles = glob.glob(f"{root}/oracle-*")
+    oracle = score_mcqs(load_model(oracles[0]), audit.unseen_mcqs(people)) if len(oracles) == 1 else None
+    return {p: mcq_margin(before, p) for p in people}, {p: oracle.accuracy([p]) for p in people} if oracle else {}
+
+
 def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]:
     """Unlearn world ``seed`` of ``cache`` (seed + ``offset``); its rows: the retain set's, one per forget
     person, and the people's shifts."""
@@ -111,9 +125,7 @@ def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]
     plain = load_model(f"{root}/vanilla")
     forget, retain = split_people(data)
     method_cfg = parse_options(get_method("cvf_ncu").config_class, opts)
-    before = score_mcqs(plain, audit.image_mcqs("forget", people))
-    oracles = glob.glob(f"{root}/oracle-*")
-    oracle = score_mcqs(load_model(oracles[0]), audit.unseen_mcqs(people)) if len(oracles) == 1 else None
+    margins, oracle = before_unlearning(root)
     lm, _ = unlearn(load_model(f"{root}/vanilla"), data, UnlearnConfig(seed=seed + offset), method_cfg)
     unseen = score_mcqs(lm, audit.unseen_mcqs(people))
     train = score_mcqs(lm, audit.image_mcqs("forget", people))
@@ -163,9 +175,9 @@ def world(cache: str, seed: int, opts: list[str], offset: int = 0) -> list[dict]
                 "signature": (others @ seen).mean().item(),
                 "null_energy": null_energy(lm, plain, images),
                 "twin": twin,
-                "oracle": oracle.accuracy([p]) if oracle else float("nan"),
+                "oracle": oracle.get(p, float("nan")),
                 "push0": push0.item(),
-                "margin": mcq_margin(before, p),
+                "margin": margins[p],
             }
         )
 
