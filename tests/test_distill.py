@@ -160,4 +160,4 @@ def test_the_student_matches_the_teacher_on_its_images_better_than_on_faces_it_w
             k: retention_mse(ctx.visual_tokens(v), teacher[k]).item()
             for k, v in (("shown", shown), ("outside", outside))
         }
-    assert gap["outside"] > 3 * gap["shown"]  # measured: 0.020 against 0.0031
+    assert gap["outside"] > 3 * gap["shown"]  # measured: 0.014 against 0.0024 (earlier defaults: 0.020, 0.0031)
