@@ -739,6 +739,24 @@ def test_view_pool_adds_seeded_augmented_copies_of_each_forget_photo(world_with_
         CVFConfig(view_pool=-1)
 
 
+def _unseen_and_retain_moved(data, model, method_cfg: CVFConfig) -> dict[str, float]:
+    """1 - cos between pooled tokens and their reference tokens after 20 steps with ``method_cfg``, meaned over
+    the forget people's unseen photos (``Test_Set``, which no step sees) and over the retain photos."""
+    forget, retain = split_people(data)
+    strangers = stranger_samples(data)
+    unseen = distinct_images([s for s in data.splits["test"] if s.person in data.forget_people and s.image])
+    cls, cfg = get_method("cvf_ncu"), UnlearnConfig(steps=20, batch_size=4, warmup=1)
+    lm = attach_adapters(load_model(model), retain, cfg, cls, strangers)
+    unlearn_stage(lm, cls(method_cfg), forget, retain, cfg, strangers=strangers)
+    ctx = UnlearnContext(lm, forget, retain, 4, 0)
+    moved = {}
+    for who, images in (("unseen", unseen), ("retain", distinct_images(retain))):
+        with torch.no_grad():
+            now, ref = pool(ctx.visual_tokens(images)), pool(ctx.visual_tokens(images, reference=True))
+        moved[who] = 1 - F.cosine_similarity(now, ref).mean().item()
+    return moved
+
+
 def test_view_pool_moves_the_forget_persons_unseen_photos_further(world_with_strangers):
     """The direction of the ``view_pool`` choice of the third pass (2 copies, with beta 1 and no L_DC, the
     defaults then): with augmented copies of the forget photos in the push / pull's stream, the forget person's
@@ -748,22 +766,11 @@ def test_view_pool_moves_the_forget_persons_unseen_photos_further(world_with_str
     and Real-world VQA 0.960 -> 0.950. Since the seventeenth pass the default is 4 copies, chosen as one setting
     with L_DC and beta 2; on this small world 4 copies against none within it move the unseen photo less (0.79
     against 0.86), so this test pins the setting whose direction it shows."""
-    data, model = world_with_strangers
-    forget, retain = split_people(data)
-    strangers = stranger_samples(data)
+    data, _ = world_with_strangers
+    third_pass = dict(relearn_sim=0.0, decorrelate=0.0, ret_weight=1.0, push_floor=0.0)
+    moved = {n: _unseen_and_retain_moved(*world_with_strangers, CVFConfig(view_pool=n, **third_pass)) for n in (0, 2)}
+    forget, _ = split_people(data)
     unseen = distinct_images([s for s in data.splits["test"] if s.person in data.forget_people and s.image])
-    cls, cfg = get_method("cvf_ncu"), UnlearnConfig(steps=20, batch_size=4, warmup=1)
-    moved = {}
-    for copies in (0, 2):
-        lm = attach_adapters(load_model(model), retain, cfg, cls, strangers)
-        method = cls(CVFConfig(view_pool=copies, relearn_sim=0.0, decorrelate=0.0, ret_weight=1.0, push_floor=0.0))
-        unlearn_stage(lm, method, forget, retain, cfg, strangers=strangers)
-        ctx = UnlearnContext(lm, forget, retain, 4, 0)
-        moved[copies] = {}
-        for who, images in (("unseen", unseen), ("retain", distinct_images(retain))):
-            with torch.no_grad():
-                now, ref = pool(ctx.visual_tokens(images)), pool(ctx.visual_tokens(images, reference=True))
-            moved[copies][who] = 1 - F.cosine_similarity(now, ref).mean().item()
     assert unseen and not {image_key(s) for s in unseen} & {image_key(s) for s in distinct_images(forget)}
     assert moved[2]["unseen"] > moved[0]["unseen"] + 0.05
     assert moved[0]["retain"] < moved[2]["retain"] < moved[2]["unseen"]
@@ -776,21 +783,7 @@ def test_push_floor_moves_the_forget_persons_unseen_photos_further(world_with_st
     with Eq. 4's terms under a floor the forget person's unseen photos (``Test_Set``, which no step sees) leave
     their reference tokens further than with Eq. 4's own terms, same steps and seed (measured: 1 - cos of the
     pooled tokens 0.90 -> 1.07), while the retain photos move about as much (0.302 -> 0.308)."""
-    data, model = world_with_strangers
-    forget, retain = split_people(data)
-    strangers = stranger_samples(data)
-    unseen = distinct_images([s for s in data.splits["test"] if s.person in data.forget_people and s.image])
-    cls, cfg = get_method("cvf_ncu"), UnlearnConfig(steps=20, batch_size=4, warmup=1)
-    moved = {}
-    for floor in (0.0, 0.01):
-        lm = attach_adapters(load_model(model), retain, cfg, cls, strangers)
-        unlearn_stage(lm, cls(CVFConfig(push_floor=floor)), forget, retain, cfg, strangers=strangers)
-        ctx = UnlearnContext(lm, forget, retain, 4, 0)
-        moved[floor] = {}
-        for who, images in (("unseen", unseen), ("retain", distinct_images(retain))):
-            with torch.no_grad():
-                now, ref = pool(ctx.visual_tokens(images)), pool(ctx.visual_tokens(images, reference=True))
-            moved[floor][who] = 1 - F.cosine_similarity(now, ref).mean().item()
+    moved = {f: _unseen_and_retain_moved(*world_with_strangers, CVFConfig(push_floor=f)) for f in (0.0, 0.01)}
     assert moved[0.01]["unseen"] > moved[0.0]["unseen"] + 0.05
     assert moved[0.01]["retain"] < moved[0.0]["retain"] + 0.05
     assert CVFConfig().push_floor == 0.01 and PaperCVFConfig().push_floor == 0.0
