@@ -31,13 +31,7 @@ def test_relearn_route_keeps_a_change_in_or_out_of_a_span_and_measures_its_share
     """``scripts/relearn_route.py``: ``span_share`` of a change (out x in) in the input directions a basis spans,
     by hand (a change along input 0 of a basis of inputs 0-1: 1; along input 2: 0; half and half: 0.5); and
     ``keep_change`` leaves W0 + dW Q Q^T (inside) or W0 + dW (I - Q Q^T) (outside) after a step."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "relearn_route", Path(__file__).parents[1] / "scripts/relearn_route.py"
-    )
-    route = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(route)
+    route = _script("relearn_route")
     q = torch.eye(4, dtype=torch.float64)[:, :2]  # inputs 0 and 1
     along = lambda *cols: torch.stack([torch.eye(4, dtype=torch.float64)[c] for c in cols]).sum(0).expand(3, 4)
     assert route.span_share(along(0), q) == pytest.approx(1.0)
@@ -356,13 +350,18 @@ def _audit_out(root: Path, seeds: list[int], runs: dict[str, list[float]]) -> Pa
     return root
 
 
-def test_audit_table_pools_seeds_of_several_outs(tmp_path) -> None:
+def _script(name: str):
+    """A module of ``scripts/`` (not a package), loaded by path."""
     import importlib.util
 
-    script = Path(__file__).parents[1] / "scripts" / "audit_table.py"
-    spec = importlib.util.spec_from_file_location("audit_table", script)
-    audit_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(audit_table)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_audit_table_pools_seeds_of_several_outs(tmp_path) -> None:
+    audit_table = _script("audit_table")
     # one process per world (seeds 6 and 7 side by side), and a model added later over both
     a = _audit_out(tmp_path / "a", [6], {"vanilla": [0.0], "cvf_ncu": [0.8]})
     b = _audit_out(tmp_path / "b", [7], {"vanilla": [0.0], "cvf_ncu": [0.9]})
@@ -385,3 +384,25 @@ def test_audit_table_pools_seeds_of_several_outs(tmp_path) -> None:
     single = audit_table.table([a])
     assert single.startswith("Seeds 6: one world.") and "nan" not in single
     assert "| cvf_ncu | 0.80 |" in single
+
+
+def test_continual_misses_counts_requests_with_and_without_a_person_static_runs_leave_recognisable(tmp_path) -> None:
+    """``scripts/continual_misses.py``, by hand on two 2-request continual runs of one world: person 1 is above 0.40
+    on their unseen photos in both of per_person.py's draws (hard at ``--draws-hard 2``), person 2 in one. Run a
+    leaves request 1 (person 1) at 0.5 from its own stage on; run b brings request 1 back to 0.6 after its own stage
+    left it at 0.3, and leaves request 2 (person 2) at exactly 0.40, the goal: not a miss."""
+    misses = _script("continual_misses")
+    rows = "| world | person | unseen ↓ | train ↓ |\n|---|---|---|---|\n| 3 | 1 | 0.60* | 0.2 |\n| 3 | 2 | {} | 0.2 |\n"
+    (tmp_path / "pp.md").write_text("## draw 0\n" + rows.format("0.50*") + "\n## draw 1\n" + rows.format("0.20"))
+    for name, first, last in (("a", [0.5, 0.9], [0.5, 0.2]), ("b", [0.3, 0.9], [0.6, 0.40])):
+        stages = [{"unseen_forget_vqa_per_task": first}, {"unseen_forget_vqa_per_task": last}]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "matrix.json").write_text(json.dumps({"tasks": [["1"], ["2"]], "stages": stages}))
+    unseen = misses.per_person_unseen(tmp_path / "pp.md")
+    assert unseen == {(3, "1"): [0.6, 0.6], (3, "2"): [0.5, 0.2]}
+    runs = {3: [tmp_path / "a", tmp_path / "b"]}
+    c = misses.count(unseen, runs, draws_hard=2)
+    assert (c["requests"], c["misses"], c["hard_people"]) == (4, 2, [(3, "1")])
+    assert c["missed_at_own_stage"] == 1  # run a's request 1; run b's was brought back by stage 2
+    assert c["hard"] == [2, 2] and c["other"] == [0, 2]
+    assert misses.count(unseen, runs, draws_hard=1)["hard"] == [2, 4]  # person 2 is hard in one draw
