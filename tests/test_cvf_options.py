@@ -615,7 +615,7 @@ def test_relearn_sim_gradient_is_eq7_of_the_held_out_half_at_the_attacked_weight
 def cvf_push_of(method, z_u, z_r):
     from mllm_unlearn.methods.losses import cvf_push
 
-    return cvf_push(z_u - method.center, z_r - method.center, method.queue, method.cfg.tau, None, method.cfg.push_floor)
+    return cvf_push(z_u - method.center, z_r - method.center, method.queue, method.cfg.tau, floor=method.cfg.push_floor)
 
 
 def test_relearn_sim_keeps_the_other_half_forgotten_when_half_is_relearned(tmp_path_factory):

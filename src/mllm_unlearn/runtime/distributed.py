@@ -87,8 +87,12 @@ def accelerator():
     return _accelerator
 
 
+def _launched_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _end() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _launched_group():
         torch.distributed.destroy_process_group()
 
 
@@ -99,10 +103,10 @@ def leave(code: int) -> None:
     a C++ thread destroyed while joinable), so the launcher reported a failure. Returns at once when not
     launched. Objects the command left behind are collected first, so that their finalizers (e.g. the removal
     of spilled reference features) still run."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _launched_group():
         return
     gc.collect()
-    torch.distributed.destroy_process_group()
+    _end()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
