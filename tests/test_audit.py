@@ -406,3 +406,43 @@ def test_continual_misses_counts_requests_with_and_without_a_person_static_runs_
     assert c["missed_at_own_stage"] == 1  # run a's request 1; run b's was brought back by stage 2
     assert c["hard"] == [2, 2] and c["other"] == [0, 2]
     assert misses.count(unseen, runs, draws_hard=1)["hard"] == [2, 4]  # person 2 is hard in one draw
+
+
+def test_sweep_table_pools_a_settings_draws_across_names_caches_and_files(tmp_path, capsys) -> None:
+    """``scripts/sweep_table.py`` by hand: rows of one setting under other variant names, another world's cache folder
+    and another unlearning seed are one group; a setting that differs in one option is another. Per world the draws'
+    mean, then mean ± t over worlds, and Welch's p against the worlds named in ``--versus``."""
+    table = _script("sweep_table")
+
+    def row(world: int, offset: int, name: str, relearn: float, floor: float = 0.01) -> str:
+        key = {
+            "seed": world,
+            "unlearn": {"seed": world + offset, "cache_dir": f"C{world}/ncu_cache", "steps": 200},
+            "method_config": {"push_floor": floor},
+            "probes": ["relearn"],
+        }
+        return json.dumps(
+            {"key": json.dumps(key), "seed": world, "variant": name, "headline": {"relearn_recovery": relearn}}
+        )
+
+    dev = [
+        row(0, 0, "b3", 0.1),
+        row(0, 1, "b3_d1", 0.3),
+        row(1, 0, "b3", 0.0),
+        row(1, 1, "b3_d1", 0.0),
+        row(0, 0, "pf0", 0.9, floor=0.0),
+    ]
+    held = [row(3, 0, "default", 0.4), row(3, 2, "d2", 0.4), row(4, 0, "default", 0.2), row(4, 2, "d2", 0.4)]
+    (tmp_path / "dev.jsonl").write_text("\n".join(dev) + "\n")
+    (tmp_path / "held.jsonl").write_text("\n".join(held) + "\n")
+    files = [str(tmp_path / "dev.jsonl"), str(tmp_path / "held.jsonl")]
+    table.main([*files, "--versus", "3,4", "--columns", "relearn_recovery"])
+    out = capsys.readouterr().out.split("== ")[1:]
+    assert len(out) == 2 and out[0].startswith("b3, b3_d1, default, d2") and out[1].startswith("pf0")
+    pooled = mean_ci([0.2, 0.0, 0.4, 0.3])  # worlds 0, 1, 3, 4: the mean of each world's draws
+    assert f"{pooled['mean']:.3f} ± {pooled['ci95']:.3f} (0: 0.200, 1: 0.000, 3: 0.400, 4: 0.300) draws [2]" in out[0]
+    from scipy.stats import ttest_ind
+
+    p = ttest_ind([0.4, 0.3], [0.2, 0.0], equal_var=False).pvalue
+    assert f"worlds [3, 4] 0.350 vs the others 0.100, Welch p = {p:.2f}" in out[0]
+    assert "0.900 ± nan (0: 0.900) draws [1]" in out[1] and "Welch" not in out[1]  # one world: no interval, no test
