@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             m = mean_ci([v for v, _ in worlds.values()])
             each = ", ".join(f"{w}: {v:.3f}" for w, (v, _) in worlds.items())
             draws = sorted({n for _, n in worlds.values()})
-            line = f"  {col:20s} {m['mean']:.3f} ± {m['ci95']:.3f} ({each}) draws {draws}"
+            spread = "" if math.isnan(m["ci95"]) else f" ± {m['ci95']:.3f}"  # one world: no interval
+            line = f"  {col:20s} {m['mean']:.3f}{spread} ({each}) draws {draws}"
             a = [v for w, (v, _) in worlds.items() if w in versus]
             b = [v for w, (v, _) in worlds.items() if w not in versus]
             if len(a) > 1 and len(b) > 1:

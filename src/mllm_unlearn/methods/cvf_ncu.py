@@ -219,7 +219,8 @@ class CVFConfig:
     #: Kept at 16 beside L_DC: 32 gave relearning recovery 0.144 against 0.128 over dev worlds 0-2 and 12-14 (three
     #: draws each; lower on 3 of 6 worlds) and unseen photos 0.320 against 0.305 (docs/method.md, eighteenth pass).
     #: Still earns its place beside ``push_floor``: off, relearning recovery 0.185 against 0.062 and unseen photos
-    #: 0.239 against 0.221 (dev worlds 0-2 and 12-14, three draws; twenty-third pass)
+    #: 0.239 against 0.221 (dev worlds 0-2 and 12-14, three draws), 0.319 against 0.256 on fresh dev worlds 15-17;
+    #: 32 gave 0.139 against 0.127 over the nine (twenty-third pass)
     relearn_sim: float = 16.0
     relearn_sim_lr: float = 1e-3
     relearn_sim_every: int = 8
@@ -325,7 +326,8 @@ class CVFConfig:
     #: Weight 2 gave relearning recovery 0.144 against 0.128 over dev worlds 0-2 and 12-14 (three draws each; lower
     #: on 3 of 6 worlds) and unseen photos 0.331 against 0.305 (docs/method.md, eighteenth pass). Still earns its
     #: place beside ``push_floor``: off, relearning recovery 0.147 against 0.062 and unseen photos 0.233 against
-    #: 0.221 (dev worlds 0-2 and 12-14, three draws; twenty-third pass)
+    #: 0.221 (dev worlds 0-2 and 12-14, three draws), 0.428 against 0.256 on fresh dev worlds 15-17; weight 2 gave
+    #: 0.131 against 0.127 over the nine (twenty-third pass)
     decorrelate: float = 1.0
     #: weight of a penalty on what the update does to the null space's own calibration photos (the retain
     #: images and, with ``calibrate_strangers``, the strangers' photos), layer by layer: the mean over the
