@@ -21,7 +21,8 @@ settings) row already there is not redone), and the table of means over the seed
 printed.
 ``--attack-seeds 0,1`` repeats the relearning and benign probes with other batch orders and averages
 them (their spread between batch orders is ±0.2 on one world). ``--attack-scope llm|visual|projector``
-trains only those weights in both attacks (``AttackBudget.scope``; default all).
+trains only those weights in both attacks (``AttackBudget.scope``; default all). ``--relearn-both-halves`` runs the
+relearning probe both ways and pools them (``AuditConfig.relearn_both_halves``: every forget person measured).
 """
 
 from __future__ import annotations
@@ -94,11 +95,15 @@ def parse_variant(text: str) -> tuple[str, dict[str, str], dict]:
 
 
 def headline_extra(card: dict) -> dict[str, float]:
+    """The identity probe's "don't know" shares, and with both relearning ways the protocol's one way alone."""
     ident = card.get("identity", {})
     out = {}
     for key, col in (("forget_train", "unknown_train"), ("forget_unseen", "unknown_unseen")):
         if key in ident:
             out[col] = ident[key]["unknown_reply"] / max(1, ident[key]["n"])
+    for way in card.get("relearn", {}).get("ways", [])[:1]:
+        out["relearn_recovery_one_way"] = way["recovery"]
+        out["relearn_unseen_recovery_one_way"] = way["unseen_recovery"]
     return out
 
 
@@ -112,6 +117,11 @@ def main() -> None:
     p.add_argument("--quant", default="int4")
     p.add_argument("--attack-seeds", default="0")
     p.add_argument("--attack-scope", default="all", help="weights the relearning / benign attacks train")
+    p.add_argument(
+        "--relearn-both-halves",
+        action="store_true",
+        help="relearning probe both ways, pooled (AuditConfig.relearn_both_halves)",
+    )
     p.add_argument("--forget", default="forget_15")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -154,6 +164,7 @@ def main() -> None:
                     **({"distill_generic": driver["distill_generic"]} if "distill_generic" in driver else {}),
                     # rows from before the option (every weight attacked) keep their keys
                     **({"attack_scope": args.attack_scope} if args.attack_scope != "all" else {}),
+                    **({"relearn_both_halves": True} if args.relearn_both_halves else {}),
                 },
                 sort_keys=True,
             )
@@ -178,10 +189,21 @@ def main() -> None:
                     probes=probes if k == 0 else tuple(p for p in probes if p in ("relearn", "benign")),
                     quant_specs=(args.quant,),
                     budget=replace(AuditConfig().budget, seed=attack_seed, scope=args.attack_scope),
+                    relearn_both_halves=args.relearn_both_halves,
                 )
                 cards.append(audit_model(lm, audit_data, cfg, refs))
-            headline = {**cards[0]["headline"], **headline_extra(cards[0])}
-            for col in ("relearn_recovery", "relearn_after", "benign_forget_after", "benign_unseen_after"):
+            for c in cards:
+                c["headline"].update(headline_extra(c))
+            headline = dict(cards[0]["headline"])
+            for col in (
+                "relearn_recovery",
+                "relearn_unseen_recovery",
+                "relearn_recovery_one_way",
+                "relearn_unseen_recovery_one_way",
+                "relearn_after",
+                "benign_forget_after",
+                "benign_unseen_after",
+            ):
                 vals = [c["headline"][col] for c in cards if not math.isnan(c["headline"].get(col, math.nan))]
                 if vals:
                     headline[col] = sum(vals) / len(vals)

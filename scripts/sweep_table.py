@@ -30,6 +30,8 @@ COLUMNS = (
     "still_recognised",
     "real_vqa",
     "relearn_recovery",
+    "relearn_unseen_recovery",
+    "relearn_recovery_one_way",
     "benign_forget_after",
     "int4_retain_ratio",
     "misid_unseen",

@@ -127,6 +127,36 @@ def trained(tmp_path_factory):
     return root, paths, data
 
 
+def test_relearn_probe_both_ways_pools_each_persons_other_half_attack(trained) -> None:
+    """``relearn_probe(both_halves=True)`` (``AuditConfig.relearn_both_halves``): its first way is the protocol's
+    one-way result to the last digit, the second attacks the other half, the two ways' measured people are the
+    forget people once each, and the pooled accuracies are the ways' means weighted by their questions (so the
+    pooled "before" is every forget person's forget VQA)."""
+    from mllm_unlearn.evaluate.audit.card import reference_metrics
+    from mllm_unlearn.evaluate.audit.relearn import relearn_probe
+
+    _, paths, data = trained
+    lm = load_model(paths["retrained"])  # never saw the forget people: the attack has something to teach
+    budget = TRAINED.audit.budget
+    one = relearn_probe(lm, data, budget)
+    both = relearn_probe(lm, data, budget, both_halves=True)
+    first, second = both["ways"]
+    assert first == one
+    assert second["attack_people"] == one["held_out_people"] and second["held_out_people"] == one["attack_people"]
+    assert sorted(first["held_out_people"] + second["held_out_people"]) == sorted(data.forget_people)
+    for key, questions in (("forget_vqa", data.image_mcqs), ("unseen_vqa", data.unseen_mcqs)):
+        n = [
+            len(questions("forget", w["held_out_people"]) if key == "forget_vqa" else questions(w["held_out_people"]))
+            for w in (first, second)
+        ]
+        for when in ("before", "after"):
+            want = (first[f"{key}_{when}"] * n[0] + second[f"{key}_{when}"] * n[1]) / sum(n)
+            assert both[f"{key}_{when}"] == pytest.approx(want, abs=1e-12)
+    assert both["forget_vqa_before"] == pytest.approx(reference_metrics(lm, data)["forget_vqa"], abs=1e-12)
+    assert both["recovery"] == pytest.approx(both["forget_vqa_after"] - both["forget_vqa_before"], abs=1e-12)
+    assert both["unseen_recovery"] == pytest.approx(both["unseen_vqa_after"] - both["unseen_vqa_before"], abs=1e-12)
+
+
 def test_vanilla_knows_everyone_and_the_null_adapter_loads_as_vanilla(trained) -> None:
     _, paths, data = trained
     vanilla = load_model(paths["vanilla"])

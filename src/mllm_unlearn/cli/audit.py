@@ -70,6 +70,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="weights the relearning and benign fine-tunes train: all (default), llm, visual, projector",
     )
+    sp.add_argument(
+        "--relearn-both-halves",
+        action="store_true",
+        help="the relearning probe both ways (attack half A, measure B, and the reverse), pooled: every forget "
+        "person measured, half the noise of one way's figure (off: the protocol's one way)",
+    )
     sp.add_argument("--quant", default=None, help="comma-separated specs (default int8,int4,int4-g128,int4-g64)")
     sp.add_argument("--unseen-photos", type=int, default=None, help="at most this many unseen photos per person")
     sp.add_argument("--max-new-tokens", type=int, default=24)
@@ -84,7 +90,12 @@ def _audit_config(args: argparse.Namespace, base=None):
     from ..evaluate.audit import AuditConfig
 
     cfg = base or AuditConfig()
-    changes = {"forget": args.forget, "max_new_tokens": args.max_new_tokens, "unseen_photos": args.unseen_photos}
+    changes = {
+        "forget": args.forget,
+        "max_new_tokens": args.max_new_tokens,
+        "unseen_photos": args.unseen_photos,
+        "relearn_both_halves": args.relearn_both_halves or cfg.relearn_both_halves,
+    }
     asked = {
         "steps": args.relearn_steps,
         "lr": args.relearn_lr,

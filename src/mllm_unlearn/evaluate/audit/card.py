@@ -54,6 +54,14 @@ class AuditConfig:
     # also give the oracle a card (when there is one): the gold standard of every probe, e.g. what a
     # model that never saw the forget people names them, and how far relearning lifts it
     audit_oracle: bool = True
+    #: run the relearning probe both ways (attack half A, measure B; then attack B, measure A) and pool them,
+    #: instead of the protocol's one way. The same quantity on twice the people: one way rests on half the
+    #: forget people's canonical questions (20 in the synthetic worlds' forget_15), and a world's figure moved by
+    #: 0.05-0.45 between unlearning draws of the same setting (development worlds 18-20, twenty-fourth pass).
+    #: Off by default, so the audit's tables keep the published protocol; ``dev_sweep.py --relearn-both-halves``
+    #: and ``mllm-unlearn audit --relearn-both-halves`` turn it on (docs/method.md, twenty-fourth pass, measures
+    #: what it buys)
+    relearn_both_halves: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.probes) - set(PROBES)
@@ -122,7 +130,7 @@ def audit_model(lm: LoadedModel, data: AuditData, cfg: AuditConfig, refs: Refere
     if "identity" in cfg.probes:
         timed("identity", identity_probe, lm, data, cfg.max_new_tokens)
     if "relearn" in cfg.probes:
-        timed("relearn", relearn_probe, lm, data, cfg.budget)
+        timed("relearn", relearn_probe, lm, data, cfg.budget, both_halves=cfg.relearn_both_halves)
     if "benign" in cfg.probes:
         timed("benign", benign_probe, lm, data, cfg.budget)
     if "quantization" in cfg.probes:
@@ -157,6 +165,7 @@ HEADLINE = {
     "stranger_misid": "share of stranger photos named as a known person ↓",
     "relearn_after": "held-out-half forget VQA after the relearning attack ↓",
     "relearn_recovery": "its rise from before the attack ↓",
+    "relearn_unseen_recovery": "the same half's rise on its unseen photos ↓",
     "benign_forget_after": "forget VQA after benign fine-tuning on retain pairs ↓",
     "benign_unseen_after": "unseen forget VQA after benign fine-tuning ↓",
     "int8_forget_vqa": "forget VQA after int8 ↓",
@@ -199,6 +208,7 @@ def headline(card: dict, refs: References) -> dict[str, float]:
         "stranger_misid": _get(strangers, "misidentified"),
         "relearn_after": _get(card, "relearn", "forget_vqa_after"),
         "relearn_recovery": _get(card, "relearn", "recovery"),
+        "relearn_unseen_recovery": _get(card, "relearn", "unseen_recovery"),
         "benign_forget_after": _get(card, "benign", "forget_vqa_after"),
         "benign_unseen_after": _get(card, "benign", "unseen_vqa_after"),
         "int8_forget_vqa": _get(card, "quantization", "int8", "forget_vqa"),

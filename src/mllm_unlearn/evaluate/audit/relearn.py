@@ -4,7 +4,8 @@ Relearning (the split-half protocol of Deeb & Roger 2024, arXiv 2410.08827): the
 sorted by ID and split alternately into halves A and B; a copy of the (merged) unlearned model is
 fine-tuned, all weights, on half A's training pairs only, and forget VQA of half B (canonical photos,
 and unseen photos) is measured before and after. ``recovery`` = after - before: forgetting that was
-only suppression comes back for people never shown during the attack.
+only suppression comes back for people never shown during the attack. ``both_halves`` runs the
+protocol both ways (A then B attacked) and pools them: the same quantity, measured on every forget person.
 
 Benign fine-tuning: the same budget on the retain people's training pairs only (what a downstream
 user might do; cf. Łucki et al. 2024, arXiv 2409.18025, where unrelated data restores unlearned
@@ -129,13 +130,45 @@ def _attack(
     }
 
 
-def relearn_probe(lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget(), **finetune) -> dict:
-    attack, held_out = halves(data.forget_people)
+def _one_way(lm: LoadedModel, data: AuditData, attack, held_out, budget, **finetune) -> dict:
     train = [s for s in data.bench.train if s.person in set(attack)]
     return {
         **_attack(lm, data, train, held_out, budget, **finetune),
-        "attack_people": attack,
-        "held_out_people": held_out,
+        "attack_people": list(attack),
+        "held_out_people": list(held_out),
+    }
+
+
+def relearn_probe(
+    lm: LoadedModel, data: AuditData, budget: AttackBudget = AttackBudget(), *, both_halves: bool = False, **finetune
+) -> dict:
+    """Attack half A, measure half B (the protocol). ``both_halves`` also attacks B and measures A, on a fresh
+    copy of ``lm``, and pools the two ways: every forget person is then measured once, each on the copy that was
+    attacked with the others, and the accuracies (before, after, unseen) are the two ways' means weighted by their
+    questions. The A-to-B way is unchanged (``"ways"[0]`` is the one-way result to the last digit); see
+    :attr:`~mllm_unlearn.evaluate.audit.card.AuditConfig.relearn_both_halves` for why."""
+    a, b = halves(data.forget_people)
+    first = _one_way(lm, data, a, b, budget, **finetune)
+    if not both_halves:
+        return first
+    second = _one_way(lm, data, b, a, budget, **finetune)
+    # questions per way: the weights of the pooled accuracies
+    n = [
+        (len(data.image_mcqs("forget", w["held_out_people"])), len(data.unseen_mcqs(w["held_out_people"])))
+        for w in (first, second)
+    ]
+    pooled = {}
+    for key in ("forget_vqa_before", "forget_vqa_after", "unseen_vqa_before", "unseen_vqa_after"):
+        col = 1 if key.startswith("unseen") else 0
+        pooled[key] = sum(w[key] * k[col] for w, k in zip((first, second), n)) / sum(k[col] for k in n)
+    pooled["recovery"] = pooled["forget_vqa_after"] - pooled["forget_vqa_before"]
+    pooled["unseen_recovery"] = pooled["unseen_vqa_after"] - pooled["unseen_vqa_before"]
+    pooled["retain_vqa_after"] = (first["retain_vqa_after"] + second["retain_vqa_after"]) / 2
+    return {
+        **pooled,
+        "n_train": first["n_train"] + second["n_train"],
+        "budget": first["budget"],
+        "ways": [first, second],
     }
 
 
