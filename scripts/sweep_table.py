@@ -10,7 +10,8 @@ its cache folder and the unlearning seed), so a setting's draws (``seed_offset``
 whatever their variant names, and rows of the same setting from several caches and files pool. Per group and
 column: the mean of the draws per world, then the mean over the worlds ± the 95 % Student-t half-width over
 them, each world's mean in brackets, and the draws per world. ``--versus SEEDS`` adds Welch's t-test (two-sided
-p) between those worlds' means and the other worlds' of the group.
+p) between those worlds' means and the other worlds' of the group; ``--spread`` the standard deviation between the
+draws of one world, pooled over the worlds (how far one draw of a setting on one world is from its world's mean).
 """
 
 from __future__ import annotations
@@ -48,14 +49,30 @@ def setting_of(key: str) -> str:
     return json.dumps(k, sort_keys=True)
 
 
-def per_world(rows: list[dict], column: str) -> dict[int, tuple[float, int]]:
-    """world -> (mean over its draws, number of draws); NaN draws dropped."""
+def draws_by_world(rows: list[dict], column: str) -> dict[int, list[float]]:
+    """world -> the column's value in each of its draws; NaN draws dropped."""
     by_world = defaultdict(list)
     for r in rows:
         v = r["headline"].get(column, math.nan)
         if not math.isnan(v):
             by_world[r["seed"]].append(v)
-    return {w: (sum(v) / len(v), len(v)) for w, v in sorted(by_world.items())}
+    return dict(sorted(by_world.items()))
+
+
+def per_world(rows: list[dict], column: str) -> dict[int, tuple[float, int]]:
+    """world -> (mean over its draws, number of draws); NaN draws dropped."""
+    return {w: (sum(v) / len(v), len(v)) for w, v in draws_by_world(rows, column).items()}
+
+
+def draw_spread(rows: list[dict], column: str) -> float:
+    """The standard deviation between draws of one world, pooled over the worlds with two or more draws (root mean
+    of their sample variances); NaN when none has two."""
+    variances = []
+    for v in draws_by_world(rows, column).values():
+        if len(v) > 1:
+            m = sum(v) / len(v)
+            variances.append(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return math.sqrt(sum(variances) / len(variances)) if variances else math.nan
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("files", nargs="+", help="dev_sweep.py --out files (JSON lines)")
     p.add_argument("--columns", default=",".join(COLUMNS))
     p.add_argument("--versus", default="", help="worlds compared with the others by Welch's t, e.g. 3,4,5")
+    p.add_argument("--spread", action="store_true", help="also the standard deviation between draws within a world")
     args = p.parse_args(argv)
     groups: dict[str, list[dict]] = defaultdict(list)
     for f in args.files:
@@ -83,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             draws = sorted({n for _, n in worlds.values()})
             spread = "" if math.isnan(m["ci95"]) else f" ± {m['ci95']:.3f}"  # one world: no interval
             line = f"  {col:20s} {m['mean']:.3f}{spread} ({each}) draws {draws}"
+            if args.spread:
+                line += f"; SD between draws {draw_spread(rows, col):.3f}"
             a = [v for w, (v, _) in worlds.items() if w in versus]
             b = [v for w, (v, _) in worlds.items() if w not in versus]
             if len(a) > 1 and len(b) > 1:

@@ -268,7 +268,8 @@ def test_cli_audit_one_world(trained, capsys) -> None:
 def test_attack_scope_trains_only_its_weights_and_the_cli_keeps_the_base_budget(trained) -> None:
     """``AttackBudget.scope``: a two-step attack on the visual weights leaves every LLM weight bit-identical
     and moves the vision tower's; on the LLM, the reverse. ``--relearn-scope`` changes only the scope of the
-    quick audit's budget; an unknown scope or an empty budget is refused naming the field."""
+    quick audit's budget, ``--relearn-both-halves`` only the relearning probe's ways; an unknown scope or an empty
+    budget is refused naming the field."""
     from mllm_unlearn.cli.audit import _audit_config, add_parser
     from mllm_unlearn.evaluate.audit import AttackBudget
     from mllm_unlearn.evaluate.audit.relearn import finetune_copy
@@ -292,6 +293,9 @@ def test_attack_scope_trains_only_its_weights_and_the_cli_keeps_the_base_budget(
     budget = _audit_config(args, TRAINED.audit).budget
     assert (budget.scope, budget.steps, budget.batch_size) == ("llm", TRAINED.audit.budget.steps, 4)
     assert _audit_config(args).budget == AttackBudget(scope="llm")
+    assert not _audit_config(args).relearn_both_halves  # the protocol's one way unless asked
+    args = parser.parse_args(["audit", "--vanilla", "v", "--data", "d", "--out", "o", "--relearn-both-halves"])
+    assert _audit_config(args, TRAINED.audit).relearn_both_halves
     with pytest.raises(ValueError, match="AttackBudget.scope: 'vision'"):
         AttackBudget(scope="vision")
     with pytest.raises(ValueError, match=r"AttackBudget: steps \(0\)"):
@@ -441,7 +445,8 @@ def test_continual_misses_counts_requests_with_and_without_a_person_static_runs_
 def test_sweep_table_pools_a_settings_draws_across_names_caches_and_files(tmp_path, capsys) -> None:
     """``scripts/sweep_table.py`` by hand: rows of one setting under other variant names, another world's cache folder
     and another unlearning seed are one group; a setting that differs in one option is another. Per world the draws'
-    mean, then mean ± t over worlds, and Welch's p against the worlds named in ``--versus``."""
+    mean, then mean ± t over worlds, Welch's p against the worlds named in ``--versus``, and with ``--spread`` the
+    standard deviation between a world's draws, pooled over worlds."""
     table = _script("sweep_table")
 
     def row(world: int, offset: int, name: str, relearn: float, floor: float = 0.01) -> str:
@@ -477,3 +482,7 @@ def test_sweep_table_pools_a_settings_draws_across_names_caches_and_files(tmp_pa
     assert f"worlds [3, 4] 0.350 vs the others 0.100, Welch p = {p:.2f}" in out[0]
     assert "relearn_recovery     0.900 (0: 0.900) draws [1]" in out[1]  # one world: no interval
     assert "±" not in out[1] and "Welch" not in out[1]  # and no test
+    table.main([*files, "--columns", "relearn_recovery", "--spread"])
+    out = capsys.readouterr().out.split("== ")[1:]
+    # within worlds 0 and 4 the draws differ by 0.2 (variance 0.02 each), within 1 and 3 not at all
+    assert out[0].rstrip().endswith("SD between draws 0.100") and out[1].rstrip().endswith("SD between draws nan")
