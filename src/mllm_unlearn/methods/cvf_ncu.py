@@ -220,7 +220,8 @@ class CVFConfig:
     #: draws each; lower on 3 of 6 worlds) and unseen photos 0.320 against 0.305 (docs/method.md, eighteenth pass).
     #: Still earns its place beside ``push_floor``: off, relearning recovery 0.185 against 0.062 and unseen photos
     #: 0.239 against 0.221 (dev worlds 0-2 and 12-14, three draws), 0.319 against 0.256 on fresh dev worlds 15-17;
-    #: 32 gave 0.139 against 0.127 over the nine (twenty-third pass)
+    #: 32 gave 0.139 against 0.127 over the nine (twenty-third pass), and 0.247 against 0.214 on fresh dev worlds
+    #: 18-20 (twenty-fourth pass)
     relearn_sim: float = 16.0
     relearn_sim_lr: float = 1e-3
     relearn_sim_every: int = 8
@@ -327,7 +328,9 @@ class CVFConfig:
     #: on 3 of 6 worlds) and unseen photos 0.331 against 0.305 (docs/method.md, eighteenth pass). Still earns its
     #: place beside ``push_floor``: off, relearning recovery 0.147 against 0.062 and unseen photos 0.233 against
     #: 0.221 (dev worlds 0-2 and 12-14, three draws), 0.428 against 0.256 on fresh dev worlds 15-17; weight 2 gave
-    #: 0.131 against 0.127 over the nine (twenty-third pass)
+    #: 0.131 against 0.127 over the nine (twenty-third pass), 0.211 against 0.214 on fresh dev worlds 18-20 and,
+    #: with the probe run both ways, 0.178 against 0.207 on fresh dev worlds 21-23, where its rule asked for 0.03
+    #: lower (twenty-fourth pass; over 18-23 both ways 0.036 +- 0.064 lower, p = 0.21)
     decorrelate: float = 1.0
     #: weight of a penalty on what the update does to the null space's own calibration photos (the retain
     #: images and, with ``calibrate_strangers``, the strangers' photos), layer by layer: the mean over the

@@ -56,11 +56,11 @@ class AuditConfig:
     audit_oracle: bool = True
     #: run the relearning probe both ways (attack half A, measure B; then attack B, measure A) and pool them,
     #: instead of the protocol's one way. The same quantity on twice the people: one way rests on half the
-    #: forget people's canonical questions (20 in the synthetic worlds' forget_15), and a world's figure moved by
-    #: 0.05-0.45 between unlearning draws of the same setting (development worlds 18-20, twenty-fourth pass).
-    #: Off by default, so the audit's tables keep the published protocol; ``dev_sweep.py --relearn-both-halves``
-    #: and ``mllm-unlearn audit --relearn-both-halves`` turn it on (docs/method.md, twenty-fourth pass, measures
-    #: what it buys)
+    #: forget people's canonical questions (20 in the synthetic worlds' forget_15) and on which half is attacked.
+    #: Measured on cvf_ncu's default, three draws on development worlds 18-20 and 21-23: the standard deviation
+    #: between draws of one world is 0.125 / 0.173 one way and 0.070 / 0.089 both ways (docs/method.md,
+    #: twenty-fourth pass). Off by default, so the audit's tables keep the published protocol; ``dev_sweep.py
+    #: --relearn-both-halves`` and ``mllm-unlearn audit --relearn-both-halves`` turn it on
     relearn_both_halves: bool = False
 
     def __post_init__(self) -> None:
