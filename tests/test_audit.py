@@ -144,11 +144,11 @@ def test_relearn_probe_both_ways_pools_each_persons_other_half_attack(trained) -
     assert first == one
     assert second["attack_people"] == one["held_out_people"] and second["held_out_people"] == one["attack_people"]
     assert sorted(first["held_out_people"] + second["held_out_people"]) == sorted(data.forget_people)
-    for key, questions in (("forget_vqa", data.image_mcqs), ("unseen_vqa", data.unseen_mcqs)):
-        n = [
-            len(questions("forget", w["held_out_people"]) if key == "forget_vqa" else questions(w["held_out_people"]))
-            for w in (first, second)
-        ]
+    questions = {
+        "forget_vqa": [len(data.image_mcqs("forget", w["held_out_people"])) for w in (first, second)],
+        "unseen_vqa": [len(data.unseen_mcqs(w["held_out_people"])) for w in (first, second)],
+    }
+    for key, n in questions.items():
         for when in ("before", "after"):
             want = (first[f"{key}_{when}"] * n[0] + second[f"{key}_{when}"] * n[1]) / sum(n)
             assert both[f"{key}_{when}"] == pytest.approx(want, abs=1e-12)
