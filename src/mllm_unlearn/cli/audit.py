@@ -74,7 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--relearn-both-halves",
         action="store_true",
         help="the relearning probe both ways (attack half A, measure B, and the reverse), pooled: every forget "
-        "person measured, about half the spread of one way's figure between draws (off: the protocol's one way)",
+        "person measured, about two thirds of one way's spread between draws (off: the protocol's one way)",
     )
     sp.add_argument("--quant", default=None, help="comma-separated specs (default int8,int4,int4-g128,int4-g64)")
     sp.add_argument("--unseen-photos", type=int, default=None, help="at most this many unseen photos per person")

@@ -58,7 +58,8 @@ class AuditConfig:
     #: instead of the protocol's one way. The same quantity on twice the people: one way rests on half the
     #: forget people's canonical questions (20 in the synthetic worlds' forget_15) and on which half is attacked.
     #: Measured on cvf_ncu's default, three draws on development worlds 18-20 and 21-23: the standard deviation
-    #: between draws of one world is 0.125 / 0.173 one way and 0.070 / 0.089 both ways (docs/method.md,
+    #: between draws of one world is 0.125 / 0.173 one way and 0.070 / 0.089 both ways; over five such sets of
+    #: three worlds 0.119 against 0.078 (larger both ways on one set: 0.074 against 0.051; docs/method.md,
     #: twenty-fourth pass). Off by default, so the audit's tables keep the published protocol; ``dev_sweep.py
     #: --relearn-both-halves`` and ``mllm-unlearn audit --relearn-both-halves`` turn it on
     relearn_both_halves: bool = False
