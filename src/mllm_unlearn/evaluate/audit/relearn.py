@@ -152,15 +152,19 @@ def relearn_probe(
     if not both_halves:
         return first
     second = _one_way(lm, data, b, a, budget, **finetune)
-    # questions per way: the weights of the pooled accuracies
-    n = [
-        (len(data.image_mcqs("forget", w["held_out_people"])), len(data.unseen_mcqs(w["held_out_people"])))
-        for w in (first, second)
-    ]
-    pooled = {}
-    for key in ("forget_vqa_before", "forget_vqa_after", "unseen_vqa_before", "unseen_vqa_after"):
-        col = 1 if key.startswith("unseen") else 0
-        pooled[key] = sum(w[key] * k[col] for w, k in zip((first, second), n)) / sum(k[col] for k in n)
+    ways = [first, second]
+    # each way's questions weigh its accuracies
+    n_forget = [len(data.image_mcqs("forget", w["held_out_people"])) for w in ways]
+    n_unseen = [len(data.unseen_mcqs(w["held_out_people"])) for w in ways]
+    pooled = {
+        key: sum(w[key] * k for w, k in zip(ways, n)) / sum(n)
+        for key, n in (
+            ("forget_vqa_before", n_forget),
+            ("forget_vqa_after", n_forget),
+            ("unseen_vqa_before", n_unseen),
+            ("unseen_vqa_after", n_unseen),
+        )
+    }
     pooled["recovery"] = pooled["forget_vqa_after"] - pooled["forget_vqa_before"]
     pooled["unseen_recovery"] = pooled["unseen_vqa_after"] - pooled["unseen_vqa_before"]
     pooled["retain_vqa_after"] = (first["retain_vqa_after"] + second["retain_vqa_after"]) / 2
@@ -168,7 +172,7 @@ def relearn_probe(
         **pooled,
         "n_train": first["n_train"] + second["n_train"],
         "budget": first["budget"],
-        "ways": [first, second],
+        "ways": ways,
     }
 
 
